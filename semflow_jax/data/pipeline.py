@@ -1,0 +1,108 @@
+"""tf.data input pipelines: per-process split, epoch-seeded shuffle, flips, batching.
+
+The training stream is a pure function of (seed, step): epoch e is shuffled with a seed derived
+from (seed, e) and every flip draws from a stateless seed of (seed, e, position), so a run that
+resumes at step k rebuilds the stream and skips to example k * batch without storing iterator
+state. Evaluation pads the last batch with masked examples so every example counts once.
+"""
+
+import math
+from typing import Iterator
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from semflow_jax.data import synthetic
+
+
+def get_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """The tfds builder named by config.data; the synthetic dataset is generated on first use."""
+  data_dir = data.tfds_data_dir or None
+  if data.name == "synthetic_scenes":
+    defaults = (data.num_train, data.num_validation, data.seed) == (5000, 500, 0)
+    name = f"{data.image_size}" if defaults else \
+        f"{data.image_size}_n{data.num_train}_{data.num_validation}_s{data.seed}"
+    builder_config = synthetic.SyntheticScenesConfig(
+        name=name, image_size=data.image_size, num_train=data.num_train,
+        num_validation=data.num_validation, seed=data.seed)
+    builder = synthetic.SyntheticScenes(config=builder_config, data_dir=data_dir)
+    builder.download_and_prepare()
+    return builder
+  return tfds.builder(data.name, data_dir=data_dir)
+
+
+def _load(builder, split: str, keys) -> tf.data.Dataset:
+  ds = builder.as_dataset(split=split, shuffle_files=False,
+                          read_config=tfds.ReadConfig(add_tfds_id=False))
+  return ds.map(lambda ex: {k: ex[k] for k in keys}, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _flip(example, seed):
+  """The same random left-right flip for image and label."""
+  flip = tf.random.stateless_uniform([], seed) < 0.5
+  return {k: tf.cond(flip, lambda v=v: tf.reverse(v, axis=[1]), lambda v=v: v)
+          for k, v in example.items()}
+
+
+def train_iterator(builder, batch_size: int, seed: int, start_step: int = 0,
+                   flip: bool = True) -> Iterator[dict]:
+  """Endless per-process numpy batches {'image', 'label'} starting at batch `start_step`."""
+  split = tfds.split_for_jax_process("train", drop_remainder=True)
+  base = _load(builder, split, ("image", "label")).cache()
+  num_examples = int(base.cardinality())
+  if num_examples < batch_size:
+    raise ValueError(f"train split has {num_examples} examples per process, fewer than the "
+                     f"per-process batch {batch_size}")
+  epoch, offset = divmod(start_step * batch_size, num_examples)
+  seed = seed + 7919 * jax.process_index()
+
+  def one_epoch(e):
+    shuffled = base.shuffle(num_examples, seed=seed * 1_000_003 + e,
+                            reshuffle_each_iteration=False)
+    if not flip:
+      return shuffled
+    return shuffled.enumerate().map(
+        lambda i, ex: _flip(ex, tf.stack([tf.cast(seed, tf.int64) * 1_000_003 + e, i])),
+        num_parallel_calls=tf.data.AUTOTUNE)
+
+  ds = tf.data.Dataset.range(epoch, np.iinfo(np.int64).max).flat_map(one_epoch).skip(offset)
+  ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  return ds.as_numpy_iterator()
+
+
+def eval_batches(builder, split: str, batch_size: int, num_examples: int = -1,
+                 keys=("image", "label")) -> Iterator[dict]:
+  """Per-process numpy batches of `split` with a 0/1 'mask'; padding examples have mask 0.
+
+  Every process yields the same number of batches, so collective steps stay in lock-step.
+  """
+  total = builder.info.splits[split].num_examples
+  if num_examples > 0:
+    total = min(total, num_examples)
+  per_process = math.ceil(total / jax.process_count())
+  start = jax.process_index() * per_process
+  stop = min(total, start + per_process)
+  num_batches = math.ceil(per_process / batch_size)
+  ds = _load(builder, f"{split}[{start}:{stop}]", keys) if stop > start else None
+  batches = ds.batch(batch_size).as_numpy_iterator() if ds is not None else iter(())
+  template = None
+  for _ in range(num_batches):
+    batch = next(batches, None)
+    if batch is None:  # this process ran out: a fully masked batch shaped like the template
+      batch = {k: np.zeros_like(v[:0]) for k, v in template.items()}
+    template = template or batch
+    real = len(batch["label"])
+    pad = batch_size - real
+    batch = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) if pad else v
+             for k, v in batch.items()}
+    batch["mask"] = (np.arange(batch_size) < real).astype(np.float32)
+    yield batch
+
+
+def load_arrays(builder, split: str, num_examples: int, keys=("image", "label")) -> dict:
+  """The first `num_examples` of a split as numpy arrays (small data: statistics, fixtures)."""
+  ds = _load(builder, f"{split}[:{num_examples}]", keys)
+  return next(ds.batch(num_examples).as_numpy_iterator())

@@ -1,0 +1,47 @@
+"""Small image helpers shared by evaluation and sampling: previews, grids, PNG writing."""
+
+import colorsys
+import os
+import tempfile
+
+import numpy as np
+from PIL import Image
+
+
+def preview_palette(num_colours: int = 256) -> np.ndarray:
+  """Distinct, bright colours for looking at label maps (the anchors are too dark to read)."""
+  colours = [colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.75, 0.55 + 0.4 * ((i * 7) % 3) / 2)
+             for i in range(num_colours)]
+  table = np.round(np.asarray(colours) * 255).astype(np.uint8)
+  table[255] = 0  # ignore: black
+  return table
+
+
+def colourise(labels) -> np.ndarray:
+  """int labels (..., H, W) -> uint8 (..., H, W, 3) preview."""
+  return preview_palette()[np.asarray(labels).astype(np.int64) % 256]
+
+
+def to_uint8(x) -> np.ndarray:
+  """[-1, 1] float -> uint8."""
+  return np.round(np.clip((np.asarray(x, np.float32) + 1.0) * 127.5, 0, 255)).astype(np.uint8)
+
+
+def grid(columns, pad: int = 1) -> np.ndarray:
+  """A list of uint8 (N, H, W, 3) arrays -> one (N rows x len(columns)) uint8 image."""
+  n, h, w, _ = columns[0].shape
+  out = np.full((n * (h + pad) + pad, len(columns) * (w + pad) + pad, 3), 255, np.uint8)
+  for j, col in enumerate(columns):
+    for i in range(n):
+      y, x = pad + i * (h + pad), pad + j * (w + pad)
+      out[y:y + h, x:x + w] = col[i]
+  return out
+
+
+def write_png(path: str, array: np.ndarray) -> None:
+  """Write atomically: a half-written PNG never appears under its final name."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  with tempfile.NamedTemporaryFile(dir=directory, suffix=".png.tmp", delete=False) as f:
+    Image.fromarray(array).save(f, format="PNG")
+  os.replace(f.name, path)

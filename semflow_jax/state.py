@@ -1,0 +1,73 @@
+"""Training state: what a checkpoint holds, how it is created sharded, how params come back."""
+
+from typing import Any, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from semflow_jax import checkpoint, parallel
+from semflow_jax.semflow import SemFlow
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema_params: Optional[Any]  # None when config.train.ema_decay == 0
+  rng: jax.Array             # base key; step k uses fold_in(rng, k), so resume is exact
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  t = config.train
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=t.learning_rate, warmup_steps=t.warmup_steps,
+      decay_steps=max(t.num_steps, t.warmup_steps + 1), end_value=0.0)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  t = config.train
+  return optax.chain(
+      optax.clip_by_global_norm(t.grad_clip),
+      optax.adamw(learning_rate_schedule(config), b1=0.9, b2=0.999, weight_decay=t.weight_decay))
+
+
+def _init_fn(model: SemFlow, tx: optax.GradientTransformation, config):
+  def init(rng):
+    init_rng, state_rng = jax.random.split(rng)
+    params = model.init(init_rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema_params=params if config.train.ema_decay > 0 else None, rng=state_rng)
+  return init
+
+
+def create(model: SemFlow, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+           mesh: Mesh) -> TrainState:
+  """A fresh state, created directly on the mesh (no host copy of the parameters)."""
+  init = jax.jit(_init_fn(model, tx, config), out_shardings=parallel.replicated(mesh))
+  return init(jax.random.PRNGKey(config.seed))
+
+
+def abstract(model, tx, config, mesh) -> TrainState:
+  """Shapes, dtypes and shardings of the state, without allocating it: the restore target."""
+  shapes = jax.eval_shape(_init_fn(model, tx, config), jax.random.PRNGKey(0))
+  sharding = parallel.replicated(mesh)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
+
+def load_params(config, workdir: str, mesh: Mesh):
+  """(params, step) from the latest checkpoint in `workdir`: the EMA params when kept."""
+  model = SemFlow.from_config(config)
+  tx = make_optimizer(config)
+  manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints, async_save=False)
+  restored = checkpoint.restore_latest(manager, abstract(model, tx, config, mesh))
+  manager.close()
+  if restored is None:
+    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints; train first with "
+                            f"--mode=train --workdir={workdir}")
+  params = restored.ema_params if restored.ema_params is not None else restored.params
+  return params, int(restored.step)
