@@ -8,7 +8,12 @@
       --mode=synthesize --input=mask.png --num_samples=4 --output=samples_dir
 """
 
+import logging as py_logging
+import os
 import sys
+
+# Before TensorFlow loads: keep its C++ INFO chatter off the console.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -26,9 +31,18 @@ _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 4, "synthesize: how many imag
 flags.mark_flags_as_required(["workdir"])
 
 
+class _QuietLibraries(py_logging.Filter):
+  """Orbax and tfds log every file they touch at INFO; keep their warnings and errors."""
+
+  def filter(self, record):
+    noisy = any(part in record.pathname for part in ("/orbax/", "/tensorflow_datasets/"))
+    return record.levelno >= py_logging.WARNING or not noisy
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   # TF is only the input pipeline: keep it off any accelerator JAX should own.
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")

@@ -34,8 +34,8 @@ def make_train_step(model: SemFlow, tx: optax.GradientTransformation, config):
     ema = state.ema_params
     if ema is not None:
       ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-               "param_norm": optax.global_norm(params), "learning_rate": schedule(state.step)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+               "param_norm": optax.tree.norm(params), "learning_rate": schedule(state.step)}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               ema_params=ema)
     return new_state, metrics

@@ -25,7 +25,8 @@ def get_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     defaults = (data.num_train, data.num_validation, data.seed) == (5000, 500, 0)
     name = f"{data.image_size}" if defaults else \
         f"{data.image_size}_n{data.num_train}_{data.num_validation}_s{data.seed}"
-    builder_config = synthetic.SyntheticScenesConfig(
+    predefined = {c.name for c in synthetic.SyntheticScenes.BUILDER_CONFIGS}
+    builder_config = name if name in predefined else synthetic.SyntheticScenesConfig(
         name=name, image_size=data.image_size, num_train=data.num_train,
         num_validation=data.num_validation, seed=data.seed)
     builder = synthetic.SyntheticScenes(config=builder_config, data_dir=data_dir)

@@ -1,0 +1,32 @@
+"""semflow_jax: SemFlow (semantic segmentation and synthesis as one rectified flow) in JAX/Flax.
+
+Direct dependencies are pinned to the versions tested together; requirements.lock pins the
+whole environment and is what CI installs.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="semflow_jax",
+    version="0.1.0",
+    description="SemFlow in JAX/Flax: segmentation and image synthesis with one rectified flow",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["semflow_jax", "semflow_jax.*", "configs"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax==0.10.2",
+        "flax==0.12.8",
+        "optax==0.2.8",
+        "orbax-checkpoint==0.12.8",
+        "tensorflow-cpu==2.21.0",
+        "tensorflow-datasets==4.9.10",
+        "importlib_resources==7.1.0",  # tfds 4.9.10 imports it without declaring it
+        "tensorboard==2.21.0",         # clu's summary writer imports it
+        "clu==0.0.12",
+        "ml_collections==1.1.0",
+        "numpy==2.4.6",
+        "pillow==13.0.0",
+    ],
+    extras_require={"test": ["pytest==9.2.0"]},
+)

@@ -1,0 +1,80 @@
+"""Bad input to segment / synthesize stops with one line naming the file and the problem."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from semflow_jax import sample
+from tests.conftest import REPO
+
+
+@pytest.fixture()
+def files(tmp_path):
+  paths = {}
+  paths["rgb_mask"] = str(tmp_path / "rgb_mask.png")
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(paths["rgb_mask"])
+  paths["bad_values"] = str(tmp_path / "bad_values.png")
+  labels = np.zeros((8, 8), np.uint8)
+  labels[0, :3] = [7, 9, 200]
+  labels[1, 0] = 255  # ignore is allowed
+  Image.fromarray(labels).save(paths["bad_values"])
+  paths["garbage"] = str(tmp_path / "garbage.png")
+  with open(paths["garbage"], "wb") as f:
+    f.write(b"\x89PNG\r\n\x1a\n this is not really a png")
+  paths["missing"] = str(tmp_path / "missing.png")
+  paths["good_mask"] = str(tmp_path / "good.png")
+  Image.fromarray(np.full((8, 8), 3, np.uint8)).save(paths["good_mask"])
+  return paths
+
+
+def test_missing_file(files):
+  for fn in (sample.read_image, lambda p: sample.read_label_map(p, 7)):
+    with pytest.raises(sample.InputError, match=f"{files['missing']}: no such file"):
+      fn(files["missing"])
+
+
+def test_unreadable_file(files):
+  with pytest.raises(sample.InputError, match=f"{files['garbage']}: not a readable image"):
+    sample.read_image(files["garbage"])
+
+
+def test_mask_that_is_not_single_channel(files):
+  with pytest.raises(sample.InputError,
+                     match=f"{files['rgb_mask']}: not a single-channel label map \\(mode RGB"):
+    sample.read_label_map(files["rgb_mask"], 7)
+
+
+def test_label_values_outside_the_classes_are_listed(files):
+  with pytest.raises(sample.InputError,
+                     match=f"{files['bad_values']}: label values 7, 9, 200 are outside"):
+    sample.read_label_map(files["bad_values"], 7)
+  assert sample.read_label_map(files["good_mask"], 7).max() == 3
+  # The same file is fine for a dataset with more classes; 255 passes as ignore.
+  assert sample.read_label_map(files["bad_values"], 201)[1, 0] == 255
+
+
+def test_missing_output_and_bad_sample_count(files, tiny_config, tmp_path):
+  with pytest.raises(sample.InputError, match="--output is required"):
+    sample.segment_file(tiny_config, str(tmp_path), files["good_mask"], None)
+  with pytest.raises(sample.InputError, match="--num_samples must be >= 1"):
+    sample.synthesize_file(tiny_config, str(tmp_path), files["good_mask"], str(tmp_path), 0)
+
+
+@pytest.mark.parametrize("mode,key", [("segment", "missing"), ("segment", "garbage"),
+                                      ("synthesize", "rgb_mask"), ("synthesize", "bad_values")])
+def test_cli_prints_one_error_line_and_exits_2(files, tmp_path, mode, key):
+  out = str(tmp_path / "out")
+  proc = subprocess.run(
+      [sys.executable, "-m", "semflow_jax.main", "--config=configs/synthetic.py:tiny",
+       f"--workdir={tmp_path / 'wd'}", f"--mode={mode}", f"--input={files[key]}",
+       f"--output={out}"], cwd=REPO, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "XLA_FLAGS": ""})
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  error_lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(error_lines) == 1 and files[key] in error_lines[0], proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  assert not os.path.exists(out)  # nothing half-written
