@@ -90,39 +90,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                           if isinstance(v, (int, float, str, bool))})
 
   pending, last_log_time, last_log_step = [], time.time(), start_step
-  for step in range(start_step + 1, t.num_steps + 1):
-    batch = parallel.to_global(next(train_iter), mesh)
-    state, step_metrics = train_step(state, batch)
-    pending.append(step_metrics)
+  try:
+    for step in range(start_step + 1, t.num_steps + 1):
+      batch = parallel.to_global(next(train_iter), mesh)
+      state, step_metrics = train_step(state, batch)
+      pending.append(step_metrics)
 
-    if step % t.log_every == 0 or step == t.num_steps:
-      # One host transfer per log interval, not per step.
-      logged = {k: float(np.mean(v)) for k, v in
-                jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *pending)).items()}
-      pending = []
-      if not np.isfinite(logged["loss"]) or not np.isfinite(logged["grad_norm"]):
-        raise FloatingPointError(
-            f"non-finite loss {logged['loss']} or grad norm {logged['grad_norm']} by step {step}; "
-            f"the last good checkpoint is kept in {manager.directory}")
-      now = time.time()
-      steps_per_sec = (step - last_log_step) / (now - last_log_time)
-      last_log_time, last_log_step = now, step
-      logged["steps_per_sec"] = steps_per_sec
-      logged["examples_per_sec"] = steps_per_sec * t.batch_size
-      writer.write_scalars(step, {f"train/{k}": v for k, v in logged.items()})
-      logging.info("step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.2f steps/s  ETA %s",
-                   step, t.num_steps, logged["loss"], logged["grad_norm"],
-                   logged["learning_rate"], steps_per_sec,
-                   _format_duration((t.num_steps - step) / max(steps_per_sec, 1e-9)))
+      if step % t.log_every == 0 or step == t.num_steps:
+        # One host transfer per log interval, not per step.
+        logged = {k: float(np.mean(v)) for k, v in
+                  jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *pending)).items()}
+        pending = []
+        if not np.isfinite(logged["loss"]) or not np.isfinite(logged["grad_norm"]):
+          raise FloatingPointError(
+              f"non-finite loss {logged['loss']} or grad norm {logged['grad_norm']} by step {step}; "
+              f"the last good checkpoint is kept in {manager.directory}")
+        now = time.time()
+        steps_per_sec = (step - last_log_step) / (now - last_log_time)
+        last_log_time, last_log_step = now, step
+        logged["steps_per_sec"] = steps_per_sec
+        logged["examples_per_sec"] = steps_per_sec * t.batch_size
+        writer.write_scalars(step, {f"train/{k}": v for k, v in logged.items()})
+        logging.info("step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.2f steps/s  ETA %s",
+                     step, t.num_steps, logged["loss"], logged["grad_norm"],
+                     logged["learning_rate"], steps_per_sec,
+                     _format_duration((t.num_steps - step) / max(steps_per_sec, 1e-9)))
 
-    if step % t.checkpoint_every == 0 or step == t.num_steps:
-      checkpoint.save(manager, step, state)
+      if step % t.checkpoint_every == 0 or step == t.num_steps:
+        checkpoint.save(manager, step, state)
 
-    if (t.eval_every and step % t.eval_every == 0) and step != t.num_steps:
-      evaluate.run(model, _eval_params(state), builder, config, mesh, step, workdir, writer)
-
-  manager.wait_until_finished()
-  manager.close()
+      if (t.eval_every and step % t.eval_every == 0) and step != t.num_steps:
+        evaluate.run(model, _eval_params(state), builder, config, mesh, step, workdir, writer)
+  finally:
+    # Also on Ctrl-C or an error: let in-flight asynchronous saves complete.
+    manager.wait_until_finished()
+    manager.close()
   final = int(state.step)
   result = evaluate.run(model, _eval_params(state), builder, config, mesh, final, workdir, writer)
   writer.close()
