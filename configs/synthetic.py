@@ -28,6 +28,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.autoencoder = "identity"
   c.model.perturbation = 0.1        # Eq. 14 amplitude in [-1, 1] units
+  c.model.time_sampling = "uniform"  # 'uniform' (paper) or 'beta': Beta(time_beta, time_beta)
+  c.model.time_beta = 0.5
+  c.model.input_skip = True          # v = UNet + (2t - 1) z_t; see SemFlow.input_skip
   c.model.base_channels = 64
   c.model.channel_mult = (1, 2, 2)
   c.model.num_res_blocks = 1

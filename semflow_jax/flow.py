@@ -13,7 +13,7 @@ VelocityFn = Callable[[jax.Array, jax.Array], jax.Array]  # (z, t scalar) -> dz/
 METHODS = ("euler", "heun")
 
 
-def _expand(t, z):
+def expand_time(t, z):
   """Broadcast per-example times (B,) against z (B, ...)."""
   t = jnp.asarray(t, z.dtype)
   return t.reshape(t.shape + (1,) * (z.ndim - t.ndim))
@@ -21,7 +21,7 @@ def _expand(t, z):
 
 def interpolate(z0, z1, t):
   """z_t = (1 - t) z0 + t z1, with t a scalar or one time per example."""
-  t = _expand(t, z0)
+  t = expand_time(t, z0)
   return (1.0 - t) * z0 + t * z1
 
 

@@ -22,6 +22,16 @@ class SemFlow:
   num_classes: int
   image_size: tuple          # (H, W) the model works at
   perturbation: float = anchors.DEFAULT_PERTURBATION
+  # Training times: 'uniform' is U[0, 1) as in the paper; 'beta' draws Beta(a, a), which for
+  # a < 1 puts more samples near t = 0 (where one-step segmentation reads the image) and t = 1
+  # (where synthesis commits to an appearance) than in the middle of the path.
+  time_sampling: str = "uniform"
+  time_beta: float = 0.5
+  # Preconditioned velocity v = UNet(z_t, t) + (2t - 1) z_t. One-step segmentation returns
+  # z0 + v(z0, 0), so a plain UNet must reproduce -z0 pixel for pixel (noise and texture
+  # included) to cancel it; with the skip the UNet outputs the clean anchor at t = 0 and the
+  # clean image at t = 1, and nothing has to be copied. False is the paper's plain UNet.
+  input_skip: bool = False
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "SemFlow":
@@ -38,8 +48,12 @@ class SemFlow:
     if not 0 <= m.perturbation < 2 * anchors.HALF_SPACING:
       raise ValueError(f"config.model.perturbation={m.perturbation} must be in [0, "
                        f"{2 * anchors.HALF_SPACING:.3f}) so that labels never change")
+    if m.time_sampling not in ("uniform", "beta"):
+      raise ValueError(f"config.model.time_sampling={m.time_sampling!r}: expected 'uniform' "
+                       "or 'beta'")
     return cls(unet=unet, autoencoder=autoencoder, num_classes=config.data.num_classes,
-               image_size=size, perturbation=m.perturbation)
+               image_size=size, perturbation=m.perturbation, time_sampling=m.time_sampling,
+               time_beta=m.time_beta, input_skip=m.input_skip)
 
   @property
   def latent_shape(self):
@@ -74,20 +88,28 @@ class SemFlow:
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:1])
     deterministic = rng is None
     rngs = None if deterministic else {"dropout": rng}
-    return self.unet.apply({"params": params}, z, 1000.0 * t, deterministic=deterministic,
-                           rngs=rngs)
+    v = self.unet.apply({"params": params}, z, 1000.0 * t, deterministic=deterministic,
+                        rngs=rngs)
+    if self.input_skip:
+      v = v + flow.expand_time(2.0 * t - 1.0, z) * z
+    return v
 
   def loss(self, params, batch, rng):
-    """Rectified-flow loss on a batch {'image': uint8, 'label': uint8}; t ~ U[0, 1)."""
+    """Rectified-flow loss on a batch {'image': uint8, 'label': uint8[, 'mask']}."""
     rng_z0, rng_z1, rng_t, rng_dropout = jax.random.split(rng, 4)
     z0 = self.encode_image(batch["image"], rng_z0)
     z1 = self.encode_labels(batch["label"], rng_z1)
-    t = jax.random.uniform(rng_t, (z0.shape[0],))
+    t = self.sample_times(rng_t, z0.shape[0])
     v = self.velocity(params, flow.interpolate(z0, z1, t), t, rng_dropout)
     per_example = jnp.mean(jnp.square(v - flow.velocity_target(z0, z1)),
                            axis=tuple(range(1, v.ndim)))
     weights = batch.get("mask", jnp.ones_like(per_example))
     return jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+  def sample_times(self, rng, n: int):
+    if self.time_sampling == "beta":
+      return jax.random.beta(rng, self.time_beta, self.time_beta, (n,))
+    return jax.random.uniform(rng, (n,))
 
   # -- both directions -------------------------------------------------------------------------
   def segment(self, params, images, steps: int = 25, method: str = "euler"):
