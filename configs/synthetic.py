@@ -30,9 +30,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model.perturbation = 0.1        # Eq. 14 amplitude in [-1, 1] units
   c.model.time_sampling = "uniform"  # 'uniform' (paper) or 'beta': Beta(time_beta, time_beta)
   c.model.time_beta = 0.5
-  c.model.input_skip = True          # v = UNet + (2t - 1) z_t; see SemFlow.input_skip
+  c.model.input_skip = False         # True: v = UNet + (2t - 1) z_t; see SemFlow.input_skip
   c.model.base_channels = 64
-  c.model.channel_mult = (1, 2, 2)
+  c.model.channel_mult = (1, 1, 2)
   c.model.num_res_blocks = 1
   c.model.attention_resolutions = (8, 4)
   c.model.num_heads = 4
@@ -41,9 +41,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model.patch_size = 2
 
   c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 2000
-  c.train.batch_size = 64           # global
-  c.train.learning_rate = 1e-3
+  # About 9 minutes of training on 2 CPU cores (3 steps/s); benchmarks/RESULTS.md has the
+  # experiments behind these numbers.
+  c.train.num_steps = 1400
+  c.train.batch_size = 32           # global
+  c.train.learning_rate = 2e-3
   c.train.warmup_steps = 100
   c.train.weight_decay = 0.0
   c.train.grad_clip = 1.0

@@ -68,28 +68,27 @@ def run(model: SemFlow, params, builder, config: ml_collections.ConfigDict, mesh
     predictions = {n: _host(fn(params, batch["image"])) for n, fn in segment.items()}
     rng_a, rng_b = jax.random.split(jax.random.fold_in(base_rng, i))
     synth_a = synthesize(params, batch["label"], rng_a)
-    synth_b = synthesize(params, batch["label"], rng_b)
+    synth_b = _host(synthesize(params, batch["label"], rng_b))
     # Round trip through uint8, as a synthesised image saved to disk would be.
     synth_a_uint8 = quantise(synth_a)
     synth_rt = _host(segment[1](params, synth_a_uint8))
-    synth_a_uint8 = _host(synth_a_uint8)
+    synth_a, synth_a_uint8 = _host(synth_a), _host(synth_a_uint8)
+    real = _host(batch["image"])
+    alt = _host(batch["image_alt"]) if has_alt else None
 
     for n in segment:
       confusion[n] += metrics.confusion_matrix(labels, predictions[n], c, mask)
     roundtrip += metrics.confusion_matrix(labels, synth_rt, c, mask)
-    real = _host(batch["image"])
     colour_real += metrics.confusion_matrix(labels, colour.predict(real), c, mask)
     colour_synth += metrics.confusion_matrix(labels, colour.predict(synth_a_uint8), c, mask)
     k = int(mask.sum())
-    diversity += metrics.mean_abs_difference(_host(synth_a), _host(synth_b), mask) * k
+    diversity += metrics.mean_abs_difference(synth_a, synth_b, mask) * k
     if has_alt:
-      diversity_real += metrics.mean_abs_difference(
-          real / 127.5 - 1, _host(batch["image_alt"]) / 127.5 - 1, mask) * k
+      diversity_real += metrics.mean_abs_difference(real / 127.5 - 1, alt / 127.5 - 1, mask) * k
     count += k
     if shown is None:
       shown = dict(image=real, label=labels, seg=predictions[max(segment)], synth_a=synth_a_uint8,
-                   synth_b=images.to_uint8(_host(synth_b)),
-                   alt=_host(batch["image_alt"]) if has_alt else None)
+                   synth_b=images.to_uint8(synth_b), alt=alt)
 
   method = e.method
   result = {"step": int(step)}
@@ -99,7 +98,7 @@ def run(model: SemFlow, params, builder, config: ml_collections.ConfigDict, mesh
   result.update({
       "roundtrip_miou": metrics.mean_iou(roundtrip),
       "diversity": diversity / count,
-      "diversity_real": diversity_real / count if has_alt else float("nan"),
+      "diversity_real": diversity_real / count if has_alt else None,  # JSON null
       "colour_only_miou": metrics.mean_iou(colour_real),
       "colour_only_miou_synth": metrics.mean_iou(colour_synth),
       "num_examples": count,
