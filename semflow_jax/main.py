@@ -62,7 +62,7 @@ def main(argv):
     else:
       sample.synthesize_file(config, _WORKDIR.value, _INPUT.value, _OUTPUT.value,
                              _NUM_SAMPLES.value)
-  except sample.InputError as e:
+  except (sample.InputError, FileNotFoundError) as e:  # bad input file, or no checkpoint yet
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

@@ -1,5 +1,6 @@
 """Training state: what a checkpoint holds, how it is created sharded, how params come back."""
 
+import os
 from typing import Any, Optional
 
 import flax
@@ -63,9 +64,11 @@ def load_params(config, workdir: str, mesh: Mesh):
   """(params, step) from the latest checkpoint in `workdir`: the EMA params when kept."""
   model = SemFlow.from_config(config)
   tx = make_optimizer(config)
-  manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints, async_save=False)
-  restored = checkpoint.restore_latest(manager, abstract(model, tx, config, mesh))
-  manager.close()
+  restored = None
+  if os.path.isdir(os.path.join(workdir, "checkpoints")):  # reading must not create it
+    manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints, async_save=False)
+    restored = checkpoint.restore_latest(manager, abstract(model, tx, config, mesh))
+    manager.close()
   if restored is None:
     raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints; train first with "
                             f"--mode=train --workdir={workdir}")

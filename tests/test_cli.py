@@ -65,7 +65,8 @@ def test_missing_output_and_bad_sample_count(files, tiny_config, tmp_path):
 
 
 @pytest.mark.parametrize("mode,key", [("segment", "missing"), ("segment", "garbage"),
-                                      ("synthesize", "rgb_mask"), ("synthesize", "bad_values")])
+                                      ("synthesize", "rgb_mask"), ("synthesize", "bad_values"),
+                                      ("synthesize", "good_mask")])
 def test_cli_prints_one_error_line_and_exits_2(files, tmp_path, mode, key):
   out = str(tmp_path / "out")
   proc = subprocess.run(
@@ -75,6 +76,8 @@ def test_cli_prints_one_error_line_and_exits_2(files, tmp_path, mode, key):
       env={**os.environ, "XLA_FLAGS": ""})
   assert proc.returncode == 2, proc.stderr[-2000:]
   error_lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-  assert len(error_lines) == 1 and files[key] in error_lines[0], proc.stderr[-2000:]
+  # A valid mask gets as far as loading the model, and the workdir holds no checkpoint.
+  named = str(tmp_path / "wd") if key == "good_mask" else files[key]
+  assert len(error_lines) == 1 and named in error_lines[0], proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
   assert not os.path.exists(out)  # nothing half-written
