@@ -41,10 +41,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model.patch_size = 2
 
   c.train = ml_collections.ConfigDict()
-  # About 9 minutes of training on 2 CPU cores (3 steps/s); benchmarks/RESULTS.md has the
-  # experiments behind these numbers.
-  c.train.num_steps = 1400
-  c.train.batch_size = 32           # global
+  # About 8.5 minutes of training on 2 CPU cores (6 steps/s); benchmarks/RESULTS.md has the
+  # experiments behind these numbers (more, smaller updates beat larger batches here).
+  c.train.num_steps = 3000
+  c.train.batch_size = 16           # global
   c.train.learning_rate = 2e-3
   c.train.warmup_steps = 100
   c.train.weight_decay = 0.0
