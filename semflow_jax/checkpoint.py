@@ -7,7 +7,6 @@ as the latest one.
 
 import os
 
-import jax
 import orbax.checkpoint as ocp
 from absl import logging
 

@@ -5,7 +5,6 @@ the device until a log step, checkpoints are written asynchronously by Orbax, an
 same command resumes from the latest checkpoint. Training ends with an evaluation.
 """
 
-import json
 import os
 import time
 

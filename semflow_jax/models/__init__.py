@@ -2,3 +2,5 @@
 
 from semflow_jax.models.autoencoder import IdentityAutoencoder
 from semflow_jax.models.unet import UNet
+
+__all__ = ["IdentityAutoencoder", "UNet"]
