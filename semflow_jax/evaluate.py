@@ -88,7 +88,7 @@ def run(model: SemFlow, params, builder, config: ml_collections.ConfigDict, mesh
     count += k
     if shown is None:
       shown = dict(image=real, label=labels, seg=predictions[max(segment)], synth_a=synth_a_uint8,
-                   synth_b=images.to_uint8(synth_b), alt=alt)
+                   synth_b=np.asarray(anchors.from_unit_range(synth_b)), alt=alt)
 
   method = e.method
   result = {"step": int(step)}

@@ -22,11 +22,6 @@ def colourise(labels) -> np.ndarray:
   return preview_palette()[np.asarray(labels).astype(np.int64) % 256]
 
 
-def to_uint8(x) -> np.ndarray:
-  """[-1, 1] float -> uint8."""
-  return np.round(np.clip((np.asarray(x, np.float32) + 1.0) * 127.5, 0, 255)).astype(np.uint8)
-
-
 def grid(columns, pad: int = 1) -> np.ndarray:
   """A list of uint8 (N, H, W, 3) arrays -> one (N rows x len(columns)) uint8 image."""
   n, h, w, _ = columns[0].shape

@@ -105,7 +105,7 @@ def synthesize_file(config: ml_collections.ConfigDict, workdir: str, input_path:
   synthesize = jax.jit(functools.partial(model.synthesize, steps=s.synth_steps, method=s.method))
   small = _resize(labels, model.image_size, Image.NEAREST)
   batch = jnp.broadcast_to(jnp.asarray(small)[None], (num_samples, *small.shape))
-  out = images.to_uint8(synthesize(params, batch, jax.random.PRNGKey(s.seed)))
+  out = np.asarray(anchors.from_unit_range(synthesize(params, batch, jax.random.PRNGKey(s.seed))))
   paths = []
   for i, x in enumerate(out):
     path = os.path.join(output_dir, f"sample_{i}.png")
