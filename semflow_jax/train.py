@@ -67,17 +67,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                per_process_batch)
 
   manager = checkpoint.make_manager(workdir, t.keep_checkpoints)
-  state = checkpoint.restore_latest(manager, state_lib.abstract(model, tx, config, mesh))
-  if state is None:
-    state = state_lib.create(model, tx, config, mesh)
+  restored = checkpoint.restore_latest(manager, state_lib.abstract(model, tx, config, mesh))
+  state, data_state = restored if restored else (state_lib.create(model, tx, config, mesh), None)
   start_step = int(state.step)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info("UNet parameters: %s; starting at step %d of %d", f"{num_params:,}", start_step,
                t.num_steps)
 
   builder = pipeline.get_builder(config.data)
-  train_iter = pipeline.train_iterator(builder, per_process_batch, config.seed, start_step,
-                                       config.data.flip)
+  if data_state is None:
+    train_iter = pipeline.TrainIterator(builder, per_process_batch, config.seed, 0,
+                                        config.data.flip)
+  else:
+    train_iter = pipeline.TrainIterator.from_state(builder, data_state, per_process_batch,
+                                                   config.seed, config.data.flip)
   replicated = parallel.replicated(mesh)
   train_step = jax.jit(make_train_step(model, tx, config),
                        in_shardings=(replicated, parallel.batch_sharding(mesh)),
@@ -116,7 +119,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      _format_duration((t.num_steps - step) / max(steps_per_sec, 1e-9)))
 
       if step % t.checkpoint_every == 0 or step == t.num_steps:
-        checkpoint.save(manager, step, state)
+        checkpoint.save(manager, step, state, train_iter.state())
 
       if (t.eval_every and step % t.eval_every == 0) and step != t.num_steps:
         evaluate.run(model, _eval_params(state), builder, config, mesh, step, workdir, writer)

@@ -68,20 +68,21 @@ def test_interrupted_training_resumes_exactly(tiny_config, tmp_path, monkeypatch
   train.train_and_evaluate(tiny_config, reference)
 
   interrupted = str(tmp_path / "interrupted")
-  real_iterator = pipeline.train_iterator
+  real_iterator = pipeline.TrainIterator
 
-  def dying_iterator(*args, **kwargs):
-    it = real_iterator(*args, **kwargs)
-    for i, batch in enumerate(it):
-      if i == 5:
+  class DyingIterator(real_iterator):
+    def __next__(self):
+      if self.position == 5:
         raise KeyboardInterrupt("simulated preemption after step 5")
-      yield batch
+      return super().__next__()
 
-  monkeypatch.setattr(pipeline, "train_iterator", dying_iterator)
+  monkeypatch.setattr(pipeline, "TrainIterator", DyingIterator)
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(tiny_config, interrupted)
-  monkeypatch.setattr(pipeline, "train_iterator", real_iterator)
+  monkeypatch.setattr(pipeline, "TrainIterator", real_iterator)
   assert _checkpoint_steps(interrupted) == [3]
+  with open(os.path.join(interrupted, "checkpoints", "3", "data", "metadata")) as f:
+    assert json.load(f)["position"] == 3  # the data position is part of the checkpoint
   train.train_and_evaluate(tiny_config, interrupted)  # the same call resumes at step 3
 
   mesh_config = tiny_config

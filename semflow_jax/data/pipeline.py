@@ -1,9 +1,11 @@
 """tf.data input pipelines: per-process split, epoch-seeded shuffle, flips, batching.
 
-The training stream is a pure function of (seed, step): epoch e is shuffled with a seed derived
-from (seed, e) and every flip draws from a stateless seed of (seed, e, position), so a run that
-resumes at step k rebuilds the stream and skips to example k * batch without storing iterator
-state. Evaluation pads the last batch with masked examples so every example counts once.
+The training stream is a pure function of (seed, position): epoch e is shuffled with a seed
+derived from (seed, e) and every flip draws from a stateless seed of (seed, e, index), so the
+iterator's whole state is the number of batches it has handed out. `TrainIterator.state()` is
+that number (with the batch size and seed it refers to); it goes into every checkpoint, and a
+resumed run rebuilds the stream at the next unseen batch. Evaluation pads the last batch with
+masked examples so every example counts once.
 """
 
 import math
@@ -48,16 +50,50 @@ def _flip(example, seed):
           for k, v in example.items()}
 
 
+class TrainIterator:
+  """Endless per-process numpy batches {'image', 'label'} with a checkpointable position."""
+
+  def __init__(self, builder, batch_size: int, seed: int, position: int = 0, flip: bool = True):
+    self.batch_size, self.seed, self.position = batch_size, seed, position
+    self._batches = _train_dataset(builder, batch_size, seed, position, flip).as_numpy_iterator()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    batch = next(self._batches)
+    self.position += 1
+    return batch
+
+  def state(self) -> dict:
+    """JSON-able; `position` counts the batches this iterator has returned."""
+    return {"position": self.position, "batch_size": self.batch_size, "seed": self.seed}
+
+  @classmethod
+  def from_state(cls, builder, state: dict, batch_size: int, seed: int, flip: bool = True):
+    """The iterator continuing at the next unseen batch of a checkpointed `state`."""
+    if (state["batch_size"], state["seed"]) != (batch_size, seed):
+      raise ValueError(
+          f"the checkpointed data stream has per-process batch {state['batch_size']} and seed "
+          f"{state['seed']}, this config has {batch_size} and {seed}; resuming would repeat or "
+          "skip data (start a new workdir to change them)")
+    return cls(builder, batch_size, seed, state["position"], flip)
+
+
 def train_iterator(builder, batch_size: int, seed: int, start_step: int = 0,
-                   flip: bool = True) -> Iterator[dict]:
-  """Endless per-process numpy batches {'image', 'label'} starting at batch `start_step`."""
+                   flip: bool = True) -> TrainIterator:
+  """Batches from batch `start_step` on (a fresh run: 0)."""
+  return TrainIterator(builder, batch_size, seed, start_step, flip)
+
+
+def _train_dataset(builder, batch_size: int, seed: int, position: int, flip: bool):
   split = tfds.split_for_jax_process("train", drop_remainder=True)
   base = _load(builder, split, ("image", "label")).cache()
   num_examples = int(base.cardinality())
   if num_examples < batch_size:
     raise ValueError(f"train split has {num_examples} examples per process, fewer than the "
                      f"per-process batch {batch_size}")
-  epoch, offset = divmod(start_step * batch_size, num_examples)
+  epoch, offset = divmod(position * batch_size, num_examples)
   seed = seed + 7919 * jax.process_index()
 
   def one_epoch(e):
@@ -70,8 +106,7 @@ def train_iterator(builder, batch_size: int, seed: int, start_step: int = 0,
         num_parallel_calls=tf.data.AUTOTUNE)
 
   ds = tf.data.Dataset.range(epoch, np.iinfo(np.int64).max).flat_map(one_epoch).skip(offset)
-  ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  return ds.as_numpy_iterator()
+  return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
 def eval_batches(builder, split: str, batch_size: int, num_examples: int = -1,
