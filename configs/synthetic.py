@@ -26,7 +26,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.flip = True
 
   c.model = ml_collections.ConfigDict()
-  c.model.autoencoder = "identity"
+  c.model.autoencoder = "identity"   # 'identity' (pixel space) or 'sd_vae' (see configs/sd15.py)
+  c.model.unet = "small"             # 'small' (below) or 'sd' (diffusers UNet, configs/sd15.py)
+  c.model.init_from = config_dict.placeholder(str)  # converted weights (semflow_jax.convert)
+  c.model.dtype = "float32"          # compute dtype: 'float32' or 'bfloat16' (params stay fp32)
+  c.model.remat = False              # recompute UNet blocks in the backward pass
   c.model.perturbation = 0.1        # Eq. 14 amplitude in [-1, 1] units
   c.model.time_sampling = "uniform"  # 'uniform' (paper) or 'beta': Beta(time_beta, time_beta)
   c.model.time_beta = 0.5

@@ -7,20 +7,30 @@ function of (params, inputs, rng); callers jit them. Time convention: t = 0 imag
 import dataclasses
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from semflow_jax import anchors, flow
 from semflow_jax.models import IdentityAutoencoder, UNet
+from semflow_jax.models.sd_unet import SDUNet, SDUNetConfig
+from semflow_jax.models.sd_vae import AutoencoderKL, SDVAEConfig
+
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+FROZEN = ("vae", "context")  # parameter groups that are loaded, never trained
 
 
 @dataclasses.dataclass(frozen=True)
 class SemFlow:
-  unet: UNet
-  autoencoder: IdentityAutoencoder
+  """The parameters are a dict: 'unet' (trained), plus 'vae' (the SD autoencoder) and 'context'
+  (the empty-prompt text embedding for the SD UNet's cross-attention) when the model has them;
+  those two are frozen, loaded from `config.model.init_from`."""
+  unet: nn.Module                 # UNet (small, pixel space) or SDUNet
+  autoencoder: nn.Module          # IdentityAutoencoder or AutoencoderKL
   num_classes: int
-  image_size: tuple          # (H, W) the model works at
+  image_size: tuple               # (H, W) the model works at
   perturbation: float = anchors.DEFAULT_PERTURBATION
   # Training times: 'uniform' is U[0, 1) as in the paper; 'beta' draws Beta(a, a), which for
   # a < 1 puts more samples near t = 0 (where one-step segmentation reads the image) and t = 1
@@ -32,64 +42,126 @@ class SemFlow:
   # included) to cancel it; with the skip the UNet outputs the clean anchor at t = 0 and the
   # clean image at t = 1, and nothing has to be copied. False is the paper's plain UNet.
   input_skip: bool = False
+  context_tokens: int = 77        # SD UNet: length of the text embedding it attends to
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "SemFlow":
     m = config.model
-    if m.autoencoder != "identity":
-      raise ValueError(f"config.model.autoencoder={m.autoencoder!r} is not supported yet; "
-                       "use 'identity'")
-    autoencoder = IdentityAutoencoder()
+    dtype_name = m.get("dtype", "float32")
+    if dtype_name not in DTYPES:
+      raise ValueError(f"config.model.dtype={dtype_name!r}: expected one of {sorted(DTYPES)}")
+    dtype, remat = DTYPES[dtype_name], bool(m.get("remat", False))
+    if m.autoencoder == "identity":
+      autoencoder = IdentityAutoencoder()
+    elif m.autoencoder == "sd_vae":
+      autoencoder = AutoencoderKL(
+          SDVAEConfig.from_diffusers(_plain(m.get("vae_config")), "config.model.vae_config"),
+          dtype=dtype)
+    else:
+      raise ValueError(f"config.model.autoencoder={m.autoencoder!r}: expected 'identity' or "
+                       "'sd_vae'")
     size = tuple(config.data.image_size) if isinstance(config.data.image_size, (tuple, list)) \
         else (config.data.image_size, config.data.image_size)
-    unet = UNet(out_channels=3, base_channels=m.base_channels, channel_mult=tuple(m.channel_mult),
-                num_res_blocks=m.num_res_blocks, attention_resolutions=tuple(m.attention_resolutions),
-                num_heads=m.num_heads, groups=m.groups, dropout=m.dropout, patch_size=m.patch_size)
+    unet_kind = m.get("unet", "small")
+    if unet_kind == "small":
+      unet = UNet(out_channels=3, base_channels=m.base_channels,
+                  channel_mult=tuple(m.channel_mult), num_res_blocks=m.num_res_blocks,
+                  attention_resolutions=tuple(m.attention_resolutions), num_heads=m.num_heads,
+                  groups=m.groups, dropout=m.dropout, patch_size=m.patch_size, dtype=dtype,
+                  remat=remat)
+    elif unet_kind == "sd":
+      unet = SDUNet(SDUNetConfig.from_diffusers(_plain(m.get("unet_config")),
+                                                "config.model.unet_config"),
+                    dtype=dtype, remat=remat)
+    else:
+      raise ValueError(f"config.model.unet={unet_kind!r}: expected 'small' or 'sd'")
     if not 0 <= m.perturbation < 2 * anchors.HALF_SPACING:
       raise ValueError(f"config.model.perturbation={m.perturbation} must be in [0, "
                        f"{2 * anchors.HALF_SPACING:.3f}) so that labels never change")
     if m.time_sampling not in ("uniform", "beta"):
       raise ValueError(f"config.model.time_sampling={m.time_sampling!r}: expected 'uniform' "
                        "or 'beta'")
-    return cls(unet=unet, autoencoder=autoencoder, num_classes=config.data.num_classes,
-               image_size=size, perturbation=m.perturbation, time_sampling=m.time_sampling,
-               time_beta=m.time_beta, input_skip=m.input_skip)
+    model = cls(unet=unet, autoencoder=autoencoder, num_classes=config.data.num_classes,
+                image_size=size, perturbation=m.perturbation, time_sampling=m.time_sampling,
+                time_beta=m.time_beta, input_skip=m.input_skip,
+                context_tokens=m.get("context_tokens", 77))
+    latent_channels = model.latent_shape[-1]
+    if isinstance(unet, SDUNet) and (unet.config.in_channels, unet.config.out_channels) != (
+        latent_channels, latent_channels):
+      raise ValueError(f"config.model.unet_config: in_channels/out_channels "
+                       f"{unet.config.in_channels}/{unet.config.out_channels} must equal the "
+                       f"autoencoder's {latent_channels} latent channels")
+    return model
 
   @property
   def latent_shape(self):
     return self.autoencoder.latent_shape((*self.image_size, 3))
 
+  @property
+  def uses_context(self) -> bool:
+    return isinstance(self.unet, SDUNet)
+
+  @property
+  def has_vae(self) -> bool:
+    return not isinstance(self.autoencoder, IdentityAutoencoder)
+
   def init(self, rng):
-    """UNet parameters (the trainable part). The identity autoencoder has none."""
+    """Random parameters {'unet'[, 'vae', 'context']}; the frozen parts come from init_from."""
+    unet_rng, vae_rng = jax.random.split(rng)
     z = jnp.zeros((1, *self.latent_shape), jnp.float32)
-    return self.unet.init(rng, z, jnp.zeros((1,), jnp.float32))["params"]
+    t = jnp.zeros((1,), jnp.float32)
+    params = {}
+    if self.uses_context:
+      params["context"] = jnp.zeros(
+          (1, self.context_tokens, self.unet.config.cross_attention_dim), jnp.float32)
+      params["unet"] = self.unet.init(unet_rng, z, t, params["context"])["params"]
+    else:
+      params["unet"] = self.unet.init(unet_rng, z, t)["params"]
+    if self.has_vae:
+      image = jnp.zeros((1, *self.image_size, 3), jnp.float32)
+      params["vae"] = self.autoencoder.init(vae_rng, image)["params"]
+    return params
 
   # -- latents ---------------------------------------------------------------------------------
-  def encode_image(self, images, rng=None):
+  def _vae(self, params, x, method):
+    # The autoencoder is frozen: no gradients flow into it (and XLA drops that backward pass).
+    variables = {"params": jax.lax.stop_gradient(params["vae"])} if self.has_vae else {}
+    return self.autoencoder.apply(variables, x, method=method)
+
+  def _scale(self, mean):
+    shift = self.autoencoder.shift_factor if self.has_vae else 0.0
+    return (mean - shift) * self.autoencoder.scaling_factor
+
+  def encode_image(self, params, images, rng=None):
     """uint8 (B, H, W, 3) -> z0. Posterior sample when `rng` is given (training), else mean."""
-    x = anchors.to_unit_range(images)
-    mean, logvar = self.autoencoder.apply({}, x, method="encode")
+    mean, logvar = self._vae(params, anchors.to_unit_range(images), "encode")
     if rng is not None:
       mean = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
-    return mean * self.autoencoder.scaling_factor
+    return self._scale(mean)
 
-  def encode_labels(self, labels, rng):
+  def encode_labels(self, params, labels, rng):
     """uint8 (B, H, W[, 1]) labels -> z1, the latent of the perturbed anchor image (Eq. 14)."""
     anchor_image = anchors.perturb(anchors.render(labels), rng, self.perturbation)
-    mean, _ = self.autoencoder.apply({}, anchor_image, method="encode")
-    return mean * self.autoencoder.scaling_factor
+    mean, _ = self._vae(params, anchor_image, "encode")
+    return self._scale(mean)
 
-  def decode(self, z):
-    return self.autoencoder.apply({}, z / self.autoencoder.scaling_factor, method="decode")
+  def decode(self, params, z):
+    shift = self.autoencoder.shift_factor if self.has_vae else 0.0
+    return self._vae(params, z / self.autoencoder.scaling_factor + shift, "decode")
 
   # -- the velocity field ----------------------------------------------------------------------
   def velocity(self, params, z, t, rng=None):
     """dz/dt at time t (scalar or (B,) in [0, 1]); the UNet sees timestep 1000 t."""
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:1])
-    deterministic = rng is None
-    rngs = None if deterministic else {"dropout": rng}
-    v = self.unet.apply({"params": params}, z, 1000.0 * t, deterministic=deterministic,
-                        rngs=rngs)
+    if self.uses_context:
+      context = jnp.broadcast_to(jax.lax.stop_gradient(params["context"]),
+                                 (z.shape[0], *params["context"].shape[1:]))
+      v = self.unet.apply({"params": params["unet"]}, z, 1000.0 * t, context)
+    else:
+      deterministic = rng is None
+      rngs = None if deterministic else {"dropout": rng}
+      v = self.unet.apply({"params": params["unet"]}, z, 1000.0 * t,
+                          deterministic=deterministic, rngs=rngs)
     if self.input_skip:
       v = v + flow.expand_time(2.0 * t - 1.0, z) * z
     return v
@@ -97,8 +169,8 @@ class SemFlow:
   def loss(self, params, batch, rng):
     """Rectified-flow loss on a batch {'image': uint8, 'label': uint8[, 'mask']}."""
     rng_z0, rng_z1, rng_t, rng_dropout = jax.random.split(rng, 4)
-    z0 = self.encode_image(batch["image"], rng_z0)
-    z1 = self.encode_labels(batch["label"], rng_z1)
+    z0 = self.encode_image(params, batch["image"], rng_z0)
+    z1 = self.encode_labels(params, batch["label"], rng_z1)
     t = self.sample_times(rng_t, z0.shape[0])
     v = self.velocity(params, flow.interpolate(z0, z1, t), t, rng_dropout)
     per_example = jnp.mean(jnp.square(v - flow.velocity_target(z0, z1)),
@@ -114,12 +186,25 @@ class SemFlow:
   # -- both directions -------------------------------------------------------------------------
   def segment(self, params, images, steps: int = 25, method: str = "euler"):
     """uint8 images -> int32 labels: integrate t 0 -> 1, decode, nearest anchor. Deterministic."""
-    z1 = flow.integrate(functools.partial(self.velocity, params), self.encode_image(images),
-                        0.0, 1.0, steps, method)
-    return anchors.decode(self.decode(z1), self.num_classes)
+    z1 = flow.integrate(functools.partial(self.velocity, params),
+                        self.encode_image(params, images), 0.0, 1.0, steps, method)
+    return anchors.decode(self.decode(params, z1), self.num_classes)
 
   def synthesize(self, params, labels, rng, steps: int = 25, method: str = "euler"):
     """Labels -> images in [-1, 1]: perturb the anchor latent, integrate t 1 -> 0, decode."""
-    z0 = flow.integrate(functools.partial(self.velocity, params), self.encode_labels(labels, rng),
-                        1.0, 0.0, steps, method)
-    return jnp.clip(self.decode(z0), -1.0, 1.0)
+    z0 = flow.integrate(functools.partial(self.velocity, params),
+                        self.encode_labels(params, labels, rng), 1.0, 0.0, steps, method)
+    return jnp.clip(self.decode(params, z0), -1.0, 1.0)
+
+
+def param_labels(params) -> dict:
+  """'train' for the UNet, 'frozen' for the autoencoder and the text embedding (for optax)."""
+  return {k: "frozen" if k in FROZEN else "train" for k in params}
+
+
+def _plain(value):
+  """ConfigDict / None -> dict for the diffusers-style model configs."""
+  if value is None:
+    raise ValueError("config.model.unet_config / vae_config must be set for unet='sd' / "
+                     "autoencoder='sd_vae' (see configs/sd15.py)")
+  return value.to_dict() if hasattr(value, "to_dict") else dict(value)

@@ -8,10 +8,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from absl import logging
 from jax.sharding import Mesh
 
 from semflow_jax import checkpoint, parallel
-from semflow_jax.semflow import SemFlow
+from semflow_jax.semflow import SemFlow, param_labels
 
 
 @flax.struct.dataclass
@@ -31,16 +32,20 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """AdamW on the UNet; the frozen VAE and text embedding get no update and no optimizer state."""
   t = config.train
-  return optax.chain(
+  adamw = optax.chain(
       optax.clip_by_global_norm(t.grad_clip),
       optax.adamw(learning_rate_schedule(config), b1=0.9, b2=0.999, weight_decay=t.weight_decay))
+  return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, param_labels)
 
 
 def _init_fn(model: SemFlow, tx: optax.GradientTransformation, config):
-  def init(rng):
+  def init(rng, loaded=None):
     init_rng, state_rng = jax.random.split(rng)
     params = model.init(init_rng)
+    if loaded is not None:  # converted weights (config.model.init_from) replace the random ones
+      params = {**params, **loaded}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       ema_params=params if config.train.ema_decay > 0 else None, rng=state_rng)
   return init
@@ -48,9 +53,15 @@ def _init_fn(model: SemFlow, tx: optax.GradientTransformation, config):
 
 def create(model: SemFlow, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
            mesh: Mesh) -> TrainState:
-  """A fresh state, created directly on the mesh (no host copy of the parameters)."""
+  """A fresh state, created directly on the mesh; from `config.model.init_from` when set."""
   init = jax.jit(_init_fn(model, tx, config), out_shardings=parallel.replicated(mesh))
-  return init(jax.random.PRNGKey(config.seed))
+  init_from = config.model.get("init_from")
+  if not init_from:
+    return init(jax.random.PRNGKey(config.seed))
+  from semflow_jax import convert  # only runs with converted weights
+  loaded = convert.load_converted(init_from, jax.eval_shape(model.init, jax.random.PRNGKey(0)))
+  logging.info("initialised %s from %s", ", ".join(sorted(loaded)), init_from)
+  return init(jax.random.PRNGKey(config.seed), loaded)
 
 
 def abstract(model, tx, config, mesh) -> TrainState:

@@ -32,7 +32,8 @@ def make_train_step(model: SemFlow, tx: optax.GradientTransformation, config):
     params = optax.apply_updates(state.params, updates)
     ema = state.ema_params
     if ema is not None:
-      ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
+      # e + (1 - d)(p - e) leaves frozen parameters (p == e) bit-identical.
+      ema = jax.tree.map(lambda e, p: e + (1 - ema_decay) * (p - e), ema, params)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                "param_norm": optax.tree.norm(params), "learning_rate": schedule(state.step)}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,

@@ -1,6 +1,8 @@
-"""Linen modules: the velocity UNet and the autoencoders."""
+"""Linen modules: the velocity UNets and the autoencoders."""
 
 from semflow_jax.models.autoencoder import IdentityAutoencoder
+from semflow_jax.models.sd_unet import SDUNet, SDUNetConfig
+from semflow_jax.models.sd_vae import AutoencoderKL, SDVAEConfig
 from semflow_jax.models.unet import UNet
 
-__all__ = ["IdentityAutoencoder", "UNet"]
+__all__ = ["AutoencoderKL", "IdentityAutoencoder", "SDUNet", "SDUNetConfig", "SDVAEConfig", "UNet"]

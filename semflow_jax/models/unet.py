@@ -3,7 +3,7 @@ GroupNorm, self-attention at low resolution. NHWC in, NHWC out. Sizes come from 
 """
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -21,33 +21,36 @@ class ResBlock(nn.Module):
   channels: int
   groups: int
   dropout: float = 0.0
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, temb, deterministic=True):
-    h = nn.swish(nn.GroupNorm(self.groups, name="norm1")(x))
-    h = nn.Conv(self.channels, (3, 3), name="conv1")(h)
+    dt = self.dtype
+    h = nn.swish(nn.GroupNorm(self.groups, dtype=dt, name="norm1")(x))
+    h = nn.Conv(self.channels, (3, 3), dtype=dt, name="conv1")(h)
     # Time conditioning as a per-channel scale and shift (FiLM) after the second norm.
-    scale_shift = nn.Dense(2 * self.channels, name="time_proj")(nn.swish(temb))
+    scale_shift = nn.Dense(2 * self.channels, dtype=dt, name="time_proj")(nn.swish(temb))
     scale, shift = jnp.split(scale_shift[:, None, None, :], 2, axis=-1)
-    h = nn.GroupNorm(self.groups, name="norm2")(h) * (1 + scale) + shift
+    h = nn.GroupNorm(self.groups, dtype=dt, name="norm2")(h) * (1 + scale) + shift
     h = nn.Dropout(self.dropout)(nn.swish(h), deterministic=deterministic)
-    h = nn.Conv(self.channels, (3, 3), name="conv2",
+    h = nn.Conv(self.channels, (3, 3), dtype=dt, name="conv2",
                 kernel_init=nn.initializers.zeros_init())(h)
     if x.shape[-1] != self.channels:
-      x = nn.Conv(self.channels, (1, 1), name="skip")(x)
+      x = nn.Conv(self.channels, (1, 1), dtype=dt, name="skip")(x)
     return x + h
 
 
 class SelfAttention(nn.Module):
   num_heads: int
   groups: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
-    y = nn.GroupNorm(self.groups, name="norm")(x).reshape(b, h * w, c)
+    y = nn.GroupNorm(self.groups, dtype=self.dtype, name="norm")(x).reshape(b, h * w, c)
     y = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, name="attn",
+        num_heads=self.num_heads, dtype=self.dtype, name="attn",
         out_kernel_init=nn.initializers.zeros_init())(y, y)
     return x + y.reshape(b, h, w, c)
 
@@ -65,53 +68,58 @@ class UNet(nn.Module):
   # Space-to-depth factor at the input (and depth-to-space at the output): a 2 runs every
   # level at half resolution for a quarter of the FLOPs, which is what CPUs need.
   patch_size: int = 1
+  dtype: Any = jnp.float32   # compute dtype; parameters stay float32
+  remat: bool = False        # recompute ResBlocks in the backward pass
 
   @nn.compact
   def __call__(self, x, timesteps, deterministic=True):
-    p = self.patch_size
+    p, dt = self.patch_size, self.dtype
+    # deterministic (argument 3, counting self) is a Python bool: static under remat.
+    res_block = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
     b, height, width, _ = x.shape
     if height % p or width % p:
       raise ValueError(f"input {height}x{width} is not divisible by patch_size {p}")
-    x = _space_to_depth(x, p)
+    x = _space_to_depth(x.astype(dt), p)
     temb_dim = 4 * self.base_channels
     temb = timestep_embedding(timesteps, self.base_channels)
-    temb = nn.Dense(temb_dim, name="time_mlp_0")(temb)
-    temb = nn.Dense(temb_dim, name="time_mlp_1")(nn.swish(temb))
+    temb = nn.Dense(temb_dim, dtype=dt, name="time_mlp_0")(temb)
+    temb = nn.Dense(temb_dim, dtype=dt, name="time_mlp_1")(nn.swish(temb))
 
-    h = nn.Conv(self.base_channels, (3, 3), name="conv_in")(x)
+    h = nn.Conv(self.base_channels, (3, 3), dtype=dt, name="conv_in")(x)
     skips = [h]
     for level, mult in enumerate(self.channel_mult):
       for i in range(self.num_res_blocks):
-        h = ResBlock(self.base_channels * mult, self.groups, self.dropout,
-                     name=f"down_{level}_res_{i}")(h, temb, deterministic)
+        h = res_block(self.base_channels * mult, self.groups, self.dropout, dt,
+                      name=f"down_{level}_res_{i}")(h, temb, deterministic)
         if h.shape[1] in self.attention_resolutions:
-          h = SelfAttention(self.num_heads, self.groups, name=f"down_{level}_attn_{i}")(h)
+          h = SelfAttention(self.num_heads, self.groups, dt, name=f"down_{level}_attn_{i}")(h)
         skips.append(h)
       if level < len(self.channel_mult) - 1:
-        h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), name=f"down_{level}_downsample")(h)
+        h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), dtype=dt,
+                    name=f"down_{level}_downsample")(h)
         skips.append(h)
 
     channels = h.shape[-1]
-    h = ResBlock(channels, self.groups, self.dropout, name="mid_res_0")(h, temb, deterministic)
-    h = SelfAttention(self.num_heads, self.groups, name="mid_attn")(h)
-    h = ResBlock(channels, self.groups, self.dropout, name="mid_res_1")(h, temb, deterministic)
+    h = res_block(channels, self.groups, self.dropout, dt, name="mid_res_0")(h, temb, deterministic)
+    h = SelfAttention(self.num_heads, self.groups, dt, name="mid_attn")(h)
+    h = res_block(channels, self.groups, self.dropout, dt, name="mid_res_1")(h, temb, deterministic)
 
     for level, mult in reversed(list(enumerate(self.channel_mult))):
       for i in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
-        h = ResBlock(self.base_channels * mult, self.groups, self.dropout,
-                     name=f"up_{level}_res_{i}")(h, temb, deterministic)
+        h = res_block(self.base_channels * mult, self.groups, self.dropout, dt,
+                      name=f"up_{level}_res_{i}")(h, temb, deterministic)
         if h.shape[1] in self.attention_resolutions:
-          h = SelfAttention(self.num_heads, self.groups, name=f"up_{level}_attn_{i}")(h)
+          h = SelfAttention(self.num_heads, self.groups, dt, name=f"up_{level}_attn_{i}")(h)
       if level > 0:
         b, hh, ww, c = h.shape
         h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest upsample
-        h = nn.Conv(c, (3, 3), name=f"up_{level}_upsample")(h)
+        h = nn.Conv(c, (3, 3), dtype=dt, name=f"up_{level}_upsample")(h)
 
-    h = nn.swish(nn.GroupNorm(self.groups, name="norm_out")(h))
-    h = nn.Conv(self.out_channels * p * p, (3, 3), name="conv_out",
+    h = nn.swish(nn.GroupNorm(self.groups, dtype=dt, name="norm_out")(h))
+    h = nn.Conv(self.out_channels * p * p, (3, 3), dtype=dt, name="conv_out",
                 kernel_init=nn.initializers.zeros_init())(h)
-    return _depth_to_space(h, p)
+    return _depth_to_space(h, p).astype(jnp.float32)
 
 
 def _space_to_depth(x, p: int):
