@@ -58,7 +58,8 @@ def write_coco_stuff(root, seed=0):
 CITYSCAPES_FILES = {
     "train": ("aachen/aachen_000000_000019", "aachen/aachen_000001_000019",
               "bochum/bochum_000000_000313", "bremen/bremen_000000_000019",
-              "bremen/bremen_000001_000019", "cologne/cologne_000000_000019"),
+              "bremen/bremen_000001_000019", "cologne/cologne_000000_000019",
+              "darmstadt/darmstadt_000000_000019", "dusseldorf/dusseldorf_000000_000019"),
     "val": ("frankfurt/frankfurt_000000_000294", "lindau/lindau_000000_000019",
             "munster/munster_000000_000019"),
 }

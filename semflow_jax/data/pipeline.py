@@ -318,6 +318,7 @@ def _empty_batch(builder, keys, preprocess):
 
 def load_arrays(builder, split: str, num_examples: int, keys=("image", "label"),
                 preprocess: Optional[Preprocess] = None) -> dict:
-  """The first `num_examples` of a split as numpy arrays (small data: statistics, fixtures)."""
+  """The first `num_examples` (at most the whole split) of a split as numpy arrays."""
+  num_examples = min(num_examples, builder.info.splits[split].num_examples)
   ds = _eval_dataset(builder, f"{split}[:{num_examples}]", keys, preprocess)
   return next(ds.batch(num_examples).as_numpy_iterator())
