@@ -7,7 +7,7 @@ The reference recipe (docs/DESIGN.md), from Stable Diffusion 1.5 weights:
 
 `data.manual_dir` holds the unpacked CelebAMask-HQ.zip as semflow_jax/data/celebamask_hq.py
 describes (the split is documented there); the tfds dataset is built from it on first use (or
-beforehand with `tfds build celebamask_hq --imports=semflow_jax.data --manual_dir=...`). Stored
+beforehand with `python -m semflow_jax.data.build celebamask_hq --manual_dir=...`). Stored
 images are already 512x512, so the square crop is the whole face. `:local` is a minutes-long
 pixel-space run at 32x32 with the small UNet, on a CPU:
 

@@ -6,8 +6,8 @@ The reference recipe (docs/DESIGN.md), from Stable Diffusion 1.5 weights:
       --config.data.manual_dir=/data/cityscapes --config.model.init_from=/ckpt/sd15
 
 `data.manual_dir` holds leftImg8bit/ and gtFine/ as semflow_jax/data/cityscapes.py describes;
-the tfds dataset is built from it on first use (or beforehand with `tfds build
-cityscapes_semantic --imports=semflow_jax.data --manual_dir=...`). The 2048x1024 images are
+the tfds dataset is built from it on first use (or beforehand with `python -m
+semflow_jax.data.build cityscapes_semantic --manual_dir=...`). The 2048x1024 images are
 resized whole (no crop) to 1024x512. `:local` is a minutes-long pixel-space run at 32x64 with
 the small UNet, on a CPU:
 

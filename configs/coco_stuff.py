@@ -6,8 +6,8 @@ The reference recipe (docs/DESIGN.md), from Stable Diffusion 1.5 weights:
       --config.data.manual_dir=/data/coco_stuff --config.model.init_from=/ckpt/sd15
 
 `data.manual_dir` holds the download as semflow_jax/data/coco_stuff.py describes; the tfds
-dataset is built from it on first use (or beforehand with `tfds build coco_stuff
---imports=semflow_jax.data --manual_dir=...`). `:local` is a minutes-long pixel-space run at
+dataset is built from it on first use (or beforehand with `python -m
+semflow_jax.data.build coco_stuff --manual_dir=...`). `:local` is a minutes-long pixel-space run at
 32x32 with the small UNet, on a CPU:
 
   python -m semflow_jax.main --config=configs/coco_stuff.py:local --workdir=runs/coco_local \

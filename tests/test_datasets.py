@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -12,6 +13,7 @@ from PIL import Image
 
 from semflow_jax.data import celebamask_hq, cityscapes, coco_stuff, manual
 from tests import dataset_fixtures as fx
+from tests.conftest import REPO
 
 NAMES = ("coco_stuff", "cityscapes_semantic", "celebamask_hq")
 
@@ -37,7 +39,7 @@ def test_every_builder_has_the_common_features_and_class_names(built):
     assert "file_name" in features
     assert len(builder.info.metadata["class_names"]) == expected_classes[name]
     assert "Download" in builder.MANUAL_DOWNLOAD_INSTRUCTIONS
-    assert f"tfds build {name}" in sys.modules[type(builder).__module__].__doc__
+    assert f"python -m semflow_jax.data.build {name}" in sys.modules[type(builder).__module__].__doc__
 
 
 def test_coco_stuff_maps_raw_ids_to_171_contiguous_classes(built):
@@ -232,3 +234,20 @@ def test_missing_sub_directory_names_it_and_prints_the_layout(tmp_path):
   assert str(e.value).startswith(str(tmp_path / "m" / "gtFine" / "val"))
   assert "gtFine_labelIds.png" in str(e.value)
   assert written  # the rest of the tree was fine
+
+
+def test_build_command_builds_and_reports_a_bad_file_in_one_line(tmp_path):
+  written = fx.write_cityscapes(str(tmp_path / "m"))
+  cmd = [sys.executable, "-m", "semflow_jax.data.build", "cityscapes_semantic",
+         f"--manual_dir={tmp_path / 'm'}", f"--data_dir={tmp_path / 'tfds'}"]
+  env = {**os.environ, "XLA_FLAGS": ""}
+  ok = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  assert "train 8, validation 3" in ok.stdout
+  bad_label = written["val"][0][2]
+  os.remove(bad_label)
+  cmd[-1] = f"--data_dir={tmp_path / 'tfds2'}"
+  bad = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  image = written["val"][0][1]
+  assert bad.returncode == 2
+  assert f"error: {image}: image without a label" in bad.stderr

@@ -184,7 +184,7 @@ def test_unbuilt_dataset_without_manual_dir_says_how_to_build(tmp_path):
   from configs import celebamask_hq
   config = celebamask_hq.get_config("local")
   config.data.tfds_data_dir = str(tmp_path)
-  with pytest.raises(FileNotFoundError, match="tfds build celebamask_hq --imports=semflow_jax"):
+  with pytest.raises(FileNotFoundError, match="python -m semflow_jax.data.build celebamask_hq --manual_dir"):
     pipeline.get_builder(config.data)
 
 

@@ -9,9 +9,9 @@ https://github.com/switchablenorms/CelebAMask-HQ, unpacked so that the manual di
   <manual_dir>/list_eval_partition.txt     (optional: CelebA's Eval/list_eval_partition.txt)
 
 Build:
-  tfds build celebamask_hq --imports=semflow_jax.data --manual_dir=<manual_dir> \
-      --data_dir=<tfds dir>
-or from Python with a DownloadConfig(manual_dir=...), as `pipeline.get_builder` does when
+  python -m semflow_jax.data.build celebamask_hq --manual_dir=<manual_dir> --data_dir=<tfds dir>
+(or `tfds build celebamask_hq --imports=semflow_jax.data --manual_dir=...`, which with tfds 4.9.10
+needs apache_beam installed), or from Python with a DownloadConfig(manual_dir=...), as `pipeline.get_builder` does when
 `config.data.manual_dir` is set.
 
 Each image's part masks `<iiiii>_<part>.png` (non-zero = part) are painted in the dataset's

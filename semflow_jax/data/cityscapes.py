@@ -12,9 +12,9 @@ and unpack both into the manual directory, so that it holds
 (the other gtFine files, *_color.png, *_instanceIds.png, *_polygons.json, are not read).
 
 Build:
-  tfds build cityscapes_semantic --imports=semflow_jax.data --manual_dir=<manual_dir> \
-      --data_dir=<tfds dir>
-or from Python with a DownloadConfig(manual_dir=...), as `pipeline.get_builder` does when
+  python -m semflow_jax.data.build cityscapes_semantic --manual_dir=<manual_dir> --data_dir=<tfds dir>
+(or `tfds build cityscapes_semantic --imports=semflow_jax.data --manual_dir=...`, which with tfds 4.9.10
+needs apache_beam installed), or from Python with a DownloadConfig(manual_dir=...), as `pipeline.get_builder` does when
 `config.data.manual_dir` is set.
 
 `*_gtFine_labelIds.png` holds the 34 label ids of the official table; they map to the 19

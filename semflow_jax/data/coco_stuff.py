@@ -14,10 +14,11 @@ and unpack so that the manual directory holds
 (`unzip stuffthingmaps_trainval2017.zip -d <manual_dir>/stuffthingmaps_trainval2017`).
 
 Build:
-  tfds build coco_stuff --imports=semflow_jax.data --manual_dir=<manual_dir> --data_dir=<tfds dir>
-or from Python: `tfds.builder("coco_stuff", data_dir=...).download_and_prepare(
-download_config=tfds.download.DownloadConfig(manual_dir=...))`, which `pipeline.get_builder` does
-when `config.data.manual_dir` is set.
+  python -m semflow_jax.data.build coco_stuff --manual_dir=<manual_dir> --data_dir=<tfds dir>
+(or `tfds build coco_stuff --imports=semflow_jax.data --manual_dir=...`, which with tfds 4.9.10
+needs apache_beam installed), or from Python: `tfds.builder("coco_stuff", data_dir=...)
+.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=...))`, which
+`pipeline.get_builder` does when `config.data.manual_dir` is set.
 
 Label maps hold the COCO category id minus one (0 = person ... 181 = wood) and 255 for
 unlabelled pixels. The 11 thing ids that COCO defines but never annotates drop out, leaving 171

@@ -100,7 +100,7 @@ def get_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   builder = tfds.builder(data.name, data_dir=data_dir)
   if not builder.is_prepared():
     manual_dir = data.get("manual_dir")
-    command = (f"tfds build {data.name} --imports=semflow_jax.data --manual_dir=<dir> "
+    command = (f"python -m semflow_jax.data.build {data.name} --manual_dir=<dir> "
                f"--data_dir={builder.data_dir_root}")
     if not manual_dir:
       raise FileNotFoundError(
