@@ -61,7 +61,8 @@ def write_coco(root, n, rng):
     for i in range(n if split == "train2017" else 1):
       h, w = (480, 640) if i % 3 else (640, 480)
       labels = _layout(rng, h, w, used + [255])
-      _save(f"{root}/{split}/{i + 1:012d}.jpg", _photo(rng, labels), quality=90)
+      # Noisier than the others: COCO photos average about 160 KB as JPEG.
+      _save(f"{root}/{split}/{i + 1:012d}.jpg", _photo(rng, labels, noise=14.0), quality=90)
       _save(f"{root}/stuffthingmaps_trainval2017/{split}/{i + 1:012d}.png", labels)
 
 

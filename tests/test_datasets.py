@@ -251,3 +251,11 @@ def test_build_command_builds_and_reports_a_bad_file_in_one_line(tmp_path):
   image = written["val"][0][1]
   assert bad.returncode == 2
   assert f"error: {image}: image without a label" in bad.stderr
+
+
+def test_celebamask_hq_image_that_is_not_a_multiple_of_the_masks_is_rejected(tmp_path):
+  written = fx.write_celebamask_hq(str(tmp_path / "m"))
+  image = written[1][0]
+  Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(image)  # masks are 16x16
+  with pytest.raises(manual.DataError, match=f"^{image}: image is 20x20 but its label"):
+    fx.build("celebamask_hq", tmp_path / "m", tmp_path / "tfds")
