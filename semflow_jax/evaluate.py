@@ -48,7 +48,8 @@ def run(model: SemFlow, params, builder, config: ml_collections.ConfigDict, mesh
   synthesize = jax.jit(functools.partial(model.synthesize, steps=e.synth_steps, method=e.method))
   quantise = jax.jit(anchors.from_unit_range)
 
-  train = pipeline.load_arrays(builder, "train", e.colour_fit_examples)
+  preprocess = pipeline.Preprocess.from_config(config.data)
+  train = pipeline.load_arrays(builder, "train", e.colour_fit_examples, preprocess=preprocess)
   colour = metrics.ColourClassifier.fit(train["image"], train["label"], model.num_classes)
 
   c = model.num_classes
@@ -60,7 +61,8 @@ def run(model: SemFlow, params, builder, config: ml_collections.ConfigDict, mesh
   shown = None
   base_rng = jax.random.PRNGKey(config.seed + 1)
 
-  batches = pipeline.eval_batches(builder, "validation", per_process, e.num_examples, keys)
+  batches = pipeline.eval_batches(builder, "validation", per_process, e.num_examples, keys,
+                                  preprocess)
   for i, local in enumerate(batches):
     batch = parallel.to_global(local, mesh)
     mask = _host(batch["mask"])

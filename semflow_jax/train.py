@@ -76,12 +76,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                t.num_steps)
 
   builder = pipeline.get_builder(config.data)
+  preprocess = pipeline.Preprocess.from_config(config.data)
   if data_state is None:
     train_iter = pipeline.TrainIterator(builder, per_process_batch, config.seed, 0,
-                                        config.data.flip)
+                                        config.data.flip, preprocess=preprocess)
   else:
     train_iter = pipeline.TrainIterator.from_state(builder, data_state, per_process_batch,
-                                                   config.seed, config.data.flip)
+                                                   config.seed, config.data.flip,
+                                                   preprocess=preprocess)
   replicated = parallel.replicated(mesh)
   train_step = jax.jit(make_train_step(model, tx, config),
                        in_shardings=(replicated, parallel.batch_sharding(mesh)),

@@ -1,3 +1,8 @@
-"""Datasets (tfds builders) and the input pipeline. Importing registers the builders."""
+"""Datasets (tfds builders) and the input pipeline. Importing registers the builders:
+`synthetic_scenes` (built in), `coco_stuff`, `cityscapes_semantic`, `celebamask_hq` (manual
+downloads; each module's docstring has the download layout and the build command)."""
 
-from semflow_jax.data import synthetic  # noqa: F401  (registers `synthetic_scenes`)
+from semflow_jax.data import celebamask_hq  # noqa: F401
+from semflow_jax.data import cityscapes  # noqa: F401
+from semflow_jax.data import coco_stuff  # noqa: F401
+from semflow_jax.data import synthetic  # noqa: F401

@@ -1,0 +1,29 @@
+"""SemFlow on CelebAMask-HQ: 512x512, 19 classes, AdamW 2e-5, 80k steps.
+
+The reference recipe (docs/DESIGN.md), from Stable Diffusion 1.5 weights:
+
+  python -m semflow_jax.main --config=configs/celebamask_hq.py --workdir=runs/celebamask_hq \
+      --config.data.manual_dir=/data/CelebAMask-HQ --config.model.init_from=/ckpt/sd15
+
+`data.manual_dir` holds the unpacked CelebAMask-HQ.zip as semflow_jax/data/celebamask_hq.py
+describes (the split is documented there); the tfds dataset is built from it on first use (or
+beforehand with `python -m semflow_jax.data.build celebamask_hq --manual_dir=...`). Stored
+images are already 512x512, so the square crop is the whole face. `:local` is a minutes-long
+pixel-space run at 32x32 with the small UNet, on a CPU:
+
+  python -m semflow_jax.main --config=configs/celebamask_hq.py:local --workdir=runs/celeba_local \
+      --config.data.manual_dir=/data/CelebAMask-HQ
+"""
+
+import ml_collections
+
+from configs import real_data
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  real_data.check_arg("configs/celebamask_hq.py", arg)
+  c = real_data.recipe(name="celebamask_hq", num_classes=19, image_size=(512, 512),
+                       crop="random", learning_rate=2e-5, num_steps=80_000)
+  if arg == "local":
+    real_data.shrink_for_local(c, (32, 32))
+  return c

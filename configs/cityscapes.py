@@ -1,0 +1,29 @@
+"""SemFlow on Cityscapes: full frames at 512x1024, 19 classes, AdamW 5e-5, 8k steps.
+
+The reference recipe (docs/DESIGN.md), from Stable Diffusion 1.5 weights:
+
+  python -m semflow_jax.main --config=configs/cityscapes.py --workdir=runs/cityscapes \
+      --config.data.manual_dir=/data/cityscapes --config.model.init_from=/ckpt/sd15
+
+`data.manual_dir` holds leftImg8bit/ and gtFine/ as semflow_jax/data/cityscapes.py describes;
+the tfds dataset is built from it on first use (or beforehand with `python -m
+semflow_jax.data.build cityscapes_semantic --manual_dir=...`). The 2048x1024 images are
+resized whole (no crop) to 1024x512. `:local` is a minutes-long pixel-space run at 32x64 with
+the small UNet, on a CPU:
+
+  python -m semflow_jax.main --config=configs/cityscapes.py:local --workdir=runs/cityscapes_local \
+      --config.data.manual_dir=/data/cityscapes
+"""
+
+import ml_collections
+
+from configs import real_data
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  real_data.check_arg("configs/cityscapes.py", arg)
+  c = real_data.recipe(name="cityscapes_semantic", num_classes=19, image_size=(512, 1024),
+                       crop="full", learning_rate=5e-5, num_steps=8_000)
+  if arg == "local":
+    real_data.shrink_for_local(c, (32, 64))
+  return c

@@ -1,0 +1,28 @@
+"""SemFlow on COCO-Stuff-164k: 512x512 square crops, 171 classes, AdamW 1e-5, 320k steps.
+
+The reference recipe (docs/DESIGN.md), from Stable Diffusion 1.5 weights:
+
+  python -m semflow_jax.main --config=configs/coco_stuff.py --workdir=runs/coco_stuff \
+      --config.data.manual_dir=/data/coco_stuff --config.model.init_from=/ckpt/sd15
+
+`data.manual_dir` holds the download as semflow_jax/data/coco_stuff.py describes; the tfds
+dataset is built from it on first use (or beforehand with `python -m
+semflow_jax.data.build coco_stuff --manual_dir=...`). `:local` is a minutes-long pixel-space run at
+32x32 with the small UNet, on a CPU:
+
+  python -m semflow_jax.main --config=configs/coco_stuff.py:local --workdir=runs/coco_local \
+      --config.data.manual_dir=/data/coco_stuff
+"""
+
+import ml_collections
+
+from configs import real_data
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  real_data.check_arg("configs/coco_stuff.py", arg)
+  c = real_data.recipe(name="coco_stuff", num_classes=171, image_size=(512, 512), crop="random",
+                       learning_rate=1e-5, num_steps=320_000)
+  if arg == "local":
+    real_data.shrink_for_local(c, (32, 32))
+  return c

@@ -1,0 +1,113 @@
+"""Shared skeleton of the dataset configs (coco_stuff.py, cityscapes.py, celebamask_hq.py).
+
+Same key structure as configs/synthetic.py (data / model / train / eval / sample / mesh), plus
+the keys the real datasets need: data.manual_dir, data.crop, data.crop_scale, an (H, W)
+data.image_size, and the latent-model keys model.unet and model.init_from.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+DEVICES_IN_REFERENCE = 8  # the reference recipes: batch 16 per device on 8 devices
+
+
+def recipe(*, name: str, num_classes: int, image_size, crop: str, learning_rate: float,
+           num_steps: int) -> ml_collections.ConfigDict:
+  """A full-size reference recipe: SD-1.5 UNet and VAE, AdamW, batch 16 per device."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = name
+  c.data.tfds_data_dir = config_dict.placeholder(str)  # None: tfds' default
+  c.data.manual_dir = config_dict.placeholder(str)     # the unpacked download; builds if unbuilt
+  c.data.image_size = tuple(image_size)                 # (H, W) the model sees
+  c.data.num_classes = num_classes
+  c.data.crop = crop                # 'random' (square crops) or 'full' (whole frame); see pipeline
+  c.data.crop_scale = (1.0, 1.0)    # side of a random crop relative to the largest one
+  c.data.flip = True
+
+  c.model = ml_collections.ConfigDict()
+  c.model.autoencoder = "sd_vae"                         # Stable Diffusion 1.5 VAE, frozen
+  c.model.unet = "sd15"                                  # Stable Diffusion 1.5 UNet
+  c.model.init_from = config_dict.placeholder(str)       # converted SD-1.5 checkpoint directory
+  c.model.perturbation = 0.1
+  c.model.time_sampling = "uniform"
+  c.model.time_beta = 0.5
+  c.model.input_skip = False
+  # The small pixel-space UNet (model.unet = 'small'), as in configs/synthetic.py.
+  c.model.base_channels = 64
+  c.model.channel_mult = (1, 1, 2)
+  c.model.num_res_blocks = 1
+  c.model.attention_resolutions = (8, 4)
+  c.model.num_heads = 4
+  c.model.groups = 16
+  c.model.dropout = 0.0
+  c.model.patch_size = 2
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = num_steps
+  c.train.batch_size = 16 * DEVICES_IN_REFERENCE  # global; scale with the device count
+  c.train.learning_rate = learning_rate
+  c.train.warmup_steps = 500
+  c.train.weight_decay = 1e-2
+  c.train.grad_clip = 1.0
+  c.train.ema_decay = 0.0
+  c.train.log_every = 100
+  c.train.checkpoint_every = 2000
+  c.train.keep_checkpoints = 3
+  c.train.eval_every = 0
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_examples = -1
+  c.eval.batch_size = 64
+  c.eval.seg_steps = (1, 25)
+  c.eval.synth_steps = 25
+  c.eval.method = "euler"
+  c.eval.colour_fit_examples = 1000
+  c.eval.num_sample_images = 8
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.seg_steps = 25
+  c.sample.synth_steps = 25
+  c.sample.method = "euler"
+  c.sample.seed = 0
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  return c
+
+
+def shrink_for_local(c: ml_collections.ConfigDict, image_size) -> ml_collections.ConfigDict:
+  """The `:local` variant: pixel space, a small UNet, small images; minutes on a CPU."""
+  c.data.image_size = tuple(image_size)
+  c.model.autoencoder = "identity"
+  c.model.unet = "small"
+  c.model.base_channels = 16
+  c.model.channel_mult = (1, 2)
+  c.model.attention_resolutions = (8,)
+  c.model.groups = 8
+  c.model.patch_size = 2
+  c.train.num_steps = 200
+  c.train.batch_size = 8
+  c.train.learning_rate = 2e-3
+  c.train.warmup_steps = 10
+  c.train.weight_decay = 0.0
+  c.train.log_every = 10
+  c.train.checkpoint_every = 100
+  c.train.keep_checkpoints = 2
+  c.eval.num_examples = 64
+  c.eval.batch_size = 8
+  c.eval.seg_steps = (1, 2)
+  c.eval.synth_steps = 2
+  c.eval.colour_fit_examples = 64
+  c.eval.num_sample_images = 4
+  c.sample.seg_steps = 2
+  c.sample.synth_steps = 2
+  return c
+
+
+def check_arg(path: str, arg: str) -> None:
+  if arg not in ("", "local"):
+    raise ValueError(f"unknown {path} argument {arg!r}; expected '' or 'local'")

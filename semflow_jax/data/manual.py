@@ -1,0 +1,132 @@
+"""Shared pieces of the builders that read manual downloads: features, file checks, label maps.
+
+Every problem with the downloaded files raises `DataError` with a message that starts with the
+offending path, so a build over hundreds of thousands of files says which one to look at.
+tfds builds into a temporary directory and deletes it when generation raises, so a failed build
+leaves no half-written dataset behind.
+"""
+
+import concurrent.futures
+import io
+import os
+from typing import Callable, Dict, Iterator, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image, UnidentifiedImageError
+
+IGNORE = 255
+
+
+class DataError(ValueError):
+  """A file of a manual download is missing, unreadable or inconsistent with its partner."""
+
+
+def features(image_encoding: str) -> tfds.features.FeaturesDict:
+  """image uint8 HxWx3 (stored as `image_encoding`), label uint8 HxWx1 PNG, source file name."""
+  return tfds.features.FeaturesDict({
+      "image": tfds.features.Image(shape=(None, None, 3), encoding_format=image_encoding),
+      "label": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
+      "file_name": tfds.features.Text(),
+  })
+
+
+def require_dir(path: str, instructions: str) -> str:
+  """`path` if it is a directory; otherwise an error that repeats the download instructions."""
+  if not os.path.isdir(path):
+    raise DataError(f"{path}: no such directory in the manual download directory. "
+                    f"Expected layout:\n{instructions}")
+  return path
+
+
+def open_image(path: str) -> Image.Image:
+  """The fully decoded PIL image (a truncated file fails here, not later in training)."""
+  try:
+    image = Image.open(path)
+    image.load()
+  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    raise DataError(f"{path}: not a readable image ({e.__class__.__name__}: {e})") from None
+  return image
+
+
+def read_rgb(path: str) -> tuple:
+  """(encoded bytes to store, (H, W)) of an image file.
+
+  JPEGs and PNGs that decode to RGB or grey are stored byte for byte (tf decodes grey to RGB);
+  anything else (CMYK, palette, alpha) is converted to RGB and re-encoded losslessly.
+  """
+  image = open_image(path)
+  with open(path, "rb") as f:
+    data = f.read()
+  if image.format not in ("JPEG", "PNG") or image.mode not in ("RGB", "L"):
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG")
+    data = buffer.getvalue()
+  return data, (image.height, image.width)
+
+
+def read_label(path: str) -> np.ndarray:
+  """A label map PNG -> uint8 (H, W) of its raw values; colour label maps are an error."""
+  image = open_image(path)
+  if image.mode not in ("L", "P"):
+    raise DataError(f"{path}: not a single-channel 8-bit label map (mode {image.mode})")
+  return np.asarray(image, np.uint8)
+
+
+def lookup_table(raw_to_class: Dict[int, int]) -> np.ndarray:
+  """int16[256]: raw value -> class id (255 = ignore), -1 where the class table has no entry."""
+  table = np.full(256, -1, np.int16)
+  for raw, cls in raw_to_class.items():
+    table[raw] = cls
+  return table
+
+
+def remap(raw: np.ndarray, table: np.ndarray, path: str) -> np.ndarray:
+  """Raw label values -> class ids through `table`; unknown values are an error naming `path`."""
+  mapped = table[raw]
+  if (mapped < 0).any():
+    unknown = np.unique(raw[mapped < 0])
+    shown = ", ".join(str(v) for v in unknown[:8]) + (", ..." if unknown.size > 8 else "")
+    raise DataError(f"{path}: label values {shown} are not in the class table")
+  return mapped.astype(np.uint8)
+
+
+def check_same_size(image_path: str, image_hw, label_path: str, label_hw) -> None:
+  if tuple(image_hw) != tuple(label_hw):
+    raise DataError(f"{image_path}: image is {image_hw[1]}x{image_hw[0]} but its label "
+                    f"{label_path} is {label_hw[1]}x{label_hw[0]} (width x height)")
+
+
+def pair_up(images: Dict[str, str], labels: Dict[str, str]) -> list:
+  """[(key, image path, label path)] sorted by key; an unpaired file on either side is an error."""
+  for key in sorted(set(images) - set(labels)):
+    raise DataError(f"{images[key]}: image without a label (no matching label file found)")
+  for key in sorted(set(labels) - set(images)):
+    raise DataError(f"{labels[key]}: label without an image (no matching image file found)")
+  return [(key, images[key], labels[key]) for key in sorted(images)]
+
+
+def files_with_suffix(directory: str, suffix: str, recursive: bool = False) -> Dict[str, str]:
+  """{name without `suffix`: path} of the files in `directory` (and subdirectories)."""
+  found = {}
+  walk = os.walk(directory) if recursive else [(directory, None, os.listdir(directory))]
+  for root, _, names in walk:
+    for name in names:
+      if name.endswith(suffix):
+        found[name[:-len(suffix)]] = os.path.join(root, name)
+  return found
+
+
+def ordered_map(fn: Callable, items: Sequence, chunk: int = 64) -> Iterator:
+  """fn over items in order, decoding files on a few threads (PIL releases the GIL).
+
+  Chunked so that at most `chunk` decoded examples are held at a time.
+  """
+  workers = min(8, os.cpu_count() or 1)
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    for start in range(0, len(items), chunk):
+      yield from pool.map(fn, items[start:start + chunk])
+
+
+def example(key: str, image, label: np.ndarray, file_name: str) -> tuple:
+  return key, {"image": image, "label": label[..., None], "file_name": file_name}
