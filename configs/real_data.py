@@ -2,11 +2,13 @@
 
 Same key structure as configs/synthetic.py (data / model / train / eval / sample / mesh), plus
 the keys the real datasets need: data.manual_dir, data.crop, data.crop_scale, an (H, W)
-data.image_size, and the latent-model keys model.unet and model.init_from.
+data.image_size; the model section is configs/sd15.py's `model_config()`.
 """
 
 import ml_collections
 from ml_collections import config_dict
+
+from configs import sd15
 
 DEVICES_IN_REFERENCE = 8  # the reference recipes: batch 16 per device on 8 devices
 
@@ -27,23 +29,9 @@ def recipe(*, name: str, num_classes: int, image_size, crop: str, learning_rate:
   c.data.crop_scale = (1.0, 1.0)    # side of a random crop relative to the largest one
   c.data.flip = True
 
-  c.model = ml_collections.ConfigDict()
-  c.model.autoencoder = "sd_vae"                         # Stable Diffusion 1.5 VAE, frozen
-  c.model.unet = "sd15"                                  # Stable Diffusion 1.5 UNet
-  c.model.init_from = config_dict.placeholder(str)       # converted SD-1.5 checkpoint directory
-  c.model.perturbation = 0.1
-  c.model.time_sampling = "uniform"
-  c.model.time_beta = 0.5
-  c.model.input_skip = False
-  # The small pixel-space UNet (model.unet = 'small'), as in configs/synthetic.py.
-  c.model.base_channels = 64
-  c.model.channel_mult = (1, 1, 2)
-  c.model.num_res_blocks = 1
-  c.model.attention_resolutions = (8, 4)
-  c.model.num_heads = 4
-  c.model.groups = 16
-  c.model.dropout = 0.0
-  c.model.patch_size = 2
+  # SD-1.5 UNet and VAE (configs/sd15.py), bf16 compute and remat; the small pixel-space
+  # UNet's keys are there too, for the `:local` variant.
+  c.model = sd15.model_config()
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = num_steps
@@ -84,6 +72,8 @@ def shrink_for_local(c: ml_collections.ConfigDict, image_size) -> ml_collections
   c.data.image_size = tuple(image_size)
   c.model.autoencoder = "identity"
   c.model.unet = "small"
+  c.model.dtype = "float32"
+  c.model.remat = False
   c.model.base_channels = 16
   c.model.channel_mult = (1, 2)
   c.model.attention_resolutions = (8,)

@@ -12,6 +12,7 @@ from cityscapesscripts.helpers import labels as cs_labels
 from PIL import Image
 
 from semflow_jax import parallel, train
+from semflow_jax.semflow import SemFlow
 from semflow_jax.data import pipeline
 from tests import dataset_fixtures as fx
 
@@ -202,7 +203,12 @@ def test_dataset_configs_hold_the_reference_recipes():
            c.train.num_steps, c.data.crop)
     assert got == (name, size, classes, lr, steps, crop)
     assert c.train.batch_size == 16 * 8 and c.model.autoencoder == "sd_vae"
-    assert "init_from" in c.model and c.model.unet == "sd15"
+    assert "init_from" in c.model and c.model.unet == "sd"
+    # The full recipe builds the SD-1.5 model with the dataset's size (shapes only).
+    model = SemFlow.from_config(c)
+    assert model.latent_shape == (size[0] // 8, size[1] // 8, 4)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+    assert sum(x.size for x in jax.tree.leaves(shapes["unet"])) == 859_520_964
     local = module.get_config("local")
     assert local.model.autoencoder == "identity" and max(local.data.image_size) <= 64
     with pytest.raises(ValueError, match="unknown"):
