@@ -28,5 +28,11 @@ setup(
         "numpy==2.4.6",
         "pillow==13.0.0",
     ],
-    extras_require={"test": ["pytest==9.2.0"]},
+    extras_require={
+        # Reading PyTorch weights and computing the empty-prompt CLIP embedding at conversion.
+        "convert": ["torch==2.13.0", "safetensors==0.8.0", "transformers==5.23.0"],
+        # The references the tests compare against (never torchvision: it breaks diffusers).
+        "test": ["pytest==9.2.0", "torch==2.13.0", "safetensors==0.8.0", "transformers==5.23.0",
+                 "diffusers==0.42.1", "cityscapesscripts==2.3.0"],
+    },
 )
