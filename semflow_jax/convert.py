@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from typing import Dict, Optional, Tuple
 
@@ -264,6 +265,8 @@ def convert(output: str, diffusers_dir: Optional[str] = None, unet_weights: Opti
     raise ConversionError("give --diffusers_dir, or --unet_weights with --unet_config")
   if diffusers_dir is None and unet_config is None:
     raise ConversionError("--unet_weights without --diffusers_dir needs --unet_config")
+  if diffusers_dir is not None and not os.path.isdir(diffusers_dir):
+    raise ConversionError(f"--diffusers_dir={diffusers_dir}: no such directory")
 
   unet_dir = unet_config or os.path.join(diffusers_dir, "unet")
   logging.info("converting the UNet from %s", unet_weights or unet_dir)
@@ -367,7 +370,7 @@ def main(argv):
     convert(f.output, f.diffusers_dir, f.unet_weights, f.unet_config, f.text_embedding,
             f.overwrite)
   except (ConversionError, FileNotFoundError) as e:
-    print(f"error: {e}", flush=True)
+    print(f"error: {e}", file=sys.stderr, flush=True)
     raise SystemExit(2)
 
 

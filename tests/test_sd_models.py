@@ -210,3 +210,16 @@ def test_remat_and_bfloat16_keep_the_function(tmp_path):
   out16 = bf16.apply({"params": params}, x, t, context)
   assert out16.dtype == jnp.float32
   assert 0 < _relative_error(out16, out32) < 3e-2  # really computed in bf16, and close
+
+
+def test_convert_command_line_reports_bad_input_in_one_line(tmp_path):
+  import subprocess
+  import sys
+
+  from tests.conftest import REPO
+  missing = str(tmp_path / "no_such_folder")
+  out = subprocess.run([sys.executable, "-m", "semflow_jax.convert", f"--diffusers_dir={missing}",
+                        f"--output={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True)
+  assert out.returncode == 2
+  assert f"error: --diffusers_dir={missing}: no such directory" in out.stderr
+  assert not (tmp_path / "out").exists()
