@@ -19,18 +19,23 @@ class IncompatibleCheckpointError(ValueError):
   """The workdir's checkpoint was written by a config with a different model."""
 
 
+# Orbax by default splits each replicated array among its replicas, slicing it with a jitted op
+# per shape: on 8 devices that compiles for seconds on the first save and blocks the loop for
+# about a second on every save. Replica 0 writes each shard instead (FSDP spreads large states
+# over processes anyway).
+ocp.type_handlers.register_type_handler(
+    jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+
+
 def make_manager(workdir: str, max_to_keep: int, async_save: bool = True) -> ocp.CheckpointManager:
-  # Orbax by default splits each replicated array among its replicas, slicing it with a jitted
-  # op per shape: on 8 devices that compiles for seconds on the first save and blocks the loop
-  # for about a second on every save. Replica 0 writes each shard instead (FSDP spreads large
-  # states over processes anyway).
-  ocp.type_handlers.register_type_handler(
-      jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                          enable_async_checkpointing=async_save,
                                          cleanup_tmp_directories=True)
+  # Handlers named up front, so a fresh manager can read a checkpoint's metadata (shapes)
+  # before restoring anything.
+  handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               options=options)
+                               options=options, item_handlers=handlers)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, data_state: dict) -> None:

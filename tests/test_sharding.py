@@ -11,21 +11,24 @@ from semflow_jax.semflow import SemFlow
 from semflow_jax.train import make_train_step
 
 
-def _run(config, devices, batches):
+def _run(config, devices, batches, initial):
+  """Train from `initial` (host arrays) on a mesh of `devices`; (state, losses, scratch bytes)."""
   mesh = parallel.make_mesh(config, devices)
   model = SemFlow.from_config(config)
   tx = state_lib.make_optimizer(config)
-  state = state_lib.create(model, tx, config, mesh)
   shardings = state_lib.shardings(model, tx, config, mesh)
+  state = jax.device_put(initial, shardings)
+  batch = parallel.to_global(batches[0], mesh)
   step = jax.jit(make_train_step(model, tx, config, mesh),
-                 out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+                 out_shardings=(shardings, parallel.replicated(mesh)),
+                 donate_argnums=0).lower(state, batch).compile()
   losses = []
   for b in batches:
     batch = parallel.to_global(b, mesh)
     assert len(batch["image"].sharding.device_set) == len(devices)
     state, metrics = step(state, batch)
     losses.append(float(metrics["loss"]))
-  return state, losses
+  return state, losses, step.memory_analysis().temp_size_in_bytes
 
 
 def _assert_same_params(params, reference, lr):
@@ -49,27 +52,37 @@ def _assert_same_params(params, reference, lr):
 
 
 @pytest.fixture(scope="module")
-def batches(tfds_dir):
+def setup(tfds_dir):
+  """5 batches, an initial state (created sharded, by state_lib.create) and a one-device run."""
   from configs import synthetic
   config = synthetic.get_config("tiny")
   config.data.tfds_data_dir = tfds_dir
+  config.train.ema_decay = 0.9
+  config.mesh.fsdp_min_size = 1024
+  config.model.channel_mult = (1,)  # one level: the same layer types, half the compile time
   builder = pipeline.get_builder(config.data)
-  return [b for _, b in zip(range(5), pipeline.train_iterator(builder, 16, seed=0))]
+  batches = [b for _, b in zip(range(5), pipeline.train_iterator(builder, 16, seed=0))]
+  config.mesh.data, config.mesh.fsdp = 4, 2
+  mesh = parallel.make_mesh(config)
+  initial = state_lib.create(SemFlow.from_config(config), state_lib.make_optimizer(config),
+                             config, mesh)
+  assert any("fsdp" in x.sharding.spec for x in jax.tree.leaves(initial.params))
+  initial = jax.device_get(initial)
+  config.mesh.data, config.mesh.fsdp = 1, 1
+  one_device = _run(config, jax.devices()[:1], batches, initial)
+  return config, batches, initial, one_device
 
 
-def test_data_parallel_and_fsdp_meshes_match_one_device(tiny_config, batches):
+def test_data_parallel_and_fsdp_meshes_match_one_device(setup):
   assert jax.device_count() == 8
-  tiny_config.train.ema_decay = 0.9
-  tiny_config.mesh.fsdp_min_size = 1024
-  tiny_config.mesh.data, tiny_config.mesh.fsdp = 1, 1
-  reference, losses_1 = _run(tiny_config, jax.devices()[:1], batches)
+  config, batches, initial, (reference, losses_1, _) = setup
   params_1 = jax.device_get(reference.params)
   assert losses_1[0] != losses_1[-1]  # the parameters really moved
-  lr = tiny_config.train.learning_rate
+  lr = config.train.learning_rate
 
   for data, fsdp in [(8, 1), (4, 2), (1, 8)]:
-    tiny_config.mesh.data, tiny_config.mesh.fsdp = data, fsdp
-    state, losses = _run(tiny_config, jax.devices(), batches)
+    config.mesh.data, config.mesh.fsdp = data, fsdp
+    state, losses, _ = _run(config, jax.devices(), batches, initial)
     np.testing.assert_allclose(losses, losses_1, rtol=1e-5)
     _assert_same_params(state.params, params_1, lr)
     _assert_same_params(state.ema_params, jax.device_get(reference.ema_params), lr)
@@ -102,28 +115,15 @@ def test_fsdp_rule_on_any_tree():
   assert rule((4096, 4096), 1, 1024) == jax.sharding.PartitionSpec()  # no fsdp axis
 
 
-def test_gradient_accumulation_matches_one_device_and_bounds_activation_memory(tiny_config,
-                                                                               batches):
-  tiny_config.train.grad_accum_steps = 4
-  tiny_config.mesh.data, tiny_config.mesh.fsdp = 1, 1
-  reference, losses_1 = _run(tiny_config, jax.devices()[:1], batches[:2])
-  tiny_config.mesh.data, tiny_config.mesh.fsdp = 2, 2
-  state, losses = _run(tiny_config, jax.devices()[:4], batches[:2])
+def test_gradient_accumulation_matches_one_device_and_bounds_activation_memory(setup):
+  config, batches, initial, (_, _, temp_full) = setup
+  config.train.grad_accum_steps = 4
+  config.mesh.data, config.mesh.fsdp = 1, 1
+  reference, losses_1, temp_accumulated = _run(config, jax.devices()[:1], batches[:2], initial)
+  config.mesh.data, config.mesh.fsdp = 2, 2
+  state, losses, _ = _run(config, jax.devices()[:4], batches[:2], initial)
   np.testing.assert_allclose(losses, losses_1, rtol=1e-5)
   _assert_same_params(state.params, jax.device_get(reference.params),
-                      tiny_config.train.learning_rate)
-
-  # The point of micro-batches: the compiled step's scratch memory shrinks with them.
-  def temp_bytes(k, batch_size):
-    tiny_config.train.grad_accum_steps = k
-    mesh = parallel.make_mesh(tiny_config, jax.devices()[:1])
-    model, tx = SemFlow.from_config(tiny_config), state_lib.make_optimizer(tiny_config)
-    sharding = parallel.batch_sharding(mesh)
-    batch = {k: jax.ShapeDtypeStruct((batch_size, *v.shape[1:]), v.dtype, sharding=sharding)
-             for k, v in batches[0].items()}
-    compiled = jax.jit(make_train_step(model, tx, tiny_config, mesh), donate_argnums=0).lower(
-        state_lib.abstract(model, tx, tiny_config, mesh), batch).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
-
-  full, accumulated = temp_bytes(1, 64), temp_bytes(8, 64)
-  assert accumulated < 0.5 * full, (accumulated, full)
+                      config.train.learning_rate)
+  # The point of micro-batches: the compiled step's scratch memory (activations) shrinks.
+  assert temp_accumulated < 0.5 * temp_full, (temp_accumulated, temp_full)
