@@ -102,6 +102,12 @@ def main(argv):
           checkpoint.IncompatibleCheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  if jax.process_count() > 1:
+    # Leave together: a process that tears down the distributed runtime while a peer is still
+    # in its last collective (or still saving) can leave that peer waiting forever.
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("semflow_jax.main finished")
+    jax.distributed.shutdown()
 
 
 if __name__ == "__main__":
