@@ -38,6 +38,16 @@ def make_manager(workdir: str, max_to_keep: int, async_save: bool = True) -> ocp
                                options=options, item_handlers=handlers)
 
 
+def wait_for_all_processes(name: str, timeout_s: int = 1800) -> None:
+  """A barrier over JAX's coordination service (no device collective), via Orbax's helper.
+
+  Before the first collective of a run: gloo gives processes only 30 s to meet there, and a
+  process that compiled more slowly (or missed the compilation cache) can be later than that.
+  """
+  if jax.process_count() > 1:
+    ocp.multihost.sync_global_processes(name, timeout=timeout_s)
+
+
 def save(manager: ocp.CheckpointManager, step: int, state, data_state: dict) -> None:
   """Collective: every process calls it at the same step (each writes its own shards)."""
   manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),

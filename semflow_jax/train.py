@@ -175,6 +175,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                       parallel.replicated(mesh)),
                        donate_argnums=0).lower(abstract_state, abstract_batch).compile()
   logging.info("train step compiled in %.1f s", time.time() - compile_start)
+  checkpoint.wait_for_all_processes("semflow_jax.train: step compiled")
 
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
   if start_step == 0 and is_main:

@@ -41,8 +41,11 @@ def _cli(workdir, tfds_dir, *extra):
           + [f"--config.{k}={v}" for k, v in OVERRIDES.items()] + list(extra))
 
 
-def _env(devices):
-  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+def _env(devices, cache=True):
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  if not cache:
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  return env
 
 
 def _logged(workdir, tag="train/loss"):
@@ -156,17 +159,26 @@ def test_two_processes_on_localhost_match_one_process(reference, tfds_dir, tmp_p
   ref_params, ref_losses, _ = reference
   workdir = str(tmp_path / "two_processes")
   address = f"127.0.0.1:{_free_port()}"
+  logs = [open(tmp_path / f"process_{i}.log", "w+") for i in range(2)]
+  # Output to files, not pipes: a process blocked on a full pipe stalls its peer's collectives.
+  # No shared compilation cache: JAX writes it from process 0 only; both should do equal work.
   procs = [subprocess.Popen(
       _cli(workdir, tfds_dir, f"--coordinator_address={address}", "--num_processes=2",
            f"--process_id={i}"),
-      cwd=REPO, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      cwd=REPO, env=_env(4, cache=False), stdout=logs[i], stderr=subprocess.STDOUT)
       for i in range(2)]
   try:
-    outputs = [p.communicate(timeout=400)[0] for p in procs]
+    for p in procs:
+      p.wait(timeout=400)
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
+  outputs = []
+  for f in logs:
+    f.seek(0)
+    outputs.append(f.read())
+    f.close()
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]
   assert "process 1/2" in outputs[1] and "mesh {'data': 8, 'fsdp': 1}" in outputs[1]
