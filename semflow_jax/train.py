@@ -105,7 +105,11 @@ class Preemption:
 
   def reached(self, step: int) -> bool:
     if self._multi:
-      return multihost_utils.reached_preemption_sync_point(step)
+      try:
+        return multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError as e:  # processes not started by jax.distributed.initialize()
+        logging.warning("no preemption service (%s): SIGTERM will not be caught", e)
+        self._multi = False
     return self.requested
 
   def close(self):
