@@ -7,9 +7,11 @@
   python -m semflow_jax.main --config=configs/synthetic.py --workdir=runs/synthetic \
       --mode=synthesize --input=mask.png --num_samples=4 --output=samples_dir
 
-Several processes (one per host, or per GPU node) run the same command. On Cloud TPU pods and
-under SLURM (srun) JAX's distributed runtime finds its peers by itself; elsewhere pass
---coordinator_address=HOST:PORT --num_processes=N --process_id=I (process 0 listens on HOST).
+Several processes (one per host, or per GPU node) run the same command. Under SLURM (srun) and
+on multi-host TPU slices that set TPU_WORKER_HOSTNAMES, jax.distributed is initialised
+automatically; --distributed=yes forces it (launch/tpu_vm.sh passes it: JAX then asks the TPU
+metadata server for its peers); elsewhere pass --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I (process 0 listens on HOST).
 """
 
 import logging as py_logging
