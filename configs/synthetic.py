@@ -54,6 +54,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.train.weight_decay = 0.0
   c.train.grad_clip = 1.0
   c.train.ema_decay = 0.0           # 0 disables EMA
+  c.train.grad_accum_steps = 1      # micro-batches per step (the global batch is unchanged)
+  c.train.skip_nonfinite = False    # True: drop a non-finite update and count it; False: stop
   c.train.log_every = 50
   c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 2
@@ -76,7 +78,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1
-  c.mesh.fsdp = 1
+  c.mesh.fsdp = 1                   # >1: params and optimiser state sharded over this axis
+  c.mesh.fsdp_min_size = 2**14      # tensors with fewer elements stay replicated
 
   if arg == "tiny":
     c.data.image_size = 16

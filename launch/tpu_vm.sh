@@ -5,8 +5,10 @@
 #       --config=configs/synthetic.py --workdir=gs://my-bucket/semflow/synthetic
 #
 # Copies this checkout to every worker, installs the locked environment (plus jax[tpu] at the
-# same version) and starts the same command on all hosts at once: on a pod, JAX's distributed
-# runtime finds its peers by itself. Extra arguments go to `python -m semflow_jax.main`.
+# same version) and starts the same command on all hosts at once. --distributed=yes makes every
+# host call jax.distributed.initialize(), which finds its peers through the TPU metadata server.
+# Maintenance events reach the run as SIGTERM: it checkpoints the current step on all hosts and
+# exits; run this script again to continue. Extra arguments go to `python -m semflow_jax.main`.
 set -euo pipefail
 : "${TPU:?set TPU to the TPU VM name}"
 : "${ZONE:?set ZONE to its zone}"
@@ -20,4 +22,4 @@ gcloud compute tpus tpu-vm ssh "$TPU" --worker=all --zone="$ZONE" $PROJECT_FLAG 
   set -e; cd $REMOTE_DIR
   python3 -m venv .venv && . .venv/bin/activate
   pip install -q -r requirements.lock && pip install -q 'jax[tpu]==$JAX_VERSION' && pip install -q --no-deps -e .
-  python -m semflow_jax.main $*"
+  python -m semflow_jax.main --distributed=yes $*"

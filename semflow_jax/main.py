@@ -6,6 +6,12 @@
       --mode=segment --input=photo.png --output=mask.png
   python -m semflow_jax.main --config=configs/synthetic.py --workdir=runs/synthetic \
       --mode=synthesize --input=mask.png --num_samples=4 --output=samples_dir
+
+Several processes (one per host, or per GPU node) run the same command. Under SLURM (srun) and
+on multi-host TPU slices that set TPU_WORKER_HOSTNAMES, jax.distributed is initialised
+automatically; --distributed=yes forces it (launch/tpu_vm.sh passes it: JAX then asks the TPU
+metadata server for its peers); elsewhere pass --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I (process 0 listens on HOST).
 """
 
 import logging as py_logging
@@ -28,7 +34,38 @@ _INPUT = flags.DEFINE_string("input", None, "segment: an image; synthesize: a la
 _OUTPUT = flags.DEFINE_string("output", None, "segment: the label map PNG to write; "
                               "synthesize: the directory to write samples into.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 4, "synthesize: how many images.")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "yes", "no"],
+                                 "jax.distributed.initialize(): auto = when SLURM (srun) or a "
+                                 "multi-host TPU slice is detected; yes = always (its own "
+                                 "cluster auto-detection, e.g. the TPU metadata server).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "Multi-process: HOST:PORT of process 0 (GPU clusters, CPUs).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: how many.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this one's index.")
 flags.mark_flags_as_required(["workdir"])
+
+
+def _cluster_detected() -> bool:
+  """Launched as one of several processes by srun or on a multi-host Cloud TPU slice."""
+  env = os.environ
+  if "SLURM_STEP_NODELIST" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+    return True
+  hosts = env.get("TPU_WORKER_HOSTNAMES") or env.get("TPU_PROCESS_ADDRESSES") or ""
+  return "," in hosts or "MEGASCALE_COORDINATOR_ADDRESS" in env
+
+
+def _initialize_distributed():
+  """jax.distributed.initialize() from the flags, or auto-detected; a no-op for one process."""
+  import jax
+  explicit = [_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value]
+  if any(v is not None for v in explicit) and any(v is None for v in explicit):
+    raise app.UsageError("--coordinator_address, --num_processes and --process_id go together")
+  if _DISTRIBUTED.value == "no" or (_DISTRIBUTED.value == "auto" and explicit[0] is None
+                                    and not _cluster_detected()):
+    return
+  # Collectives between processes on CPU devices go over gloo; accelerators ignore this.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(*explicit)
 
 
 class _QuietLibraries(py_logging.Filter):
@@ -47,8 +84,9 @@ def main(argv):
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")
   import jax
+  _initialize_distributed()
 
-  from semflow_jax import sample, evaluate, train
+  from semflow_jax import checkpoint, sample, evaluate, train
   config = _CONFIG.value
   logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(),
                jax.process_count(), jax.devices())
@@ -62,9 +100,16 @@ def main(argv):
     else:
       sample.synthesize_file(config, _WORKDIR.value, _INPUT.value, _OUTPUT.value,
                              _NUM_SAMPLES.value)
-  except (sample.InputError, FileNotFoundError) as e:  # bad input file, or no checkpoint yet
+  except (sample.InputError, FileNotFoundError,  # bad input file, or no checkpoint yet
+          checkpoint.IncompatibleCheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  if jax.process_count() > 1:
+    # Leave together: a process that tears down the distributed runtime while a peer is still
+    # in its last collective (or still saving) can leave that peer waiting forever.
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("semflow_jax.main finished")
+    jax.distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ class TrainState:
   opt_state: Any
   ema_params: Optional[Any]  # None when config.train.ema_decay == 0
   rng: jax.Array             # base key; step k uses fold_in(rng, k), so resume is exact
+  skipped: jax.Array         # updates dropped for a non-finite loss or gradient (train.skip_nonfinite)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -47,14 +48,16 @@ def _init_fn(model: SemFlow, tx: optax.GradientTransformation, config):
     if loaded is not None:  # converted weights (config.model.init_from) replace the random ones
       params = {**params, **loaded}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      ema_params=params if config.train.ema_decay > 0 else None, rng=state_rng)
+                      ema_params=params if config.train.ema_decay > 0 else None, rng=state_rng,
+                      skipped=jnp.zeros((), jnp.int32))
   return init
 
 
 def create(model: SemFlow, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
            mesh: Mesh) -> TrainState:
-  """A fresh state, created directly on the mesh; from `config.model.init_from` when set."""
-  init = jax.jit(_init_fn(model, tx, config), out_shardings=parallel.replicated(mesh))
+  """A fresh state, created directly in its sharded layout; from `config.model.init_from` (the
+  converted weights, checked against the model's shapes) when that is set."""
+  init = jax.jit(_init_fn(model, tx, config), out_shardings=shardings(model, tx, config, mesh))
   init_from = config.model.get("init_from")
   if not init_from:
     return init(jax.random.PRNGKey(config.seed))
@@ -64,11 +67,17 @@ def create(model: SemFlow, tx: optax.GradientTransformation, config: ml_collecti
   return init(jax.random.PRNGKey(config.seed), loaded)
 
 
+def shardings(model, tx, config, mesh) -> TrainState:
+  """The state's layout on `mesh`: parallel.state_shardings of its shapes."""
+  return parallel.state_shardings(jax.eval_shape(_init_fn(model, tx, config),
+                                                 jax.random.PRNGKey(0)), mesh, config)
+
+
 def abstract(model, tx, config, mesh) -> TrainState:
   """Shapes, dtypes and shardings of the state, without allocating it: the restore target."""
   shapes = jax.eval_shape(_init_fn(model, tx, config), jax.random.PRNGKey(0))
-  sharding = parallel.replicated(mesh)
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                      parallel.state_shardings(shapes, mesh, config))
 
 
 def load_params(config, workdir: str, mesh: Mesh):

@@ -1,11 +1,17 @@
 """train_and_evaluate(config, workdir): the training loop.
 
-State is created sharded on the mesh, the step is jitted with the state donated, metrics stay on
-the device until a log step, checkpoints are written asynchronously by Orbax, and re-running the
-same command resumes from the latest checkpoint. Training ends with an evaluation.
+State is created sharded on the mesh (parameters and optimiser state replicated or FSDP-sharded,
+see parallel.py), the step is compiled ahead of time with the state donated, metrics stay on the
+device until a log step, checkpoints are written asynchronously by Orbax, and re-running the
+same command resumes from the latest checkpoint. SIGTERM (TPU maintenance, SLURM, Kubernetes)
+saves a checkpoint at the current step and returns; a non-finite loss or gradient is never
+applied: it stops the run (or, with train.skip_nonfinite, is counted and skipped). Training
+ends with an evaluation.
 """
 
 import os
+import signal
+import threading
 import time
 
 import jax
@@ -15,32 +21,101 @@ import numpy as np
 import optax
 from absl import logging
 from clu import metric_writers
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from semflow_jax import checkpoint, evaluate, parallel, state as state_lib
 from semflow_jax.data import pipeline
 from semflow_jax.semflow import SemFlow
 
 
-def make_train_step(model: SemFlow, tx: optax.GradientTransformation, config):
+def make_train_step(model: SemFlow, tx: optax.GradientTransformation, config, mesh=None):
+  """(state, global batch) -> (state, metrics). With train.grad_accum_steps = k the batch is
+  split into k micro-batches whose gradients are averaged inside the step (a scan), so peak
+  activation memory is that of one micro-batch. `mesh` keeps each micro-batch spread over all
+  devices."""
   schedule = state_lib.learning_rate_schedule(config)
   ema_decay = config.train.ema_decay
+  k = config.train.get("grad_accum_steps", 1)
+
+  def loss_and_grads(params, batch, rng):
+    if k == 1:
+      return jax.value_and_grad(model.loss)(params, batch, rng)
+    # Micro-batch j holds examples j, j + k, j + 2k, ...: every device already holds its share
+    # of every micro-batch, so the split moves no data.
+    micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1),
+                         batch)
+    if mesh is not None:
+      micro = jax.lax.with_sharding_constraint(
+          micro, NamedSharding(mesh, P(None, parallel.BATCH_AXES)))
+
+    def accumulate(carry, xs):
+      j, micro_batch = xs
+      loss, grads = jax.value_and_grad(model.loss)(params, micro_batch,
+                                                   jax.random.fold_in(rng, j))
+      return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
+    return loss / k, jax.tree.map(lambda g: g / k, grads)
 
   def train_step(state: state_lib.TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
-    loss, grads = jax.value_and_grad(model.loss)(state.params, batch, rng)
+    loss, grads = loss_and_grads(state.params, batch, rng)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state.ema_params
     if ema is not None:
       # e + (1 - d)(p - e) leaves frozen parameters (p == e) bit-identical.
       ema = jax.tree.map(lambda e, p: e + (1 - ema_decay) * (p - e), ema, params)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-               "param_norm": optax.tree.norm(params), "learning_rate": schedule(state.step)}
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              ema_params=ema)
+    # A non-finite loss or gradient is never applied: the state keeps its last good values, so
+    # what the host saves or stops on is always finite.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = state.replace(
+        step=state.step + 1, params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state), ema_params=keep(ema, state.ema_params),
+        skipped=state.skipped + (1 - finite.astype(jnp.int32)))
+    metrics = {"loss": loss, "grad_norm": grad_norm, "param_norm": optax.tree.norm(params),
+               "learning_rate": schedule(state.step), "finite": finite,
+               "skipped": new_state.skipped}
     return new_state, metrics
 
   return train_step
+
+
+class Preemption:
+  """Has a stop been requested (SIGTERM) and is this the step to stop at?
+
+  One process: a SIGTERM handler sets a flag, checked after every step. Several processes: JAX's
+  preemption sync manager (started by jax.distributed.initialize) catches the signal on any host
+  and agrees with all the others on one step, so every process saves the same step
+  collectively; `reached(step)` must then be called at every step on every process.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    self._multi = jax.process_count() > 1
+    if not self._multi and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame):
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if self._multi:
+      try:
+        return multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError as e:  # processes not started by jax.distributed.initialize()
+        logging.warning("no preemption service (%s): SIGTERM will not be caught", e)
+        self._multi = False
+    return self.requested
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def _format_duration(seconds: float) -> str:
@@ -51,29 +126,40 @@ def _format_duration(seconds: float) -> str:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Train (resuming from `workdir` if it holds a checkpoint), then evaluate; returns metrics."""
+  """Train (resuming from `workdir` if it holds a checkpoint), then evaluate; returns metrics.
+
+  Returns {'step': k, 'preempted': True} without evaluating when SIGTERM stopped the run.
+  """
   t = config.train
   workdir = os.path.abspath(workdir)
   is_main = jax.process_index() == 0
-  if is_main:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
 
   mesh = parallel.make_mesh(config)
-  per_process_batch = parallel.batch_size_per_process(t.batch_size, mesh)
+  micro_batches = t.get("grad_accum_steps", 1)
+  per_process_batch = parallel.batch_size_per_process(t.batch_size, mesh, micro_batches)
   model = SemFlow.from_config(config)
   tx = state_lib.make_optimizer(config)
-  logging.info("mesh %s; global batch %d (%d per process)", dict(mesh.shape), t.batch_size,
-               per_process_batch)
+  logging.info("mesh %s; global batch %d (%d per process, %d micro-batches)", dict(mesh.shape),
+               t.batch_size, per_process_batch, micro_batches)
 
+  # Restore before writing anything: a workdir of another model is refused, never overwritten.
   manager = checkpoint.make_manager(workdir, t.keep_checkpoints)
-  restored = checkpoint.restore_latest(manager, state_lib.abstract(model, tx, config, mesh))
+  abstract_state = state_lib.abstract(model, tx, config, mesh)
+  try:
+    restored = checkpoint.restore_latest(manager, abstract_state)
+  except Exception:
+    manager.close()
+    raise
   state, data_state = restored if restored else (state_lib.create(model, tx, config, mesh), None)
   start_step = int(state.step)
-  num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  logging.info("UNet parameters: %s; starting at step %d of %d", f"{num_params:,}", start_step,
-               t.num_steps)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params["unet"]))
+  state_bytes = parallel.bytes_per_device(abstract_state, state_lib.shardings(model, tx, config,
+                                                                              mesh))
+  logging.info("UNet parameters: %s; train state %.1f MiB per device; starting at step %d of %d",
+               f"{num_params:,}", state_bytes / 2**20, start_step, t.num_steps)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
 
   builder = pipeline.get_builder(config.data)
   preprocess = pipeline.Preprocess.from_config(config.data)
@@ -84,32 +170,63 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_iter = pipeline.TrainIterator.from_state(builder, data_state, per_process_batch,
                                                    config.seed, config.data.flip,
                                                    preprocess=preprocess)
-  replicated = parallel.replicated(mesh)
-  train_step = jax.jit(make_train_step(model, tx, config),
-                       in_shardings=(replicated, parallel.batch_sharding(mesh)),
-                       out_shardings=(replicated, replicated), donate_argnums=0)
+
+  # Compile before any data is read: a sharding or shape error shows now, not at step 1.
+  batch_sharding = parallel.batch_sharding(mesh)
+  abstract_batch = {k: jax.ShapeDtypeStruct((t.batch_size, *shape[1:]), dtype,
+                                            sharding=batch_sharding)
+                    for k, (shape, dtype) in train_iter.element_spec.items()}
+  compile_start = time.time()
+  train_step = jax.jit(make_train_step(model, tx, config, mesh),
+                       out_shardings=(state_lib.shardings(model, tx, config, mesh),
+                                      parallel.replicated(mesh)),
+                       donate_argnums=0).lower(abstract_state, abstract_batch).compile()
+  logging.info("train step compiled in %.1f s", time.time() - compile_start)
+  checkpoint.wait_for_all_processes("semflow_jax.train: step compiled")
 
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
   if start_step == 0 and is_main:
     writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()
                           if isinstance(v, (int, float, str, bool))})
 
-  pending, last_log_time, last_log_step = [], time.time(), start_step
+  pending = []  # (step, metrics on the device) since the last host check
+  last_log_time, last_log_step = time.time(), start_step
+
+  def check_pending():
+    """Fetch pending metrics; stop on a non-finite step unless skipping is allowed."""
+    nonlocal pending
+    if not pending:
+      return None
+    steps = [s for s, _ in pending]
+    fetched = jax.device_get([m for _, m in pending])
+    pending = []
+    bad = [s for s, m in zip(steps, fetched) if not m["finite"]]
+    if bad and not t.get("skip_nonfinite", False):
+      first = fetched[steps.index(bad[0])]
+      raise FloatingPointError(
+          f"non-finite loss ({first['loss']}) or gradient norm ({first['grad_norm']}) at step "
+          f"{bad[0]}; the update was not applied and no checkpoint was written after it. The last "
+          f"good checkpoint is kept in {manager.directory} (set train.skip_nonfinite=True to skip "
+          "such steps instead)")
+    if bad:
+      logging.warning("skipped non-finite update(s) at step(s) %s", bad)
+    return steps, fetched
+
+  preemption = Preemption()
   try:
     for step in range(start_step + 1, t.num_steps + 1):
       batch = parallel.to_global(next(train_iter), mesh)
       state, step_metrics = train_step(state, batch)
-      pending.append(step_metrics)
+      pending.append((step, step_metrics))
+      stop = preemption.reached(step)
 
-      if step % t.log_every == 0 or step == t.num_steps:
+      if step % t.log_every == 0 or step == t.num_steps or stop:
         # One host transfer per log interval, not per step.
-        logged = {k: float(np.mean(v)) for k, v in
-                  jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *pending)).items()}
-        pending = []
-        if not np.isfinite(logged["loss"]) or not np.isfinite(logged["grad_norm"]):
-          raise FloatingPointError(
-              f"non-finite loss {logged['loss']} or grad norm {logged['grad_norm']} by step {step}; "
-              f"the last good checkpoint is kept in {manager.directory}")
+        steps, fetched = check_pending()
+        logged = {k: float(np.mean([m[k] for m in fetched if m["finite"]] or [np.nan]))
+                  for k in ("loss", "grad_norm", "param_norm")}
+        logged["learning_rate"] = float(fetched[-1]["learning_rate"])
+        logged["skipped_steps"] = int(fetched[-1]["skipped"])
         now = time.time()
         steps_per_sec = (step - last_log_step) / (now - last_log_time)
         last_log_time, last_log_step = now, step
@@ -121,16 +238,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      logged["learning_rate"], steps_per_sec,
                      _format_duration((t.num_steps - step) / max(steps_per_sec, 1e-9)))
 
-      if step % t.checkpoint_every == 0 or step == t.num_steps:
+      if step % t.checkpoint_every == 0 or step == t.num_steps or stop:
+        check_pending()  # never save after a step that must stop the run
         checkpoint.save(manager, step, state, train_iter.state())
+
+      if stop:
+        logging.warning("preemption (SIGTERM): saved step %d in %s; re-run the same command to "
+                        "continue", step, manager.directory)
+        break
 
       if (t.eval_every and step % t.eval_every == 0) and step != t.num_steps:
         evaluate.run(model, _eval_params(state), builder, config, mesh, step, workdir, writer)
   finally:
+    preemption.close()
     # Also on Ctrl-C or an error: let in-flight asynchronous saves complete.
     manager.wait_until_finished()
     manager.close()
   final = int(state.step)
+  if final < t.num_steps:
+    writer.close()
+    return {"step": final, "preempted": True}
   result = evaluate.run(model, _eval_params(state), builder, config, mesh, final, workdir, writer)
   writer.close()
   return result

@@ -1,10 +1,19 @@
 """Fake 8 CPU devices before JAX is imported anywhere, and share small fixtures."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One persistent compilation cache for this session, inherited by the subprocesses the tests
+# start: the same tiny train step is compiled once, not once per process.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="semflow_jax_test_cache_")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
 
 import pytest  # noqa: E402
 

@@ -3,14 +3,18 @@
 The training stream is a pure function of (seed, position): epoch e is shuffled with a seed
 derived from (seed, e) and every crop and flip draws from a stateless seed of (seed, e, index),
 so the iterator's whole state is the number of batches it has handed out. `TrainIterator.state()`
-is that number (with the batch size and seed it refers to); it goes into every checkpoint, and a
-resumed run rebuilds the stream at the next unseen batch. Evaluation pads the last batch with
-masked examples so every example counts once on any number of processes.
+is that number (with the global batch size and seed it refers to); it goes into every
+checkpoint, and a resumed run rebuilds the stream at the next unseen batch. The stream of global
+batches does not depend on the number of processes: every process walks the same shuffled order
+of (still encoded) examples and decodes, crops and resizes only its own rows of each global
+batch, so a run on 2 hosts sees exactly the batches a run on 1 host sees. Evaluation reads a
+disjoint part of the split per process and pads the last batch with masked examples so every
+example counts once on any number of processes.
 
 Examples are cached and shuffled still encoded (the JPEG/PNG bytes tfds stores) and decoded,
-cropped and resized after the shuffle, in parallel. A process therefore holds its slice of the
-training split in memory at its encoded size (COCO-Stuff train: about 19 GB over all
-processes, Cityscapes 7 GB, CelebAMask-HQ 2 GB), and skipping to a resume position decodes
+cropped and resized after the shuffle, in parallel. Every process therefore holds the training
+split in memory at its encoded size (COCO-Stuff train: about 19 GB, Cityscapes 7 GB,
+CelebAMask-HQ 2 GB; a TPU VM host has 100+ GB), and skipping to a resume position decodes
 nothing.
 
 `Preprocess` (from config.data) says how stored examples become model-sized; the default
@@ -191,36 +195,50 @@ def _transform(example, seed, preprocess: Preprocess, flip: bool):
 class TrainIterator:
   """Endless per-process numpy batches {'image', 'label'} with a checkpointable position.
 
+  `batch_size` is this process's share; the global batch is batch_size x process count.
   `preprocess` crops and resizes (default: stored size); `keys` picks the features returned.
   """
 
   def __init__(self, builder, batch_size: int, seed: int, position: int = 0, flip: bool = True,
                *, preprocess: Optional[Preprocess] = None, keys=("image", "label")):
     self.batch_size, self.seed, self.position = batch_size, seed, position
-    self._batches = _train_dataset(builder, batch_size, seed, position, flip,
-                                   preprocess or Preprocess(), tuple(keys)).as_numpy_iterator()
+    self.global_batch_size = batch_size * jax.process_count()
+    self._dataset = _train_dataset(builder, batch_size, seed, position, flip,
+                                   preprocess or Preprocess(), tuple(keys))
+    self._batches = None  # started on the first next(): nothing is read before it is needed
+
+  @property
+  def element_spec(self) -> dict:
+    """{key: (per-process batch shape, numpy dtype)}, known before any data is read."""
+    return {k: (tuple(v.shape), v.dtype.as_numpy_dtype)
+            for k, v in self._dataset.element_spec.items()}
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict:
+    if self._batches is None:
+      self._batches = self._dataset.as_numpy_iterator()
     batch = next(self._batches)
     self.position += 1
     return batch
 
   def state(self) -> dict:
-    """JSON-able; `position` counts the batches this iterator has returned."""
-    return {"position": self.position, "batch_size": self.batch_size, "seed": self.seed}
+    """JSON-able; `position` counts the (global) batches this iterator has returned."""
+    return {"position": self.position, "global_batch_size": self.global_batch_size,
+            "seed": self.seed}
 
   @classmethod
   def from_state(cls, builder, state: dict, batch_size: int, seed: int, flip: bool = True,
                  **kwargs):
     """The iterator continuing at the next unseen batch of a checkpointed `state`."""
-    if (state["batch_size"], state["seed"]) != (batch_size, seed):
+    global_batch = batch_size * jax.process_count()
+    saved = (state.get("global_batch_size"), state.get("seed"))
+    if saved != (global_batch, seed):
       raise ValueError(
-          f"the checkpointed data stream has per-process batch {state['batch_size']} and seed "
-          f"{state['seed']}, this config has {batch_size} and {seed}; resuming would repeat or "
-          "skip data (start a new workdir to change them)")
+          f"the checkpointed data stream has global batch {saved[0]} and seed {saved[1]}, this "
+          f"config has {global_batch} and {seed}; resuming would repeat or skip data (start a "
+          "new workdir to change them)")
     return cls(builder, batch_size, seed, state["position"], flip, **kwargs)
 
 
@@ -231,37 +249,43 @@ def train_iterator(builder, batch_size: int, seed: int, start_step: int = 0,
 
 
 def process_split(split: str) -> str:
-  """This process's part of `split`: disjoint across processes, together all of it.
-
-  Parts differ by at most one example (no example is dropped); every process still yields a
-  batch per step because the training stream is endless.
-  """
+  """This process's part of `split`: disjoint across processes, together all of it (evaluation
+  and statistics; the training stream instead splits every global batch, see the docstring)."""
   return tfds.split_for_jax_process(split, process_index=jax.process_index(),
                                     process_count=jax.process_count(), drop_remainder=False)
 
 
 def _train_dataset(builder, batch_size: int, seed: int, position: int, flip: bool,
                    preprocess: Preprocess, keys):
-  base = _load(builder, process_split("train"), keys, decode=False).cache()
+  process, processes = jax.process_index(), jax.process_count()
+  global_batch = batch_size * processes
+  base = _load(builder, "train", keys, decode=False).cache()
   num_examples = int(base.cardinality())
-  if num_examples < batch_size:
-    raise ValueError(f"train split has {num_examples} examples per process, fewer than the "
-                     f"per-process batch {batch_size}")
-  epoch, offset = divmod(position * batch_size, num_examples)
-  seed = seed + 7919 * jax.process_index()
+  if num_examples < global_batch:
+    raise ValueError(f"train split has {num_examples} examples, fewer than the global batch "
+                     f"{global_batch}")
+  epoch, offset = divmod(position * global_batch, num_examples)
 
   def one_epoch(e):
     shuffled = base.shuffle(num_examples, seed=seed * 1_000_003 + e,
                             reshuffle_each_iteration=False)
     return shuffled.enumerate().map(lambda i, ex: (e, i, ex))
 
+  ds = tf.data.Dataset.range(epoch, np.iinfo(np.int64).max).flat_map(one_epoch).skip(offset)
+  if processes > 1:
+    # Global batches start at a multiple of global_batch (offset is one), so example j of the
+    # stream is row j % global_batch; this process owns rows [process, process + 1) x batch.
+    ds = ds.enumerate().filter(
+        lambda j, item: (j // batch_size) % processes == process).map(lambda j, item: item)
+
   decode = _decoder(builder, keys)
 
   def prepare(e, i, ex):
+    # Crop and flip seeds depend on the example's place in the global stream only, so every
+    # process count produces the same global batches.
     example_seed = tf.stack([tf.cast(seed, tf.int64) * 1_000_003 + e, i])
     return _transform(decode(ex), example_seed, preprocess, flip)
 
-  ds = tf.data.Dataset.range(epoch, np.iinfo(np.int64).max).flat_map(one_epoch).skip(offset)
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)  # ordered: deterministic
   return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
