@@ -40,6 +40,8 @@ def recipe(*, name: str, num_classes: int, image_size, crop: str, learning_rate:
   c.train.warmup_steps = 500
   c.train.weight_decay = 1e-2
   c.train.grad_clip = 1.0
+  c.train.grad_accum_steps = 1      # micro-batches per step (the global batch is unchanged)
+  c.train.skip_nonfinite = False    # True: drop a non-finite update and count it; False: stop
   c.train.ema_decay = 0.0
   c.train.log_every = 100
   c.train.checkpoint_every = 2000
@@ -64,6 +66,7 @@ def recipe(*, name: str, num_classes: int, image_size, crop: str, learning_rate:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1
   c.mesh.fsdp = 1
+  c.mesh.fsdp_min_size = 2**14      # tensors with fewer elements stay replicated
   return c
 
 

@@ -227,7 +227,7 @@ def test_a_workdir_of_another_model_is_refused_and_left_untouched(reference, tfd
                                                        recursive=True)}
   config = _config(tfds_dir, **{"model.base_channels": 8})
   with pytest.raises(checkpoint.IncompatibleCheckpointError,
-                     match=r"parameter params/conv_in/bias has shape \(16,\) in the "
+                     match=r"parameter params/unet/conv_in/bias has shape \(16,\) in the "
                            r"checkpoint, \(8,\) in this config"):
     train.train_and_evaluate(config, workdir)
   after = {p: os.path.getmtime(p) for p in glob.glob(os.path.join(workdir, "**"),
@@ -238,5 +238,5 @@ def test_a_workdir_of_another_model_is_refused_and_left_untouched(reference, tfd
                         env=_env(1), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2, proc.stderr[-2000:]
   errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-  assert len(errors) == 1 and "params/conv_in/bias" in errors[0], proc.stderr[-2000:]
+  assert len(errors) == 1 and "params/unet/conv_in/bias" in errors[0], proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
