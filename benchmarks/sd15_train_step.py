@@ -13,7 +13,10 @@ so that its peak RSS is its own:
 - `grad`: loss and gradients (forward + backward), timed, with the process's peak RSS.
 - `update`: gradient clipping + AdamW update of 860M parameters, timed (same for every variant).
 
-The full step time is grad + update. Weights are random (N(0, 0.02)), which does not change the
+The full step time is grad + update. XLA:CPU's default (concurrency-optimised) scheduler runs
+remat's recomputation early, so remat saves no memory on CPU with it; run with
+`XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false` for the memory-minimising
+scheduler, under which remat behaves as on accelerators (benchmarks/RESULTS.md). Weights are random (N(0, 0.02)), which does not change the
 work done. Latents are random too: the frozen VAE is not part of the UNet step.
 """
 
