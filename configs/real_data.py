@@ -8,7 +8,7 @@ data.image_size; the model section is configs/sd15.py's `model_config()`.
 import ml_collections
 from ml_collections import config_dict
 
-from configs import sd15
+from configs import sd15, synthetic
 
 DEVICES_IN_REFERENCE = 8  # the reference recipes: batch 16 per device on 8 devices
 
@@ -16,8 +16,9 @@ DEVICES_IN_REFERENCE = 8  # the reference recipes: batch 16 per device on 8 devi
 def recipe(*, name: str, num_classes: int, image_size, crop: str, learning_rate: float,
            num_steps: int) -> ml_collections.ConfigDict:
   """A full-size reference recipe: SD-1.5 UNet and VAE, AdamW, batch 16 per device."""
-  c = ml_collections.ConfigDict()
-  c.seed = 0
+  # Start from the default config so every train / eval / sample / mesh key exists here too
+  # (command-line overrides work the same everywhere); only the values differ.
+  c = synthetic.get_config()
 
   c.data = ml_collections.ConfigDict()
   c.data.name = name
@@ -33,40 +34,15 @@ def recipe(*, name: str, num_classes: int, image_size, crop: str, learning_rate:
   # UNet's keys are there too, for the `:local` variant.
   c.model = sd15.model_config()
 
-  c.train = ml_collections.ConfigDict()
   c.train.num_steps = num_steps
   c.train.batch_size = 16 * DEVICES_IN_REFERENCE  # global; scale with the device count
   c.train.learning_rate = learning_rate
   c.train.warmup_steps = 500
   c.train.weight_decay = 1e-2
-  c.train.grad_clip = 1.0
-  c.train.grad_accum_steps = 1      # micro-batches per step (the global batch is unchanged)
-  c.train.skip_nonfinite = False    # True: drop a non-finite update and count it; False: stop
-  c.train.ema_decay = 0.0
   c.train.log_every = 100
   c.train.checkpoint_every = 2000
   c.train.keep_checkpoints = 3
-  c.train.eval_every = 0
-
-  c.eval = ml_collections.ConfigDict()
-  c.eval.num_examples = -1
   c.eval.batch_size = 64
-  c.eval.seg_steps = (1, 25)
-  c.eval.synth_steps = 25
-  c.eval.method = "euler"
-  c.eval.colour_fit_examples = 1000
-  c.eval.num_sample_images = 8
-
-  c.sample = ml_collections.ConfigDict()
-  c.sample.seg_steps = 25
-  c.sample.synth_steps = 25
-  c.sample.method = "euler"
-  c.sample.seed = 0
-
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1
-  c.mesh.fsdp = 1
-  c.mesh.fsdp_min_size = 2**14      # tensors with fewer elements stay replicated
   return c
 
 
