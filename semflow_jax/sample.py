@@ -5,7 +5,6 @@ maps) and outputs come back at the input's size. Bad input raises `InputError`, 
 message names the file and the problem.
 """
 
-import functools
 import os
 
 import jax
@@ -16,6 +15,7 @@ from absl import logging
 from PIL import Image, UnidentifiedImageError
 
 from semflow_jax import anchors, images, parallel, state
+from semflow_jax.programs import Programs
 from semflow_jax.semflow import SemFlow
 
 
@@ -83,7 +83,7 @@ def segment_file(config: ml_collections.ConfigDict, workdir: str, input_path: st
   image = read_image(input_path)
   model, params = _load(config, workdir)
   s = config.sample
-  segment = jax.jit(functools.partial(model.segment, steps=s.seg_steps, method=s.method))
+  segment = Programs(model).segment(s.seg_steps, s.method)
   labels = np.asarray(segment(params, _resize(image, model.image_size, Image.BICUBIC)[None]))[0]
   labels = _resize(labels.astype(np.uint8), image.shape[:2], Image.NEAREST)
   images.write_png(output_path, labels)
@@ -102,7 +102,7 @@ def synthesize_file(config: ml_collections.ConfigDict, workdir: str, input_path:
   labels = read_label_map(input_path, config.data.num_classes)
   model, params = _load(config, workdir)
   s = config.sample
-  synthesize = jax.jit(functools.partial(model.synthesize, steps=s.synth_steps, method=s.method))
+  synthesize = Programs(model).synthesize(s.synth_steps, s.method)
   small = _resize(labels, model.image_size, Image.NEAREST)
   batch = jnp.broadcast_to(jnp.asarray(small)[None], (num_samples, *small.shape))
   out = np.asarray(anchors.from_unit_range(synthesize(params, batch, jax.random.PRNGKey(s.seed))))
