@@ -4,14 +4,18 @@ split computed once and cached, LPIPS distances, and the two diversity scores pa
   params = convert_eval_nets.load_inception(config.eval.fid_weights)
   extractor = perceptual.InceptionFeatures(params, mesh)
   ref_mu, ref_sigma = perceptual.reference_statistics(real_batches, extractor, cache_path, key)
-  mu, sigma = perceptual.statistics_of(synth_batches, extractor)
+  mu, sigma, _ = perceptual.statistics_of(synth_batches, extractor)
   fid = metrics.frechet_distance(mu, sigma, ref_mu, ref_sigma)
 
-Batches are per-process uint8 images (B, H, W, 3), or dicts with "image" and an optional
-per-example "mask" (0 = padding), as `pipeline.eval_batches` yields them; each process passes
-its own slice and every process gets the features of the whole global batch back (padding
-removed), so statistics are the same on 1 and N processes. Synthesised images are quantised to
-uint8 first (as the files pytorch-fid reads would be).
+Two ways in, one compiled program each:
+- on the device: `extractor.device(images)` / `lpips.device(a, b)` take batch-sharded global
+  uint8 arrays (as evaluation already holds them) and return batch-sharded results, without a
+  trip through the host; `local_rows` of the result are this process's examples.
+- from the host: `extractor(images, mask)` etc. take this process's uint8 numpy batch (B, H, W, 3)
+  and an optional per-example mask (0 = padding); batches may also be dicts with "image" and
+  "mask", as `pipeline.eval_batches` yields them. Every process gets the rows of the whole
+  global batch back, padding removed, so statistics are the same on 1 and N processes.
+Images are uint8: syntheses are quantised first, as the files pytorch-fid and lpips read are.
 
 The cache is an .npz with pytorch-fid's keys (`mu`, `sigma`, float64), so statistics computed
 by `python -m pytorch_fid --save-stats` can be used as the reference, and ours read by it; it
@@ -28,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from semflow_jax import parallel, storage
 from semflow_jax.models import inception as inception_lib
@@ -47,16 +52,18 @@ def _local_batch(batch) -> Tuple[np.ndarray, np.ndarray]:
 
 
 class _ShardedNet:
-  """A network's params replicated on the mesh and one jitted program over batch-sharded inputs
-  whose output is replicated (so every process can read the whole global batch)."""
+  """A network's params replicated on the mesh and one jitted program from batch-sharded global
+  arrays to batch-sharded results."""
 
   def __init__(self, params, mesh, fn, device_params=None):
     self.mesh = mesh
     self.params = (jax.device_put(params, parallel.replicated(mesh)) if device_params is None
                    else device_params)
-    self.program = jax.jit(lambda p, mask, *x: (fn(p, *x), mask),
-                           out_shardings=parallel.replicated(mesh))
+    self.program = jax.jit(fn, out_shardings=parallel.batch_sharding(mesh))
     self._local_size = 0
+
+  def device(self, *global_arrays: jax.Array) -> jax.Array:
+    return self.program(self.params, *global_arrays)
 
   def run(self, *arrays: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Per-process arrays (leading batch dim) -> host output rows of the valid global examples."""
@@ -69,8 +76,15 @@ class _ShardedNet:
       arrays = [np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)]) for a in arrays]
       mask = np.concatenate([mask, np.zeros(pad, bool)])
     batch = parallel.to_global({"x": tuple(arrays), "mask": mask}, self.mesh)
-    out, keep = self.program(self.params, batch["mask"], *batch["x"])
-    return np.asarray(out)[np.asarray(keep)]
+    out = self.device(*batch["x"])
+    return np.asarray(_all_rows(out))[np.asarray(_all_rows(batch["mask"]))]
+
+
+def _all_rows(x: jax.Array) -> np.ndarray:
+  """Every row of a batch-sharded global array, on every process."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 class InceptionFeatures:
@@ -80,6 +94,10 @@ class InceptionFeatures:
     self.module = inception_lib.InceptionV3(precision)
     module = self.module
     self._net = _ShardedNet(params, mesh, lambda p, x: inception_lib.features(p, x, module))
+
+  def device(self, images: jax.Array) -> jax.Array:
+    """Global uint8 (B, H, W, 3), batch-sharded -> float32 (B, 2048), batch-sharded."""
+    return self._net.device(images)
 
   def __call__(self, images: np.ndarray, mask: Optional[np.ndarray] = None) -> np.ndarray:
     """Per-process uint8 (B, H, W, 3) [+ mask] -> float32 (valid examples of the global batch,
@@ -183,6 +201,14 @@ class LpipsDistances:
 
     self._between = _ShardedNet(params, mesh, between)
     self._all_pairs = _ShardedNet(None, mesh, all_pairs, device_params=self._between.params)
+
+  def device(self, images_a: jax.Array, images_b: jax.Array) -> jax.Array:
+    """Global uint8 (B, H, W, 3) pairs, batch-sharded -> float32 (B,) distances, batch-sharded."""
+    return self._between.device(images_a, images_b)
+
+  def device_all_pairs(self, images: jax.Array) -> jax.Array:
+    """Global uint8 (B, n, H, W, 3), batch-sharded -> (B, n (n - 1) / 2), batch-sharded."""
+    return self._all_pairs.device(images)
 
   def between(self, images_a: np.ndarray, images_b: np.ndarray,
               mask: Optional[np.ndarray] = None) -> np.ndarray:

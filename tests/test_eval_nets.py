@@ -10,8 +10,10 @@ layout, and the LPIPS heads are the real v0.1 weights shipped in the lpips packa
 """
 
 import importlib.metadata
+import json
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from jax.sharding import Mesh
 
-from semflow_jax import convert_eval_nets, perceptual
+from semflow_jax import convert_eval_nets, parallel, perceptual
 from semflow_jax.convert import ConversionError
 from semflow_jax.models import inception, lpips
 
@@ -241,13 +243,15 @@ def test_resize_is_pytorch_bilinear_without_antialiasing(size_in):
 
 def test_running_statistics_equal_numpy_mean_and_covariance():
   rng = np.random.default_rng(2)
-  acts = rng.gamma(2.0, 1.0, size=(37, 6)) + 1e3  # far from zero: the covariance must survive
-  running = inception.RunningStatistics(dim=6)
-  for chunk in np.array_split(acts, [5, 6, 20]):
+  acts = rng.gamma(2.0, 0.2, size=(37, 6)) + 3.0  # pool3-like: positive, mean well above spread
+  running, other = inception.RunningStatistics(dim=6), inception.RunningStatistics(dim=6)
+  for chunk in np.array_split(acts[:20], [5, 6]):
     running.update(chunk)
+  other.update(acts[20:])  # e.g. another process's examples
+  running.merge(other)
   mu, sigma = running.result()
   np.testing.assert_allclose(mu, acts.mean(0), rtol=1e-12)
-  np.testing.assert_allclose(sigma, np.cov(acts, rowvar=False), rtol=1e-9, atol=1e-12)
+  np.testing.assert_allclose(sigma, np.cov(acts, rowvar=False), rtol=1e-9)
   assert running.count == 37
   with pytest.raises(ValueError, match="at least 2"):
     inception.RunningStatistics(dim=6).result()
@@ -400,6 +404,12 @@ def test_lpips_matches_the_lpips_forward_with_real_heads(lpips_files, lpips_net)
   # Masked (padding) examples are dropped.
   np.testing.assert_allclose(scorer.between(base, other, mask=np.array([1, 0, 1])),
                              reference[[0, 2]], rtol=1e-4)
+  # On the device: batch-sharded global arrays in, batch-sharded distances out.
+  batch = parallel.to_global({"a": np.concatenate([base, base[:1]]),
+                              "b": np.concatenate([other, other[:1]])}, _mesh(4))
+  distances = scorer.device(batch["a"], batch["b"])
+  assert distances.sharding.is_equivalent_to(batch["a"].sharding, 1)
+  np.testing.assert_allclose(np.asarray(distances)[:3], reference, rtol=1e-4)
 
 
 def test_diversity_scores_against_the_reference(lpips_files, lpips_net):
@@ -472,3 +482,63 @@ def test_converters_import_beside_the_main_program():
                          "semflow_jax.convert_eval_nets"], cwd=REPO, capture_output=True,
                         text=True, env={**os.environ, "XLA_FLAGS": ""}, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+_TWO_PROCESS_WORKER = """
+import json, sys
+import jax
+import numpy as np
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from jax.sharding import Mesh
+from semflow_jax import perceptual
+from tests.test_eval_nets import lpips_case
+p = jax.process_index()
+params, a, b, mask = lpips_case()
+mesh = Mesh(np.asarray(jax.devices()).reshape(-1, 1), ("data", "fsdp"))
+rows = slice(2 * p, 2 * p + 2)  # process p's slice of the split; its last example is padding
+print("RESULT", json.dumps(perceptual.LpipsDistances(params, mesh).between(
+    a[rows], b[rows], mask[rows]).tolist()), flush=True)
+"""
+
+
+def lpips_case():
+  """Random LPIPS weights and 4 image pairs, the last one padding (same in every process)."""
+  rng = np.random.default_rng(8)
+  params = jax.tree.map(lambda s: (0.05 * rng.normal(size=s.shape)).astype(np.float32),
+                        lpips.abstract_params())
+  a, b = rng.integers(0, 256, size=(2, 4, 40, 40, 3), dtype=np.uint8)
+  return params, a, b, np.array([True, True, True, False])
+
+
+def test_two_processes_get_the_whole_global_batch(tmp_path):
+  """Each process passes its own examples and gets every valid example's distance back."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    address = f"127.0.0.1:{s.getsockname()[1]}"
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+         "JAX_PLATFORMS": "cpu"}
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)  # written by process 0 only; keep the work equal
+  logs = [open(tmp_path / f"process_{i}.log", "w+") for i in range(2)]  # files: no pipe stalls
+  procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESS_WORKER, address, str(i)],
+                            cwd=REPO, env=env, stdout=logs[i], stderr=subprocess.STDOUT)
+           for i in range(2)]
+  try:
+    for p in procs:
+      p.wait(timeout=300)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  outputs = []
+  for f in logs:
+    f.seek(0)
+    outputs.append(f.read())
+    f.close()
+  params, a, b, mask = lpips_case()
+  expected = perceptual.LpipsDistances(params, _mesh(4)).between(a, b, mask)
+  assert expected.shape == (3,)
+  for proc, out in zip(procs, outputs):
+    assert proc.returncode == 0, out[-3000:]
+    line = [l for l in out.splitlines() if l.startswith("RESULT ")][-1]
+    np.testing.assert_allclose(json.loads(line[len("RESULT "):]), expected, rtol=1e-6)

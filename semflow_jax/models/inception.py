@@ -289,32 +289,32 @@ def statistics(activations) -> Tuple[np.ndarray, np.ndarray]:
 class RunningStatistics:
   """(mu, sigma) of activations seen in batches, in float64, without keeping them all.
 
-  Sums are taken around a shift (the first batch's mean) so that the covariance does not lose
-  precision to the mean when the features are far from zero. Equals `statistics` of all the
-  batches concatenated (to float64 rounding).
+  Keeps the count, the sum and the sum of outer products, so partial statistics (e.g. one per
+  process) add up: `merge` them, or sum `count`, `sum` and `outer` yourself. Equals
+  `statistics` of all the batches concatenated to float64 rounding (pool3 features are O(1)
+  with O(1) spread, so E[xx^T] - mu mu^T loses nothing that float32 features had).
   """
 
   def __init__(self, dim: int = FEATURES):
     self.dim = dim
     self.count = 0
-    self._shift = None
-    self._sum = np.zeros(dim, np.float64)
-    self._outer = np.zeros((dim, dim), np.float64)
+    self.sum = np.zeros(dim, np.float64)
+    self.outer = np.zeros((dim, dim), np.float64)
 
   def update(self, activations: Sequence) -> None:
     a = np.asarray(activations, np.float64).reshape(-1, self.dim)
-    if not len(a):
-      return
-    if self._shift is None:
-      self._shift = a.mean(axis=0)
-    a = a - self._shift
     self.count += len(a)
-    self._sum += a.sum(axis=0)
-    self._outer += a.T @ a
+    self.sum += a.sum(axis=0)
+    self.outer += a.T @ a
+
+  def merge(self, other: "RunningStatistics") -> None:
+    self.count += other.count
+    self.sum += other.sum
+    self.outer += other.outer
 
   def result(self) -> Tuple[np.ndarray, np.ndarray]:
     if self.count < 2:
       raise ValueError(f"FID statistics need at least 2 images, got {self.count}")
-    mean = self._sum / self.count
-    sigma = (self._outer - self.count * np.outer(mean, mean)) / (self.count - 1)
-    return mean + self._shift, sigma
+    mean = self.sum / self.count
+    sigma = (self.outer - self.count * np.outer(mean, mean)) / (self.count - 1)
+    return mean, sigma
