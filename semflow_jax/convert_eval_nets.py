@@ -50,7 +50,7 @@ LPIPS = "lpips"
 INCEPTION_SHA256_PREFIX = "6726825d"
 
 
-# -- state dicts -> params (pure) -------------------------------------------------------------------
+# -- state dicts -> params (pure) ------------------------------------------------------------------
 def _drop(state_dict: Dict[str, np.ndarray], unused) -> Dict[str, np.ndarray]:
   return {k: v for k, v in state_dict.items() if not unused(k)}
 
@@ -79,7 +79,7 @@ def lpips_params(trunk: Dict[str, np.ndarray], heads: Dict[str, np.ndarray],
   return params
 
 
-# -- files ------------------------------------------------------------------------------------------
+# -- files -----------------------------------------------------------------------------------------
 def _sha256(path: str) -> str:
   return hashlib.sha256(storage.read_bytes(path)).hexdigest()
 

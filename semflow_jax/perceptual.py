@@ -170,7 +170,7 @@ def reference_statistics(batches: Iterable, extractor: InceptionFeatures, cache_
   return mu, sigma
 
 
-# -- LPIPS ------------------------------------------------------------------------------------------
+# -- LPIPS -----------------------------------------------------------------------------------------
 def pair_indices(n: int) -> Tuple[np.ndarray, np.ndarray]:
   """(i, j) with i < j over n items, in row-major order: n (n - 1) / 2 pairs."""
   return np.triu_indices(n, k=1)

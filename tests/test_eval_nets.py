@@ -44,7 +44,7 @@ def _mesh(n):
   return Mesh(np.asarray(jax.devices()[:n]).reshape(n, 1), ("data", "fsdp"))
 
 
-# -- pytorch-fid's FID InceptionV3, independently ---------------------------------------------------
+# -- pytorch-fid's FID InceptionV3, independently --------------------------------------------------
 class TorchFidInception:
   """pytorch-fid's `InceptionV3(output_blocks=[3])` forward over a state dict, in torch.
 
@@ -219,7 +219,8 @@ def test_fid_inception_is_exactly_the_architecture_in_float64(fid_net):
   rng = np.random.default_rng(6)  # 299x299: the resize is the identity in both
   images = np.clip(np.kron(rng.uniform(0, 255, size=(2, 23, 23, 3)), np.ones((1, 13, 13, 1))) +
                    rng.normal(0, 12, size=(2, 299, 299, 3)), 0, 255).astype(np.uint8)
-  weights = {k: v.double() if v.is_floating_point() else v for k, v in fid_net["state_dict"].items()}
+  weights = {k: v.double() if v.is_floating_point() else v
+             for k, v in fid_net["state_dict"].items()}
   reference = TorchFidInception(weights)(images, dtype=torch.float64)
   params = convert_eval_nets.inception_params({k: v.numpy() for k, v in weights.items()})
   with jax.enable_x64(True):
@@ -286,7 +287,8 @@ def test_reference_statistics_are_cached_and_checked(fid_net, fid_extractor, tmp
   np.testing.assert_array_equal(cached_mu, mu)
   np.testing.assert_array_equal(cached_sigma, sigma)
   with pytest.raises(ValueError, match="celeba_val.npz: cached FID statistics are of"):
-    perceptual.reference_statistics(must_not_run(), extractor, cache, dict(description, split="train"))
+    perceptual.reference_statistics(must_not_run(), extractor, cache,
+                                    dict(description, split="train"))
   # A pytorch-fid --save-stats file (mu and sigma only) is accepted as the reference.
   np.savez(str(tmp_path / "pytorch_fid.npz"), mu=mu, sigma=sigma)
   theirs, _ = perceptual.reference_statistics(must_not_run(), extractor,
@@ -332,7 +334,7 @@ def test_converted_inception_round_trips_and_loader_checks(fid_net, fid_params, 
     convert_eval_nets.load_lpips(output)
 
 
-# -- LPIPS ------------------------------------------------------------------------------------------
+# -- LPIPS -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def lpips_files(tmp_path_factory):
   """Random AlexNet in torchvision's layout; the real v0.1 heads from the lpips package."""

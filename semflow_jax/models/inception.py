@@ -39,7 +39,7 @@ Precision = Union[None, str, jax.lax.Precision]
 _Pad = Union[int, Tuple[int, int]]
 
 
-# -- input: pytorch-fid's resize and normalisation --------------------------------------------------
+# -- input: pytorch-fid's resize and normalisation -------------------------------------------------
 @functools.lru_cache(maxsize=32)
 def bilinear_matrix(size_in: int, size_out: int) -> np.ndarray:
   """(size_out, size_in) weights of PyTorch's bilinear resize along one axis.
@@ -236,7 +236,7 @@ class FIDInceptionE(nn.Module):
     return jnp.concatenate([b1, b3, bd, bp], axis=-1)
 
 
-# -- the network ------------------------------------------------------------------------------------
+# -- the network -----------------------------------------------------------------------------------
 class InceptionV3(nn.Module):
   """pytorch-fid's InceptionV3 up to pool3: (B, H, W, 3) in [-1, 1] -> (B, 2048).
 
