@@ -124,13 +124,13 @@ def convert(output: str, inception: Optional[str] = None, lpips_alex: Optional[s
   converted = {}
   if inception:
     logging.info("converting the FID InceptionV3 from %s", inception)
+    params = inception_params(_read(inception, "inception"), inception)
     digest = _sha256(inception)
     if not digest.startswith(INCEPTION_SHA256_PREFIX):
       logging.warning("%s is not pytorch-fid's pt_inception-2015-12-05-6726825d.pth (SHA-256 "
                       "%s...): FID computed with it is not comparable to published FIDs",
                       inception, digest[:8])
-    converted[INCEPTION] = (inception_params(_read(inception, "inception"), inception),
-                            {"inception": inception, "inception_sha256": digest})
+    converted[INCEPTION] = (params, {"inception": inception, "inception_sha256": digest})
   if lpips_alex:
     logging.info("converting LPIPS from %s and %s", lpips_alex, lpips_heads)
     params = lpips_params(_read(lpips_alex, "lpips_alex"), _read(lpips_heads, "lpips_heads"),

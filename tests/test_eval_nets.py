@@ -332,6 +332,20 @@ def test_converted_inception_round_trips_and_loader_checks(fid_net, fid_params, 
   # This directory holds no LPIPS: the loader says which config key and how to make it.
   with pytest.raises(FileNotFoundError, match="config.eval.lpips_weights=.*convert_eval_nets"):
     convert_eval_nets.load_lpips(output)
+  missing = str(tmp_path / "no_such.pth")
+  with pytest.raises(ConversionError, match=f"--inception={re.escape(missing)}: no such file"):
+    convert_eval_nets.convert(str(tmp_path / "other"), inception=missing)
+  assert not (tmp_path / "other").exists()
+
+
+def test_lpips_loader_refuses_a_checkpoint_of_other_shapes(lpips_net, tmp_path):
+  _, params = lpips_net
+  tampered = jax.tree.map(np.asarray, params)
+  tampered["lin3"]["model_1"]["kernel"] = np.zeros((1, 1, 128, 1), np.float32)
+  convert_eval_nets._save(str(tmp_path), "lpips", tampered, {})
+  with pytest.raises(ConversionError, match=r"(?s)config.eval.lpips_weights=.*lin3/model_1/"
+                     r"kernel: stored \(1, 1, 128, 1\), the network expects \(1, 1, 256, 1\)"):
+    convert_eval_nets.load_lpips(str(tmp_path))
 
 
 # -- LPIPS -----------------------------------------------------------------------------------------
