@@ -23,7 +23,8 @@ from configs import real_data
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   real_data.check_arg("configs/celebamask_hq.py", arg)
   c = real_data.recipe(name="celebamask_hq", num_classes=19, image_size=(512, 512),
-                       crop="random", learning_rate=2e-5, num_steps=80_000)
+                       crop="random", learning_rate=2e-5, num_steps=80_000,
+                       schedule="linear", warmup_steps=500)
   if arg == "local":
     real_data.shrink_for_local(c, (32, 32))
   return c

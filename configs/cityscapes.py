@@ -23,7 +23,8 @@ from configs import real_data
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   real_data.check_arg("configs/cityscapes.py", arg)
   c = real_data.recipe(name="cityscapes_semantic", num_classes=19, image_size=(512, 1024),
-                       crop="full", learning_rate=5e-5, num_steps=8_000)
+                       crop="full", learning_rate=5e-5, num_steps=8_000,
+                       schedule="linear", warmup_steps=500, grad_accum_steps=2)
   if arg == "local":
     real_data.shrink_for_local(c, (32, 64))
   return c

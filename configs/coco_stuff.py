@@ -22,7 +22,8 @@ from configs import real_data
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   real_data.check_arg("configs/coco_stuff.py", arg)
   c = real_data.recipe(name="coco_stuff", num_classes=171, image_size=(512, 512), crop="random",
-                       learning_rate=1e-5, num_steps=320_000)
+                       learning_rate=1e-5, num_steps=320_000,
+                       schedule="constant", warmup_steps=10_000)
   if arg == "local":
     real_data.shrink_for_local(c, (32, 32))
   return c

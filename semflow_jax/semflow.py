@@ -14,6 +14,7 @@ import ml_collections
 
 from semflow_jax import anchors, flow
 from semflow_jax.models import IdentityAutoencoder, UNet
+from semflow_jax.models.sd_layers import AttentionImpl
 from semflow_jax.models.sd_unet import SDUNet, SDUNetConfig
 from semflow_jax.models.sd_vae import AutoencoderKL, SDVAEConfig
 
@@ -45,18 +46,23 @@ class SemFlow:
   context_tokens: int = 77        # SD UNet: length of the text embedding it attends to
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> "SemFlow":
+  def from_config(cls, config: ml_collections.ConfigDict, mesh=None) -> "SemFlow":
+    """The model of `config`. `mesh`: the devices its programs run on (default: this process's
+    backend, unsharded); the SD attention kernels are chosen for their platform and run per
+    device over it (config.model.attention)."""
     m = config.model
     dtype_name = m.get("dtype", "float32")
     if dtype_name not in DTYPES:
       raise ValueError(f"config.model.dtype={dtype_name!r}: expected one of {sorted(DTYPES)}")
     dtype, remat = DTYPES[dtype_name], bool(m.get("remat", False))
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    attention = AttentionImpl(m.get("attention", "auto"), platform, mesh)
     if m.autoencoder == "identity":
       autoencoder = IdentityAutoencoder()
     elif m.autoencoder == "sd_vae":
       autoencoder = AutoencoderKL(
           SDVAEConfig.from_diffusers(_plain(m.get("vae_config")), "config.model.vae_config"),
-          dtype=dtype)
+          dtype=dtype, attention=attention)
     else:
       raise ValueError(f"config.model.autoencoder={m.autoencoder!r}: expected 'identity' or "
                        "'sd_vae'")
@@ -72,7 +78,7 @@ class SemFlow:
     elif unet_kind == "sd":
       unet = SDUNet(SDUNetConfig.from_diffusers(_plain(m.get("unet_config")),
                                                 "config.model.unet_config"),
-                    dtype=dtype, remat=remat)
+                    dtype=dtype, remat=remat, attention=attention)
     else:
       raise ValueError(f"config.model.unet={unet_kind!r}: expected 'small' or 'sd'")
     if not 0 <= m.perturbation < 2 * anchors.HALF_SPACING:

@@ -8,6 +8,11 @@ import tempfile
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# CPU only, also where libtpu is installed (the test extra has it, for the TPU compiler): JAX
+# then never loads the TPU runtime at start-up, which on a machine without TPUs costs half a
+# second and prints warnings in every process. TPU topologies for compiling are still there
+# (jax.experimental.topologies loads libtpu on demand).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for this session, inherited by the subprocesses the tests
 # start: the same tiny train step is compiled once, not once per process.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:

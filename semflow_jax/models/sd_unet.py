@@ -121,6 +121,7 @@ class _Blocks(nn.Module):
   cfg: SDUNetConfig
   dtype: Any
   remat: bool
+  attention: L.AttentionImpl = L.AttentionImpl()
 
   @nn.compact
   def __call__(self, h, temb, context, skips=None):
@@ -136,7 +137,7 @@ class _Blocks(nn.Module):
     def transformer(j, h):
       return transformer_cls(self.heads, self.channels // self.heads, self.depth,
                              cfg.norm_num_groups, cfg.use_linear_projection, dt,
-                             name=f"attentions_{j}")(h, context)
+                             attention=self.attention, name=f"attentions_{j}")(h, context)
 
     if self.kind == "mid":
       h = resnet(0, h)
@@ -162,11 +163,13 @@ class SDUNet(nn.Module):
   """Velocity/noise UNet: (x (B, H, W, C_in), timesteps (B,), context (B, S, D)) -> (B, H, W, C_out).
 
   `dtype` is the compute dtype (parameters stay float32); `remat` recomputes every ResNet and
-  transformer block in the backward pass instead of storing its activations.
+  transformer block in the backward pass instead of storing its activations; `attention` picks
+  the attention kernel per layer (sd_layers.AttentionImpl).
   """
   config: SDUNetConfig
   dtype: Any = jnp.float32
   remat: bool = False
+  attention: L.AttentionImpl = L.AttentionImpl()
 
   @nn.compact
   def __call__(self, x, timesteps, context):
@@ -185,7 +188,7 @@ class SDUNet(nn.Module):
 
     def blocks(kind, i, block, channels, cross, resample, num_layers, name):
       return _Blocks(kind, channels, num_layers, cross, resample, heads[block], depth[block], cfg,
-                     dt, self.remat, name=name)
+                     dt, self.remat, attention=self.attention, name=name)
 
     h = L.conv(cfg.block_out_channels[0], 3, dt, "conv_in")(x)
     skips = [h]
