@@ -31,6 +31,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model.init_from = config_dict.placeholder(str)  # converted weights (semflow_jax.convert)
   c.model.dtype = "float32"          # compute dtype: 'float32' or 'bfloat16' (params stay fp32)
   c.model.remat = False              # recompute UNet blocks in the backward pass
+  c.model.remat_policy = "full"      # with remat: 'full' or 'dots' (keep projection outputs)
   # SD attention kernel per layer: 'auto' (splash on TPU for long sequences, cuDNN/XLA fused on
   # GPU, einsum on CPU), 'einsum', 'dot_product' or 'splash' (see models/sd_layers.py).
   c.model.attention = "auto"

@@ -45,7 +45,6 @@ if _CPU:
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import dataclasses  # noqa: E402
-import json  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -197,7 +196,7 @@ def plan(config: ml_collections.ConfigDict, topology: Topology, programs=PROGRAM
     parallel.batch_size_per_process(config.train.batch_size, mesh, micro)  # divisibility
     abstract_state = state_lib.abstract(model, tx, config, mesh)
     logging.info("compiling train_step for %s (%d devices)", topology.name, n)
-    result = analyse(lambda: train.lower_train_step(model, tx, config, mesh,
+    result = analyse(lambda: train.lower_train_step(model, tx, config, mesh, abstract_state,
                                                     train_batch_spec(model, config)))
     result["state_bytes"] = parallel.bytes_per_device(
         abstract_state, jax.tree.map(lambda x: x.sharding, abstract_state))
@@ -243,7 +242,7 @@ def format_report(report: dict) -> str:
     lines.append(f"| {name} | {r['batch_per_chip']:g} | {gib(r['state_bytes'])} | "
                  f"{gib(r['argument_bytes'])} | {gib(r['temp_bytes'])} | {gib(r['peak_bytes'])} | "
                  f"{gib(report['hbm_bytes'])} | {'yes' if r['fits'] else 'NO'} | "
-                 f"{r['flops'] / 1e12:.2f} | {r['compile_seconds']:.0f} |")
+                 f"{r['flops'] / 1e12:.3g} | {r['compile_seconds']:.0f} |")
   for name, r in report["programs"].items():
     if r["attention"]:
       kernels = "; ".join(f"{a['q_len']}x{a['kv_len']} tokens, {a['heads']}x{a['dim_head']}: "

@@ -88,12 +88,12 @@ def make_train_step(model: SemFlow, tx: optax.GradientTransformation, config, me
 
 
 def lower_train_step(model: SemFlow, tx: optax.GradientTransformation, config, mesh,
-                     batch_spec: dict) -> jax.stages.Lowered:
+                     abstract_state, batch_spec: dict) -> jax.stages.Lowered:
   """The train step exactly as train_and_evaluate runs it, lowered from ShapeDtypeStructs.
 
-  The state is donated and comes back in its own layout; `batch_spec` is {key: (shape, dtype)}
-  of the global batch, split over every device. `mesh` may be made of a TPU topology's devices
-  (semflow_jax.plan compiles this for TPUs on a CPU).
+  The state (`state.abstract`) is donated and comes back in its own layout; `batch_spec` is
+  {key: (shape, dtype)} of the global batch, split over every device. `mesh` may be made of a
+  TPU topology's devices (semflow_jax.plan compiles this for TPUs on a CPU).
   """
   batch_sharding = parallel.batch_sharding(mesh)
   abstract_batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
@@ -101,8 +101,7 @@ def lower_train_step(model: SemFlow, tx: optax.GradientTransformation, config, m
   return jax.jit(make_train_step(model, tx, config, mesh),
                  out_shardings=(state_lib.shardings(model, tx, config, mesh),
                                 parallel.replicated(mesh)),
-                 donate_argnums=0).lower(state_lib.abstract(model, tx, config, mesh),
-                                         abstract_batch)
+                 donate_argnums=0).lower(abstract_state, abstract_batch)
 
 
 class Preemption:
@@ -195,7 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   batch_spec = {k: ((t.batch_size, *shape[1:]), dtype)
                 for k, (shape, dtype) in train_iter.element_spec.items()}
   compile_start = time.time()
-  train_step = lower_train_step(model, tx, config, mesh, batch_spec).compile()
+  train_step = lower_train_step(model, tx, config, mesh, abstract_state, batch_spec).compile()
   logging.info("train step compiled in %.1f s", time.time() - compile_start)
   checkpoint.wait_for_all_processes("semflow_jax.train: step compiled")
 
