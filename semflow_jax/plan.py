@@ -19,8 +19,8 @@ the peak (arguments + outputs - donated + temporaries + program code), the chip'
 the peak fits in HBM less --headroom, the FLOPs of one call, and which attention kernel every
 attention layer uses. `--json=FILE` writes the same. `cpu-N` compiles for N fake CPU devices
 (XLA:CPU's buffer assignment: an estimate of an accelerator's), with the host's memory split
-over them as "HBM". The planner never touches an accelerator: it runs with JAX_PLATFORMS=cpu, so
-it can run on a TPU VM beside a training job. Config overrides work as in semflow_jax.main.
+over them as "HBM". The planner runs with JAX_PLATFORMS=cpu (it compiles, never runs) and lets
+several processes load libtpu at once. Config overrides work as in semflow_jax.main.
 """
 
 import os
@@ -38,6 +38,8 @@ def _early_flag(name: str, default: str) -> str:
 # Before JAX initialises: CPU only (compile-only TPU devices come from libtpu on demand), and
 # enough fake CPU devices for --topology=cpu-N.
 os.environ["JAX_PLATFORMS"] = "cpu"
+# libtpu lets one process at a time open it (a lock file for the chips); compiling touches none.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 _CPU = re.fullmatch(r"cpu-(\d+)", _early_flag("topology", ""))
 if _CPU:
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +

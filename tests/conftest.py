@@ -13,6 +13,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # second and prints warnings in every process. TPU topologies for compiling are still there
 # (jax.experimental.topologies loads libtpu on demand).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests only compile for TPU topologies: let several processes (parallel test runs, a planner
+# beside them) load libtpu, which otherwise holds a lock file for the chips.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # One persistent compilation cache for this session, inherited by the subprocesses the tests
 # start: the same tiny train step is compiled once, not once per process.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:

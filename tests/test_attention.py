@@ -107,18 +107,3 @@ def test_splash_kernels_compile_for_tpu_on_sd15_layers():
     # The kernel never materialises the (q_len x kv_len) logits of a chip's example.
     assert memory.temp_size_in_bytes < c["heads"] * c["q_len"] * c["kv_len"] * 4
 
-
-def test_remat_dots_policy_keeps_the_gradients():
-  from semflow_jax.models import sd_unet
-  config = sd_unet.SDUNetConfig.from_diffusers(sd15.TINY_UNET)
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 4))
-  t, context = jnp.array([3.0, 500.0]), jax.random.normal(jax.random.PRNGKey(1), (2, 8, 16))
-  params = sd_unet.SDUNet(config).init(jax.random.PRNGKey(2), x, t, context)["params"]
-
-  def grads(remat):
-    loss = lambda p: jnp.sum(sd_unet.SDUNet(config, remat=remat).apply({"params": p}, x, t,
-                                                                      context) ** 2)
-    return jax.tree.leaves(jax.grad(loss)(params))
-
-  for a, b in zip(grads("dots"), grads(False)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
