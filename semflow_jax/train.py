@@ -98,9 +98,9 @@ def lower_train_step(model: SemFlow, tx: optax.GradientTransformation, config, m
   batch_sharding = parallel.batch_sharding(mesh)
   abstract_batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
                     for k, (shape, dtype) in batch_spec.items()}
+  state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
   return jax.jit(make_train_step(model, tx, config, mesh),
-                 out_shardings=(state_lib.shardings(model, tx, config, mesh),
-                                parallel.replicated(mesh)),
+                 out_shardings=(state_shardings, parallel.replicated(mesh)),
                  donate_argnums=0).lower(abstract_state, abstract_batch)
 
 
