@@ -16,8 +16,9 @@ libtpu's compiler builds the exact programs a run executes, for devices that nee
 
 Per chip it prints the train state (or parameters), XLA's argument / output / temporary bytes,
 the peak (arguments + outputs - donated + temporaries + program code), the chip's HBM, whether
-the peak fits in HBM less --headroom, the FLOPs of one call, and which attention kernel every
-attention layer uses. `--json=FILE` writes the same. `cpu-N` compiles for N fake CPU devices
+the peak fits in HBM less --headroom, the FLOPs of one call per chip (XLA's count, which cannot
+see inside Pallas kernels: the forward matmuls of splash layers are added, their backward is
+not), and which attention kernel every attention layer uses. `--json=FILE` writes the same. `cpu-N` compiles for N fake CPU devices
 (XLA:CPU's buffer assignment: an estimate of an accelerator's), with the host's memory split
 over them as "HBM". The planner runs with JAX_PLATFORMS=cpu (it compiles, never runs) and lets
 several processes load libtpu at once. Config overrides work as in semflow_jax.main.
