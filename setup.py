@@ -34,7 +34,9 @@ setup(
         # The references the tests compare against (never torchvision: it breaks diffusers).
         # The tests also need lpips==0.1.4 for its v0.1 head weights, installed with --no-deps
         # (README): listed here it would pull in torchvision.
+        # The TPU compiler, for TPU VMs and for planning TPU memory on a CPU (semflow_jax.plan).
+        "tpu": ["libtpu==0.0.42.1"],
         "test": ["pytest==9.2.0", "torch==2.13.0", "safetensors==0.8.0", "transformers==5.23.0",
-                 "diffusers==0.42.1", "cityscapesscripts==2.3.0"],
+                 "diffusers==0.42.1", "cityscapesscripts==2.3.0", "libtpu==0.0.42.1"],
     },
 )

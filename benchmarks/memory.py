@@ -44,7 +44,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from semflow_jax import parallel, state as state_lib  # noqa: E402
 from semflow_jax.semflow import SemFlow  # noqa: E402
-from semflow_jax.train import make_train_step  # noqa: E402
+from semflow_jax.train import lower_train_step  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/synthetic.py", "Config file.")
 _DEVICES = flags.DEFINE_list("devices", ["8"], "Mesh sizes for the state bytes table.")
@@ -106,15 +106,10 @@ def compiled_table(config):
         mesh = _mesh(config, n, layout)
         model, tx = SemFlow.from_config(config), state_lib.make_optimizer(config)
         abstract_state = state_lib.abstract(model, tx, config, mesh)
-        sharding = parallel.batch_sharding(mesh)
         b = _BATCH.value * n
-        batch = {"image": jax.ShapeDtypeStruct((b, *size, 3), jnp.uint8, sharding=sharding),
-                 "label": jax.ShapeDtypeStruct((b, *size, 1), jnp.uint8, sharding=sharding)}
+        batch = {"image": ((b, *size, 3), jnp.uint8), "label": ((b, *size, 1), jnp.uint8)}
         start = time.time()
-        compiled = jax.jit(make_train_step(model, tx, config, mesh),
-                           out_shardings=(state_lib.shardings(model, tx, config, mesh),
-                                          parallel.replicated(mesh)),
-                           donate_argnums=0).lower(abstract_state, batch).compile()
+        compiled = lower_train_step(model, tx, config, mesh, abstract_state, batch).compile()
         seconds = time.time() - start
         m = compiled.memory_analysis()
         peak = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes

@@ -5,6 +5,15 @@ The reference recipe (docs/DESIGN.md), from Stable Diffusion 1.5 weights:
   python -m semflow_jax.main --config=configs/celebamask_hq.py --workdir=runs/celebamask_hq \
       --config.data.manual_dir=/data/CelebAMask-HQ --config.model.init_from=/ckpt/sd15
 
+On the slice the layout was planned for (16 chips: a v5e-16 or a v4-32; FSDP over all chips,
+remat, splash attention; `python -m semflow_jax.plan --config=configs/celebamask_hq.py
+--topology=v5e-16` prints its memory per chip, benchmarks/RESULTS.md has the tables), with the
+tfds dataset built into a bucket beforehand:
+
+  TPU=my-v5e-16 ZONE=us-west4-a launch/tpu_vm.sh --config=configs/celebamask_hq.py \
+      --workdir=gs://my-bucket/celebamask_hq --config.data.tfds_data_dir=gs://my-bucket/tfds \
+      --config.model.init_from=gs://my-bucket/sd15
+
 `data.manual_dir` holds the unpacked CelebAMask-HQ.zip as semflow_jax/data/celebamask_hq.py
 describes (the split is documented there); the tfds dataset is built from it on first use (or
 beforehand with `python -m semflow_jax.data.build celebamask_hq --manual_dir=...`). Stored
@@ -23,7 +32,8 @@ from configs import real_data
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   real_data.check_arg("configs/celebamask_hq.py", arg)
   c = real_data.recipe(name="celebamask_hq", num_classes=19, image_size=(512, 512),
-                       crop="random", learning_rate=2e-5, num_steps=80_000)
+                       crop="random", learning_rate=2e-5, num_steps=80_000,
+                       schedule="linear", warmup_steps=500)
   if arg == "local":
     real_data.shrink_for_local(c, (32, 32))
   return c

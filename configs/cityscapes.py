@@ -5,6 +5,15 @@ The reference recipe (docs/DESIGN.md), from Stable Diffusion 1.5 weights:
   python -m semflow_jax.main --config=configs/cityscapes.py --workdir=runs/cityscapes \
       --config.data.manual_dir=/data/cityscapes --config.model.init_from=/ckpt/sd15
 
+On the slice the layout was planned for (16 chips: a v5e-16 or a v4-32; FSDP over all chips,
+remat, 2 micro-batches, splash attention; `python -m semflow_jax.plan --config=configs/cityscapes.py
+--topology=v5e-16` prints its memory per chip, benchmarks/RESULTS.md has the tables), with the
+tfds dataset built into a bucket beforehand:
+
+  TPU=my-v5e-16 ZONE=us-west4-a launch/tpu_vm.sh --config=configs/cityscapes.py \
+      --workdir=gs://my-bucket/cityscapes --config.data.tfds_data_dir=gs://my-bucket/tfds \
+      --config.model.init_from=gs://my-bucket/sd15
+
 `data.manual_dir` holds leftImg8bit/ and gtFine/ as semflow_jax/data/cityscapes.py describes;
 the tfds dataset is built from it on first use (or beforehand with `python -m
 semflow_jax.data.build cityscapes_semantic --manual_dir=...`). The 2048x1024 images are
@@ -23,7 +32,8 @@ from configs import real_data
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   real_data.check_arg("configs/cityscapes.py", arg)
   c = real_data.recipe(name="cityscapes_semantic", num_classes=19, image_size=(512, 1024),
-                       crop="full", learning_rate=5e-5, num_steps=8_000)
+                       crop="full", learning_rate=5e-5, num_steps=8_000,
+                       schedule="linear", warmup_steps=500, grad_accum_steps=2)
   if arg == "local":
     real_data.shrink_for_local(c, (32, 64))
   return c

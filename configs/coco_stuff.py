@@ -5,6 +5,15 @@ The reference recipe (docs/DESIGN.md), from Stable Diffusion 1.5 weights:
   python -m semflow_jax.main --config=configs/coco_stuff.py --workdir=runs/coco_stuff \
       --config.data.manual_dir=/data/coco_stuff --config.model.init_from=/ckpt/sd15
 
+On the slice the layout was planned for (16 chips: a v5e-16 or a v4-32; FSDP over all chips,
+remat, splash attention; `python -m semflow_jax.plan --config=configs/coco_stuff.py
+--topology=v5e-16` prints its memory per chip, benchmarks/RESULTS.md has the tables), with the
+tfds dataset built into a bucket beforehand:
+
+  TPU=my-v5e-16 ZONE=us-west4-a launch/tpu_vm.sh --config=configs/coco_stuff.py \
+      --workdir=gs://my-bucket/coco_stuff --config.data.tfds_data_dir=gs://my-bucket/tfds \
+      --config.model.init_from=gs://my-bucket/sd15
+
 `data.manual_dir` holds the download as semflow_jax/data/coco_stuff.py describes; the tfds
 dataset is built from it on first use (or beforehand with `python -m
 semflow_jax.data.build coco_stuff --manual_dir=...`). `:local` is a minutes-long pixel-space run at
@@ -22,7 +31,8 @@ from configs import real_data
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   real_data.check_arg("configs/coco_stuff.py", arg)
   c = real_data.recipe(name="coco_stuff", num_classes=171, image_size=(512, 512), crop="random",
-                       learning_rate=1e-5, num_steps=320_000)
+                       learning_rate=1e-5, num_steps=320_000,
+                       schedule="constant", warmup_steps=10_000)
   if arg == "local":
     real_data.shrink_for_local(c, (32, 32))
   return c

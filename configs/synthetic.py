@@ -31,6 +31,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model.init_from = config_dict.placeholder(str)  # converted weights (semflow_jax.convert)
   c.model.dtype = "float32"          # compute dtype: 'float32' or 'bfloat16' (params stay fp32)
   c.model.remat = False              # recompute UNet blocks in the backward pass
+  c.model.remat_policy = "full"      # with remat: 'full' or 'dots' (keep projection outputs)
+  # SD attention kernel per layer: 'auto' (splash on TPU for long sequences, cuDNN/XLA fused on
+  # GPU, einsum on CPU), 'einsum', 'dot_product' or 'splash' (see models/sd_layers.py).
+  c.model.attention = "auto"
   c.model.perturbation = 0.1        # Eq. 14 amplitude in [-1, 1] units
   c.model.time_sampling = "uniform"  # 'uniform' (paper) or 'beta': Beta(time_beta, time_beta)
   c.model.time_beta = 0.5
@@ -51,6 +55,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.train.batch_size = 16           # global
   c.train.learning_rate = 2e-3
   c.train.warmup_steps = 100
+  c.train.schedule = "cosine"        # after warmup: 'cosine', 'linear' (to 0) or 'constant'
   c.train.weight_decay = 0.0
   c.train.grad_clip = 1.0
   c.train.ema_decay = 0.0           # 0 disables EMA

@@ -27,13 +27,19 @@ ocp.type_handlers.register_type_handler(
     jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
 
 
-def make_manager(workdir: str, max_to_keep: int, async_save: bool = True) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                         enable_async_checkpointing=async_save,
-                                         cleanup_tmp_directories=True)
+def make_manager(workdir: str, max_to_keep: int, async_save: bool = True,
+                 read_only: bool = False) -> ocp.CheckpointManager:
+  """`read_only`: for sampling; never writes, and can restore part of the state (`not_read`)."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
+                                         enable_async_checkpointing=async_save and not read_only,
+                                         cleanup_tmp_directories=not read_only,
+                                         read_only=read_only)
   # Handlers named up front, so a fresh manager can read a checkpoint's metadata (shapes)
-  # before restoring anything.
-  handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+  # before restoring anything. The PyTree handler reads what the Standard one wrote (the
+  # Standard one wraps it) and also takes placeholders for leaves not to read.
+  state_handler = (ocp.PyTreeCheckpointHandler() if read_only
+                   else ocp.StandardCheckpointHandler())
+  handlers = {"state": state_handler, "data": ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                options=options, item_handlers=handlers)
 
@@ -54,6 +60,12 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_state: dict) -> 
                                              data=ocp.args.JsonSave(data_state)), force=True)
 
 
+def not_read(tree):
+  """`tree` with every leaf marked to be left unread in a restore target (Orbax placeholders):
+  sampling restores the parameters it uses and never allocates the optimiser state."""
+  return jax.tree.map(lambda _: ocp.PLACEHOLDER, tree)
+
+
 def _path_str(path) -> str:
   parts = []
   for k in path:
@@ -64,9 +76,14 @@ def _path_str(path) -> str:
   return "/".join(parts)
 
 
+_UNREAD = "not read"
+
+
 def _shapes(tree) -> dict:
   leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0]
-  return {_path_str(p): (None if x is None else tuple(x.shape)) for p, x in leaves}
+  return {_path_str(p): (None if x is None else
+                         _UNREAD if x is ocp.PLACEHOLDER else tuple(x.shape))
+          for p, x in leaves}
 
 
 def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state) -> None:
@@ -79,6 +96,8 @@ def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state) 
     have = {k: v for k, v in saved.items() if k == group or k.startswith(group + "/")}
     want = {k: v for k, v in wanted.items() if k == group or k.startswith(group + "/")}
     for k in sorted(set(have) | set(want)):
+      if want.get(k) == _UNREAD:
+        continue
       if k not in have:
         problem = "is missing from the checkpoint"
       elif k not in want:
@@ -97,7 +116,9 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state,
                    with_data: bool = True) -> Optional[Tuple[object, Optional[dict]]]:
   """(state laid out like `abstract_state`, data-iterator state) of the latest checkpoint, or None.
 
-  `with_data=False` reads only the state (sampling and evaluation need no data position).
+  `with_data=False` reads only the state (sampling and evaluation need no data position);
+  leaves of `abstract_state` marked by `not_read` are not read (they come back as placeholders;
+  `manager` must then be `read_only`).
   A checkpoint of another model shape raises IncompatibleCheckpointError before anything is read.
   """
   step = manager.latest_step()
@@ -105,7 +126,12 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state,
     return None
   check_compatible(manager, step, abstract_state)
   logging.info("Restoring checkpoint %d from %s", step, manager.directory)
-  items = {"state": ocp.args.StandardRestore(abstract_state)}
+  if any(x is ocp.PLACEHOLDER for x in jax.tree.leaves(abstract_state)):  # a read_only manager's
+    items = {"state": ocp.args.PyTreeRestore(
+        item=abstract_state,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
+  else:
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
   if with_data:
     items["data"] = ocp.args.JsonRestore()
   try:

@@ -139,7 +139,7 @@ def _write(result, shown, config, step, workdir, writer):
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """--mode=eval: evaluate the latest checkpoint in `workdir`."""
   mesh = parallel.make_mesh(config)
-  model = SemFlow.from_config(config)
+  model = SemFlow.from_config(config, mesh)
   params, step = state.load_params(config, workdir, mesh)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   builder = pipeline.get_builder(config.data)

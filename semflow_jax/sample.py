@@ -73,7 +73,7 @@ def _load(config, workdir):
   mesh = parallel.make_mesh(config)
   params, step = state.load_params(config, workdir, mesh)
   logging.info("loaded checkpoint at step %d from %s", step, workdir)
-  return SemFlow.from_config(config), params
+  return SemFlow.from_config(config, mesh), params
 
 
 def segment_file(config: ml_collections.ConfigDict, workdir: str, input_path: str,

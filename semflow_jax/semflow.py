@@ -14,12 +14,16 @@ import ml_collections
 
 from semflow_jax import anchors, flow
 from semflow_jax.models import IdentityAutoencoder, UNet
+from semflow_jax.models.sd_layers import AttentionImpl
 from semflow_jax.models.sd_unet import SDUNet, SDUNetConfig
 from semflow_jax.models.sd_vae import AutoencoderKL, SDVAEConfig
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 FROZEN = ("vae", "context")  # parameter groups that are loaded, never trained
+# config.model.remat_policy, with model.remat: recompute every UNet block whole in the backward
+# pass ('full'), or all but the outputs of its projection matmuls ('dots'; SD UNet only).
+REMAT_POLICIES = ("full", "dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,18 +49,26 @@ class SemFlow:
   context_tokens: int = 77        # SD UNet: length of the text embedding it attends to
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> "SemFlow":
+  def from_config(cls, config: ml_collections.ConfigDict, mesh=None) -> "SemFlow":
+    """The model of `config`. `mesh`: the devices its programs run on (default: this process's
+    backend, unsharded); the SD attention kernels are chosen for their platform and run per
+    device over it (config.model.attention)."""
     m = config.model
     dtype_name = m.get("dtype", "float32")
     if dtype_name not in DTYPES:
       raise ValueError(f"config.model.dtype={dtype_name!r}: expected one of {sorted(DTYPES)}")
-    dtype, remat = DTYPES[dtype_name], bool(m.get("remat", False))
+    remat, policy = bool(m.get("remat", False)), m.get("remat_policy", "full")
+    if policy not in REMAT_POLICIES:
+      raise ValueError(f"config.model.remat_policy={policy!r}: expected one of {REMAT_POLICIES}")
+    dtype = DTYPES[dtype_name]
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    attention = AttentionImpl(m.get("attention", "auto"), platform, mesh)
     if m.autoencoder == "identity":
       autoencoder = IdentityAutoencoder()
     elif m.autoencoder == "sd_vae":
       autoencoder = AutoencoderKL(
           SDVAEConfig.from_diffusers(_plain(m.get("vae_config")), "config.model.vae_config"),
-          dtype=dtype)
+          dtype=dtype, attention=attention)
     else:
       raise ValueError(f"config.model.autoencoder={m.autoencoder!r}: expected 'identity' or "
                        "'sd_vae'")
@@ -72,7 +84,8 @@ class SemFlow:
     elif unet_kind == "sd":
       unet = SDUNet(SDUNetConfig.from_diffusers(_plain(m.get("unet_config")),
                                                 "config.model.unet_config"),
-                    dtype=dtype, remat=remat)
+                    dtype=dtype, remat="dots" if remat and policy == "dots" else remat,
+                    attention=attention)
     else:
       raise ValueError(f"config.model.unet={unet_kind!r}: expected 'small' or 'sd'")
     if not 0 <= m.perturbation < 2 * anchors.HALF_SPACING:

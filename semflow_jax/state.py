@@ -25,11 +25,35 @@ class TrainState:
   skipped: jax.Array         # updates dropped for a non-finite loss or gradient (train.skip_nonfinite)
 
 
+SCHEDULES = ("cosine", "linear", "constant")
+
+
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup from 0 over train.warmup_steps to train.learning_rate, then
+  train.schedule: 'cosine' (to 0 at num_steps), 'linear' (to 0 at num_steps; the official
+  CelebAMask-HQ and Cityscapes recipes) or 'constant' (the official COCO-Stuff recipe)."""
   t = config.train
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=t.learning_rate, warmup_steps=t.warmup_steps,
-      decay_steps=max(t.num_steps, t.warmup_steps + 1), end_value=0.0)
+  kind = t.get("schedule", "cosine")
+  if kind not in SCHEDULES:
+    raise ValueError(f"config.train.schedule={kind!r}: expected one of {SCHEDULES}")
+  warmup = t.warmup_steps
+  if kind == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=t.learning_rate, warmup_steps=warmup,
+        decay_steps=max(t.num_steps, warmup + 1), end_value=0.0)
+  after = (optax.constant_schedule(t.learning_rate) if kind == "constant" else
+           optax.linear_schedule(t.learning_rate, 0.0, max(t.num_steps - warmup, 1)))
+  return optax.join_schedules([optax.linear_schedule(0.0, t.learning_rate, warmup), after],
+                              [warmup])
+
+
+def applied_learning_rate(schedule: optax.Schedule, opt_state) -> jax.Array:
+  """The learning rate the next update applies: the schedule at the optimiser's own update
+  count (which a skipped non-finite step does not advance, unlike state.step)."""
+  count = optax.tree_utils.tree_get(
+      opt_state, "count",
+      filtering=lambda path, _: getattr(path[-1], "tuple_name", "") == "ScaleByScheduleState")
+  return schedule(count)
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -73,6 +97,13 @@ def shardings(model, tx, config, mesh) -> TrainState:
                                                  jax.random.PRNGKey(0)), mesh, config)
 
 
+def abstract_params(model, config, mesh):
+  """Shapes, dtypes and shardings of the parameters alone (what inference programs take)."""
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                      parallel.state_shardings(shapes, mesh, config))
+
+
 def abstract(model, tx, config, mesh) -> TrainState:
   """Shapes, dtypes and shardings of the state, without allocating it: the restore target."""
   shapes = jax.eval_shape(_init_fn(model, tx, config), jax.random.PRNGKey(0))
@@ -81,18 +112,23 @@ def abstract(model, tx, config, mesh) -> TrainState:
 
 
 def load_params(config, workdir: str, mesh: Mesh):
-  """(params, step) from the latest checkpoint in `workdir`: the EMA params when kept."""
-  model = SemFlow.from_config(config)
+  """(params, step) from the latest checkpoint in `workdir`: the EMA params when kept, else the
+  params (each with the frozen VAE and text embedding). Nothing else is read: the optimiser
+  state and the other parameter copy are Orbax placeholders in the restore target."""
+  model = SemFlow.from_config(config, mesh)
   tx = make_optimizer(config)
+  target = abstract(model, tx, config, mesh)
+  use_ema = target.ema_params is not None
+  skip = checkpoint.not_read
+  target = target.replace(opt_state=skip(target.opt_state),
+                          params=skip(target.params) if use_ema else target.params)
   restored = None
   if os.path.isdir(os.path.join(workdir, "checkpoints")):  # reading must not create it
-    manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints, async_save=False)
-    restored = checkpoint.restore_latest(manager, abstract(model, tx, config, mesh),
-                                         with_data=False)
+    manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints, read_only=True)
+    restored = checkpoint.restore_latest(manager, target, with_data=False)
     manager.close()
     restored = restored and restored[0]
   if restored is None:
     raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints; train first with "
                             f"--mode=train --workdir={workdir}")
-  params = restored.ema_params if restored.ema_params is not None else restored.params
-  return params, int(restored.step)
+  return (restored.ema_params if use_ema else restored.params), int(restored.step)

@@ -78,11 +78,30 @@ def make_train_step(model: SemFlow, tx: optax.GradientTransformation, config, me
         opt_state=keep(opt_state, state.opt_state), ema_params=keep(ema, state.ema_params),
         skipped=state.skipped + (1 - finite.astype(jnp.int32)))
     metrics = {"loss": loss, "grad_norm": grad_norm, "param_norm": optax.tree.norm(params),
-               "learning_rate": schedule(state.step), "finite": finite,
+               # What this update applied (a skipped step does not advance the optimiser).
+               "learning_rate": state_lib.applied_learning_rate(schedule, state.opt_state),
+               "finite": finite,
                "skipped": new_state.skipped}
     return new_state, metrics
 
   return train_step
+
+
+def lower_train_step(model: SemFlow, tx: optax.GradientTransformation, config, mesh,
+                     abstract_state, batch_spec: dict) -> jax.stages.Lowered:
+  """The train step exactly as train_and_evaluate runs it, lowered from ShapeDtypeStructs.
+
+  The state (`state.abstract`) is donated and comes back in its own layout; `batch_spec` is
+  {key: (shape, dtype)} of the global batch, split over every device. `mesh` may be made of a
+  TPU topology's devices (semflow_jax.plan compiles this for TPUs on a CPU).
+  """
+  batch_sharding = parallel.batch_sharding(mesh)
+  abstract_batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+                    for k, (shape, dtype) in batch_spec.items()}
+  state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
+  return jax.jit(make_train_step(model, tx, config, mesh),
+                 out_shardings=(state_shardings, parallel.replicated(mesh)),
+                 donate_argnums=0).lower(abstract_state, abstract_batch)
 
 
 class Preemption:
@@ -137,7 +156,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.make_mesh(config)
   micro_batches = t.get("grad_accum_steps", 1)
   per_process_batch = parallel.batch_size_per_process(t.batch_size, mesh, micro_batches)
-  model = SemFlow.from_config(config)
+  model = SemFlow.from_config(config, mesh)
   tx = state_lib.make_optimizer(config)
   logging.info("mesh %s; global batch %d (%d per process, %d micro-batches)", dict(mesh.shape),
                t.batch_size, per_process_batch, micro_batches)
@@ -172,15 +191,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                    preprocess=preprocess)
 
   # Compile before any data is read: a sharding or shape error shows now, not at step 1.
-  batch_sharding = parallel.batch_sharding(mesh)
-  abstract_batch = {k: jax.ShapeDtypeStruct((t.batch_size, *shape[1:]), dtype,
-                                            sharding=batch_sharding)
-                    for k, (shape, dtype) in train_iter.element_spec.items()}
+  batch_spec = {k: ((t.batch_size, *shape[1:]), dtype)
+                for k, (shape, dtype) in train_iter.element_spec.items()}
   compile_start = time.time()
-  train_step = jax.jit(make_train_step(model, tx, config, mesh),
-                       out_shardings=(state_lib.shardings(model, tx, config, mesh),
-                                      parallel.replicated(mesh)),
-                       donate_argnums=0).lower(abstract_state, abstract_batch).compile()
+  train_step = lower_train_step(model, tx, config, mesh, abstract_state, batch_spec).compile()
   logging.info("train step compiled in %.1f s", time.time() - compile_start)
   checkpoint.wait_for_all_processes("semflow_jax.train: step compiled")
 

@@ -8,6 +8,14 @@ import tempfile
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# CPU only, also where libtpu is installed (the test extra has it, for the TPU compiler): JAX
+# then never loads the TPU runtime at start-up, which on a machine without TPUs costs half a
+# second and prints warnings in every process. TPU topologies for compiling are still there
+# (jax.experimental.topologies loads libtpu on demand).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests only compile for TPU topologies: let several processes (parallel test runs, a planner
+# beside them) load libtpu, which otherwise holds a lock file for the chips.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # One persistent compilation cache for this session, inherited by the subprocesses the tests
 # start: the same tiny train step is compiled once, not once per process.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:

@@ -200,9 +200,10 @@ def test_remat_and_bfloat16_keep_the_function(tmp_path):
     loss = lambda p: jnp.sum(module.apply({"params": p}, x, t, context) ** 2)  # noqa: E731
     return jax.grad(loss)(params)
 
-  for g, g_remat in zip(jax.tree.leaves(grads(plain)),
-                        jax.tree.leaves(grads(sd_unet.SDUNet(config, remat=True)))):
-    assert _relative_error(g_remat, g) < 1e-5  # same math; XLA may fuse in another order
+  for remat in (True, "dots"):  # whole blocks; all but the projection matmuls' outputs
+    for g, g_remat in zip(jax.tree.leaves(grads(plain)),
+                          jax.tree.leaves(grads(sd_unet.SDUNet(config, remat=remat)))):
+      assert _relative_error(g_remat, g) < 1e-5  # same math; XLA may fuse in another order
   bf16 = sd_unet.SDUNet(config, dtype=jnp.bfloat16)
   assert jax.tree.leaves(jax.eval_shape(bf16.init, jax.random.PRNGKey(0), x, t, context))[0] \
       .dtype == jnp.float32  # master weights stay float32

@@ -6,12 +6,16 @@ so that a PyTorch state-dict key maps onto a Flax parameter path by a mechanical
 normalisation statistics and the attention softmax are computed in float32 whatever `dtype` is.
 """
 
+import contextlib
+import dataclasses
+import functools
 import math
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
 
 Dtype = Any
 
@@ -75,7 +79,126 @@ class ResnetBlock2D(nn.Module):
     return out / self.output_scale_factor if self.output_scale_factor != 1.0 else out
 
 
-def attend(x, context, heads: int, dim_head: int, qkv_bias: bool, dtype: Dtype):
+# -- attention -----------------------------------------------------------------------------------
+ATTENTION_KINDS = ("auto", "einsum", "dot_product", "splash")
+# auto on TPU: the splash kernel from this many query tokens on. Below it the float32 logits of
+# one example are at most heads x 1024^2 x 4 bytes (32 MiB for SD's 8 heads), which XLA's fused
+# softmax handles; above it they dominate activation memory (512 MiB per example at 64x64
+# latents). The kernel needs query and key lengths divisible by its 128-token blocks.
+SPLASH_MIN_TOKENS = 1024
+SPLASH_BLOCK = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionImpl:
+  """How `attend` computes softmax(q k^T / sqrt(d)) v; the kernel is picked per layer.
+
+  kind: 'einsum' (explicit float32 logits: the reference, and the fastest on XLA:CPU),
+  'dot_product' (`jax.nn.dot_product_attention`: cuDNN's fused kernel on GPU where it takes the
+  shapes and dtype, XLA elsewhere), 'splash' (the Pallas TPU flash kernel, for layers whose
+  lengths fit its blocks; the others, e.g. cross-attention over 77 text tokens, use
+  'dot_product'), or 'auto' (splash on TPU from SPLASH_MIN_TOKENS query tokens, dot_product on
+  GPU, einsum on CPU). `platform` is the one the program is compiled for (a TPU topology's when
+  planning on a CPU) and `mesh` the devices it runs on: a Pallas kernel cannot be partitioned
+  by XLA, so it runs per device under `shard_map` over the batch, split over all mesh axes.
+  """
+  kind: str = "einsum"
+  platform: str = "cpu"
+  mesh: Optional[Mesh] = None
+
+  def __post_init__(self):
+    if self.kind not in ATTENTION_KINDS:
+      raise ValueError(f"config.model.attention={self.kind!r}: expected one of {ATTENTION_KINDS}")
+    if self.kind == "splash" and self.platform != "tpu":
+      raise ValueError(f"config.model.attention='splash' is a TPU kernel; this program is for "
+                       f"{self.platform} (use 'auto')")
+
+  def kernel(self, batch: int, q_len: int, kv_len: int) -> str:
+    """The implementation one layer uses: 'einsum', 'dot_product' or 'splash'."""
+    kind = self.kind
+    if kind == "auto":
+      if self.platform == "tpu":
+        kind = "splash" if q_len >= SPLASH_MIN_TOKENS else "dot_product"
+      else:
+        kind = "dot_product" if self.platform == "gpu" else "einsum"
+    if kind == "splash" and not self._splash_fits(batch, q_len, kv_len):
+      kind = "dot_product"
+    return kind
+
+  def _splash_fits(self, batch, q_len, kv_len):
+    shards = 1 if self.mesh is None else self.mesh.devices.size
+    return q_len % SPLASH_BLOCK == 0 and kv_len % SPLASH_BLOCK == 0 and batch % shards == 0
+
+
+# Trace-time record of the attention layers of a program (the planner and tests read it).
+_RECORDERS = []
+
+
+@contextlib.contextmanager
+def record_attention():
+  """Collects one dict per `attend` call traced inside the block: shapes and kernel."""
+  calls = []
+  _RECORDERS.append(calls)
+  try:
+    yield calls
+  finally:
+    _RECORDERS.remove(calls)
+
+
+def einsum_attention(q, k, v):
+  """(B, T, H, D), (B, S, H, D) x2 -> (B, T, H, D) with float32 logits and softmax."""
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  weights = jax.nn.softmax(logits * (q.shape[-1] ** -0.5), axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def dot_product_attention(q, k, v, platform: str):
+  """jax.nn.dot_product_attention (float32 logits): cuDNN on GPU when it takes the call."""
+  if platform == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+    try:
+      return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    except (NotImplementedError, ValueError, RuntimeError):
+      pass  # head dim, dtype or cuDNN version it does not support: XLA below
+  return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+
+
+@functools.lru_cache(maxsize=None)
+def _splash_kernel(heads: int, q_len: int, kv_len: int, interpret: bool):
+  from jax.experimental.pallas.ops.tpu.splash_attention import (
+      splash_attention_kernel as splash, splash_attention_mask as mask_lib)
+  bq, bkv = (max(b for b in (512, 256, 128) if n % b == 0) for n in (q_len, kv_len))
+  blocks = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
+                             block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq,
+                             block_kv_dq=bkv)
+  mask = mask_lib.MultiHeadMask([mask_lib.FullMask((q_len, kv_len))] * heads)
+  return splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=blocks,
+                                interpret=interpret)
+
+
+def splash_attention(q, k, v, mesh: Optional[Mesh] = None, interpret: bool = False):
+  """The Pallas TPU splash kernel on (B, T, H, D) inputs, per device over `mesh`'s batch split.
+
+  `interpret=True` runs the kernel's Python semantics on any backend (for tests on a CPU).
+  """
+  _, q_len, heads, dim = q.shape
+  kernel = _splash_kernel(heads, q_len, k.shape[1], interpret)
+
+  def per_device(q, k, v):
+    to_heads_first = lambda y: y.swapaxes(1, 2)  # the kernel takes (H, T, D) per example
+    out = jax.vmap(kernel)(to_heads_first(q * jnp.asarray(dim ** -0.5, q.dtype)),
+                           to_heads_first(k), to_heads_first(v))
+    return out.swapaxes(1, 2)
+
+  if mesh is None:
+    return per_device(q, k, v)
+  batch = P(mesh.axis_names)
+  # check_vma=False: the kernel's outputs carry no varying-axes annotation of their own.
+  return jax.shard_map(per_device, mesh=mesh, in_specs=(batch, batch, batch), out_specs=batch,
+                       check_vma=False)(q, k, v)
+
+
+def attend(x, context, heads: int, dim_head: int, qkv_bias: bool, dtype: Dtype,
+           impl: AttentionImpl = AttentionImpl()):
   """Multi-head attention of tokens x (B, T, C) over context (B, S, D) -> (B, T, C).
 
   Creates `to_q`, `to_k`, `to_v`, `to_out_0` in the calling module's scope (diffusers' layout).
@@ -87,10 +210,17 @@ def attend(x, context, heads: int, dim_head: int, qkv_bias: bool, dtype: Dtype):
     return y.reshape(*y.shape[:2], heads, dim_head)
 
   q, k, v = project(x, "to_q"), project(context, "to_k"), project(context, "to_v")
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-  weights = jax.nn.softmax(logits * (dim_head ** -0.5), axis=-1).astype(v.dtype)
-  out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(*x.shape[:2], inner)
-  return nn.Dense(x.shape[-1], dtype=dtype, name="to_out_0")(out)
+  kernel = impl.kernel(q.shape[0], q.shape[1], k.shape[1])
+  for calls in _RECORDERS:
+    calls.append(dict(batch=q.shape[0], q_len=q.shape[1], kv_len=k.shape[1], heads=heads,
+                      dim_head=dim_head, kernel=kernel))
+  if kernel == "splash":
+    out = splash_attention(q, k, v, impl.mesh)
+  elif kernel == "dot_product":
+    out = dot_product_attention(q, k, v, impl.platform)
+  else:
+    out = einsum_attention(q, k, v)
+  return nn.Dense(x.shape[-1], dtype=dtype, name="to_out_0")(out.reshape(*x.shape[:2], inner))
 
 
 class Attention(nn.Module):
@@ -98,11 +228,12 @@ class Attention(nn.Module):
   heads: int
   dim_head: int
   dtype: Dtype = jnp.float32
+  attention: AttentionImpl = AttentionImpl()
 
   @nn.compact
   def __call__(self, x, context=None):
     return attend(x, x if context is None else context, self.heads, self.dim_head,
-                  qkv_bias=False, dtype=self.dtype)
+                  qkv_bias=False, dtype=self.dtype, impl=self.attention)
 
 
 class SpatialSelfAttention(nn.Module):
@@ -110,12 +241,13 @@ class SpatialSelfAttention(nn.Module):
   groups: int
   eps: float
   dtype: Dtype = jnp.float32
+  attention: AttentionImpl = AttentionImpl()
 
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
     y = group_norm(self.groups, self.eps, self.dtype, "group_norm")(x).reshape(b, h * w, c)
-    y = attend(y, y, heads=1, dim_head=c, qkv_bias=True, dtype=self.dtype)
+    y = attend(y, y, heads=1, dim_head=c, qkv_bias=True, dtype=self.dtype, impl=self.attention)
     return x + y.reshape(b, h, w, c)
 
 
@@ -146,14 +278,16 @@ class BasicTransformerBlock(nn.Module):
   heads: int
   dim_head: int
   dtype: Dtype = jnp.float32
+  attention: AttentionImpl = AttentionImpl()
 
   @nn.compact
   def __call__(self, x, context):
     def norm(name):
       return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, use_fast_variance=False, name=name)
 
-    x = x + Attention(self.heads, self.dim_head, dtype=self.dtype, name="attn1")(norm("norm1")(x))
-    x = x + Attention(self.heads, self.dim_head, dtype=self.dtype,
+    x = x + Attention(self.heads, self.dim_head, dtype=self.dtype, attention=self.attention,
+                      name="attn1")(norm("norm1")(x))
+    x = x + Attention(self.heads, self.dim_head, dtype=self.dtype, attention=self.attention,
                       name="attn2")(norm("norm2")(x), context)
     return x + FeedForward(dtype=self.dtype, name="ff")(norm("norm3")(x))
 
@@ -166,6 +300,7 @@ class Transformer2D(nn.Module):
   groups: int
   use_linear_projection: bool
   dtype: Dtype = jnp.float32
+  attention: AttentionImpl = AttentionImpl()
 
   @nn.compact
   def __call__(self, x, context):
@@ -177,7 +312,7 @@ class Transformer2D(nn.Module):
     else:
       y = conv(inner, 1, self.dtype, "proj_in")(y).reshape(b, h * w, inner)
     for i in range(self.num_layers):
-      y = BasicTransformerBlock(self.heads, self.dim_head, self.dtype,
+      y = BasicTransformerBlock(self.heads, self.dim_head, self.dtype, attention=self.attention,
                                 name=f"transformer_blocks_{i}")(y, context)
     if self.use_linear_projection:
       y = nn.Dense(c, dtype=self.dtype, name="proj_out")(y).reshape(b, h, w, c)

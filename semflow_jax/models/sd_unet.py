@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any, Tuple, Union
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from absl import logging
 
@@ -120,13 +121,18 @@ class _Blocks(nn.Module):
   depth: int
   cfg: SDUNetConfig
   dtype: Any
-  remat: bool
+  remat: Union[bool, str]
+  attention: L.AttentionImpl = L.AttentionImpl()
 
   @nn.compact
   def __call__(self, h, temb, context, skips=None):
     cfg, dt = self.cfg, self.dtype
-    resnet_cls = nn.remat(L.ResnetBlock2D) if self.remat else L.ResnetBlock2D
-    transformer_cls = nn.remat(L.Transformer2D) if self.remat else L.Transformer2D
+    # remat 'dots' keeps the outputs of the attention and feed-forward projections (matmuls
+    # without batch dimensions) and recomputes convolutions, norms and attention weights.
+    policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if self.remat == "dots"
+              else None)
+    remat = lambda cls: nn.remat(cls, policy=policy) if self.remat else cls
+    resnet_cls, transformer_cls = remat(L.ResnetBlock2D), remat(L.Transformer2D)
     scale = cfg.mid_block_scale_factor if self.kind == "mid" else 1.0
 
     def resnet(j, h):
@@ -136,7 +142,7 @@ class _Blocks(nn.Module):
     def transformer(j, h):
       return transformer_cls(self.heads, self.channels // self.heads, self.depth,
                              cfg.norm_num_groups, cfg.use_linear_projection, dt,
-                             name=f"attentions_{j}")(h, context)
+                             attention=self.attention, name=f"attentions_{j}")(h, context)
 
     if self.kind == "mid":
       h = resnet(0, h)
@@ -161,12 +167,15 @@ class _Blocks(nn.Module):
 class SDUNet(nn.Module):
   """Velocity/noise UNet: (x (B, H, W, C_in), timesteps (B,), context (B, S, D)) -> (B, H, W, C_out).
 
-  `dtype` is the compute dtype (parameters stay float32); `remat` recomputes every ResNet and
-  transformer block in the backward pass instead of storing its activations.
+  `dtype` is the compute dtype (parameters stay float32); `remat` (True, or 'dots' to keep the
+  projection matmuls' outputs) recomputes every ResNet and transformer block in the backward
+  pass instead of storing its activations; `attention` picks
+  the attention kernel per layer (sd_layers.AttentionImpl).
   """
   config: SDUNetConfig
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: Union[bool, str] = False
+  attention: L.AttentionImpl = L.AttentionImpl()
 
   @nn.compact
   def __call__(self, x, timesteps, context):
@@ -185,7 +194,7 @@ class SDUNet(nn.Module):
 
     def blocks(kind, i, block, channels, cross, resample, num_layers, name):
       return _Blocks(kind, channels, num_layers, cross, resample, heads[block], depth[block], cfg,
-                     dt, self.remat, name=name)
+                     dt, self.remat, attention=self.attention, name=name)
 
     h = L.conv(cfg.block_out_channels[0], 3, dt, "conv_in")(x)
     skips = [h]

@@ -65,12 +65,14 @@ class _MidBlock(nn.Module):
   groups: int
   add_attention: bool
   dtype: Any
+  attention: L.AttentionImpl = L.AttentionImpl()
 
   @nn.compact
   def __call__(self, h):
     h = L.ResnetBlock2D(self.channels, self.groups, 1e-6, dtype=self.dtype, name="resnets_0")(h)
     if self.add_attention:
-      h = L.SpatialSelfAttention(self.groups, 1e-6, self.dtype, name="attentions_0")(h)
+      h = L.SpatialSelfAttention(self.groups, 1e-6, self.dtype, attention=self.attention,
+                                 name="attentions_0")(h)
     return L.ResnetBlock2D(self.channels, self.groups, 1e-6, dtype=self.dtype, name="resnets_1")(h)
 
 
@@ -96,6 +98,7 @@ class _ResnetStack(nn.Module):
 class Encoder(nn.Module):
   config: SDVAEConfig
   dtype: Any = jnp.float32
+  attention: L.AttentionImpl = L.AttentionImpl()
 
   @nn.compact
   def __call__(self, x):
@@ -106,7 +109,7 @@ class Encoder(nn.Module):
       h = _ResnetStack(channels, cfg.layers_per_block, cfg.norm_num_groups,
                        "down" if i < n - 1 else None, dt, name=f"down_blocks_{i}")(h)
     h = _MidBlock(cfg.block_out_channels[-1], cfg.norm_num_groups, cfg.mid_block_add_attention, dt,
-                  name="mid_block")(h)
+                  attention=self.attention, name="mid_block")(h)
     h = nn.silu(L.group_norm(cfg.norm_num_groups, 1e-6, dt, "conv_norm_out")(h))
     return L.conv(2 * cfg.latent_channels, 3, dt, "conv_out")(h)
 
@@ -114,6 +117,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
   config: SDVAEConfig
   dtype: Any = jnp.float32
+  attention: L.AttentionImpl = L.AttentionImpl()
 
   @nn.compact
   def __call__(self, z):
@@ -121,7 +125,7 @@ class Decoder(nn.Module):
     n = len(cfg.block_out_channels)
     h = L.conv(cfg.block_out_channels[-1], 3, dt, "conv_in")(z.astype(dt))
     h = _MidBlock(cfg.block_out_channels[-1], cfg.norm_num_groups, cfg.mid_block_add_attention, dt,
-                  name="mid_block")(h)
+                  attention=self.attention, name="mid_block")(h)
     for i, channels in enumerate(cfg.block_out_channels[::-1]):
       h = _ResnetStack(channels, cfg.layers_per_block + 1, cfg.norm_num_groups,
                        "up" if i < n - 1 else None, dt, name=f"up_blocks_{i}")(h)
@@ -131,14 +135,16 @@ class Decoder(nn.Module):
 
 class AutoencoderKL(nn.Module):
   """encode: images (B, H, W, 3) in [-1, 1] -> (mean, logvar) (B, H/f, W/f, latent_channels);
-  decode: latents -> images. f = 2 ** (len(block_out_channels) - 1)."""
+  decode: latents -> images. f = 2 ** (len(block_out_channels) - 1). `attention` picks the
+  mid-block attention's kernel (sd_layers.AttentionImpl)."""
   config: SDVAEConfig
   dtype: Any = jnp.float32
+  attention: L.AttentionImpl = L.AttentionImpl()
 
   def setup(self):
     cfg = self.config
-    self.encoder = Encoder(cfg, self.dtype)
-    self.decoder = Decoder(cfg, self.dtype)
+    self.encoder = Encoder(cfg, self.dtype, self.attention)
+    self.decoder = Decoder(cfg, self.dtype, self.attention)
     if cfg.use_quant_conv:
       self.quant_conv = L.conv(2 * cfg.latent_channels, 1, self.dtype, "quant_conv")
     if cfg.use_post_quant_conv:
