@@ -249,7 +249,11 @@ def _fmt(v):
 
 
 def markdown(results, command) -> str:
-  out = [f"Command: `{command}`", ""]
+  meta = results["meta"]
+  out = [f"Command: `{command}`", "",
+         f"Checkpoint step {meta['step']} of {meta['workdir']}; {meta['num_examples']} validation "
+         f"examples; {meta['steps']} {meta['method']} steps each way; "
+         f"{meta['seconds']:.0f} s in all.", ""]
   headers = {
       "editing": ("method", "psnr_outside", "exact_outside", "miou_inside"),
       "style": ("setting", "histogram_tv", "class_colour_delta_e", "roundtrip_miou"),

@@ -209,3 +209,44 @@ def test_latent_mask_any_pools_to_the_latent_grid():
   region[0, 3, 0] = True
   np.testing.assert_array_equal(controls.latent_mask(model, region)[0, ..., 0],
                                 [[False, False], [True, False]])
+
+
+def test_controls_in_sd_latent_space():
+  """The same guarantees with the SD UNet and VAE (random weights, latents at 1/2 resolution)."""
+  from configs import sd15
+  model = SemFlow.from_config(sd15.get_config("tiny"))
+
+  @jax.jit
+  def random_params():
+    params = model.init(jax.random.PRNGKey(0))
+    leaves, tree = jax.tree.flatten(params["unet"])
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    unet = jax.tree.unflatten(tree, [leaf + 0.05 * jax.random.normal(k, leaf.shape)
+                                     for leaf, k in zip(leaves, keys)])
+    return {**params, "unet": unet}
+
+  params, programs = random_params(), Programs(model)
+  size = model.image_size[0]
+  assert model.latent_shape[0] < size  # a real latent space
+  rng = np.random.default_rng(3)
+  labels = np.zeros((2, size, size), np.uint8)
+  labels[:, size // 2:] = 1
+  labels[:, 2:8, 2:8] = 4
+  images = rng.integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+  key, new_key = jax.random.PRNGKey(8), jax.random.PRNGKey(9)
+  plain = programs.synthesize(2, "euler")(params, labels, key)
+  np.testing.assert_array_equal(
+      programs.synthesize_styled(1.0, 2, "euler")(params, labels, images, key), plain)
+  np.testing.assert_array_equal(
+      programs.resample(2, "euler", True)(params, labels, np.zeros_like(labels, bool), key,
+                                          new_key), plain)
+  np.testing.assert_array_equal(programs.synthesize(2, "euler")(
+      controls.ensemble([params]), labels, key), plain)
+  target = np.where(labels == 4, 5, labels).astype(np.uint8)
+  for blend in (False, True):
+    out = programs.edit(2, "euler", blend)(params, images, labels, target)
+    assert out.shape == images.shape and np.isfinite(out).all()
+  # Nothing edited with the blend: the photo's latent comes back, decoded.
+  same = programs.edit(2, "euler", True)(params, images, labels, labels)
+  expected = jnp.clip(model.decode(params, model.encode_image(params, images)), -1, 1)
+  np.testing.assert_allclose(same, expected, atol=1e-5)
