@@ -121,6 +121,9 @@ def main(argv):
   logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(),
                jax.process_count(), jax.devices())
   try:
+    if _ENSEMBLE.value and _MODE.value in ("train", "eval"):
+      raise sample.InputError(f"--ensemble is for segment, synthesize and edit, not "
+                              f"--mode={_MODE.value} (benchmarks/controls.py measures ensembles)")
     if _MODE.value == "train":
       train.train_and_evaluate(config, _WORKDIR.value)
     elif _MODE.value == "eval":

@@ -1,4 +1,6 @@
-"""Segment and synthesise from files, with a trained checkpoint from a workdir.
+"""Segment, synthesise and edit from files, with a trained checkpoint from a workdir (or an
+ensemble of several), including the controls of `controls.py` (style reference, regional
+re-sampling, editing through the label map).
 
 Inputs of any size are resized to the model's resolution (bicubic for images, nearest for label
 maps) and outputs come back at the input's size. Bad input raises `InputError`, whose one-line
