@@ -10,7 +10,7 @@
       --mode=edit --input=photo.png --labels=edited_mask.png --output=edited.png
   ... --mode=synthesize --input=mask.png --style=reference.png --style_strength=0.7 --output=dir
   ... --mode=synthesize --input=mask.png --resample_classes=3,5 --output=dir
-  ... --ensemble=runs/seed1,runs/seed2   (any inference mode: average the checkpoints' velocity)
+  ... --ensemble=runs/seed1,runs/seed2   (segment, synthesize, edit: mean velocity)
 
 Several processes (one per host, or per GPU node) run the same command. Under SLURM (srun) and
 on multi-host TPU slices that set TPU_WORKER_HOSTNAMES, jax.distributed is initialised
