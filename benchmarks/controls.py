@@ -46,6 +46,8 @@ _BATCH = flags.DEFINE_integer("batch_size", 100, "Examples per program call.")
 _OUTPUT = flags.DEFINE_string("output", None, "Markdown file for the tables (+ .json beside).")
 _PICTURES = flags.DEFINE_string("pictures", None, "Draw the README pictures into this "
                                 "directory instead of measuring.")
+_SECTIONS = flags.DEFINE_list("sections", ["editing", "style", "resampling", "ensembles"],
+                              "Which tables to measure (ensembles needs --ensemble_workdir).")
 _STRENGTHS = flags.DEFINE_list("strengths", ["1.0", "0.9", "0.8", "0.7", "0.6", "0.5", "0.4"],
                                "Style strengths t_s for the curve.")
 flags.mark_flags_as_required(["workdir"])
@@ -328,22 +330,31 @@ def main(argv):
   command = "python " + " ".join(sys.argv)
   results = {"meta": {"workdir": _WORKDIR.value, "step": bench.step,
                       "num_examples": len(bench.images), "steps": bench.steps,
-                      "method": bench.method}}
-  for name, fn in (("editing", bench.editing),
-                   ("style", functools.partial(bench.style, [float(s) for s in _STRENGTHS.value])),
-                   ("resampling", bench.resampling)):
+                      "method": bench.method, "seconds": 0.0}}
+  text = ""
+  sections = {"editing": bench.editing,
+              "style": functools.partial(bench.style, [float(s) for s in _STRENGTHS.value]),
+              "resampling": bench.resampling,
+              "ensembles": functools.partial(bench.ensembles, _ENSEMBLE.value)}
+  unknown = set(_SECTIONS.value) - set(sections)
+  if unknown:
+    raise app.UsageError(f"--sections: unknown {sorted(unknown)}; expected {list(sections)}")
+  if "ensembles" in _SECTIONS.value and not _ENSEMBLE.value:
+    logging.warning("no --ensemble_workdir: skipping the ensembles table")
+  for name in _SECTIONS.value:
+    if name == "ensembles" and not _ENSEMBLE.value:
+      continue
     t = time.time()
-    results[name] = fn()
+    results[name] = sections[name]()
     logging.info("%s done in %.0f s", name, time.time() - t)
-  if _ENSEMBLE.value:
-    results["ensembles"] = bench.ensembles(_ENSEMBLE.value)
-  results["meta"]["seconds"] = round(time.time() - start, 1)
-  text = markdown(results, command)
+    results["meta"]["seconds"] = round(time.time() - start, 1)
+    # Written after every table, so a long run that is stopped keeps what it measured.
+    text = markdown(results, command)
+    if _OUTPUT.value:
+      storage.write_text(_OUTPUT.value, text + "\n")
+      storage.write_text(_OUTPUT.value + ".json", json.dumps(results, indent=2, default=str)
+                         .replace("Infinity", '"inf"'))
   print(text)
-  if _OUTPUT.value:
-    storage.write_text(_OUTPUT.value, text + "\n")
-    storage.write_text(_OUTPUT.value + ".json",
-                       json.dumps(results, indent=2, default=str).replace("Infinity", '"inf"'))
 
 
 if __name__ == "__main__":
