@@ -240,8 +240,6 @@ def test_controls_in_sd_latent_space():
   np.testing.assert_array_equal(
       programs.resample(2, "euler", True)(params, labels, np.zeros_like(labels, bool), key,
                                           new_key), plain)
-  np.testing.assert_array_equal(programs.synthesize(2, "euler")(
-      controls.ensemble([params]), labels, key), plain)
   target = np.where(labels == 4, 5, labels).astype(np.uint8)
   for blend in (False, True):
     out = programs.edit(2, "euler", blend)(params, images, labels, target)
