@@ -71,7 +71,14 @@ def decode(anchor_image, num_classes: int):
   return jnp.argmin(scores, axis=-1).astype(jnp.int32)
 
 
-def perturb(anchor_image, rng, amplitude: float = DEFAULT_PERTURBATION):
-  """Eq. 14: anchor + amplitude * (U[0, 1) - 0.5), elementwise, in [-1, 1] units."""
-  noise = jax.random.uniform(rng, jnp.shape(anchor_image), jnp.float32) - 0.5
-  return anchor_image + amplitude * noise
+def perturbation_noise(rng, shape):
+  """u ~ U[0, 1) elementwise: the randomness of Eq. 14, drawn apart so callers can edit it."""
+  return jax.random.uniform(rng, shape, jnp.float32)
+
+
+def perturb(anchor_image, rng, amplitude: float = DEFAULT_PERTURBATION, noise=None):
+  """Eq. 14: anchor + amplitude * (u - 0.5) elementwise, in [-1, 1] units, with
+  u = perturbation_noise(rng, shape), or the given `noise` u of the anchor image's shape."""
+  if noise is None:
+    noise = perturbation_noise(rng, jnp.shape(anchor_image))
+  return anchor_image + amplitude * (noise - 0.5)

@@ -35,12 +35,11 @@ def flow_matching_loss(predicted_velocity, z0, z1):
   return jnp.mean(jnp.square(predicted_velocity - velocity_target(z0, z1)))
 
 
-def integrate(velocity_fn: VelocityFn, z, t_start: float, t_end: float, steps: int,
-              method: str = "euler"):
-  """Fixed-step ODE solve of dz/dt = velocity_fn(z, t) from t_start to t_end.
-
-  `steps` and `method` are static; t_start > t_end integrates backward in time.
-  """
+def step_function(velocity_fn: VelocityFn, t_start: float, t_end: float, steps: int,
+                  method: str = "euler") -> Callable:
+  """(i, z) -> z after step i of the fixed-step solve from t_start to t_end: the body that
+  `integrate` loops over, for callers that need the states in between (`trajectory`) or act
+  after every step."""
   if method not in METHODS:
     raise ValueError(f"unknown integrator method {method!r}; expected one of {METHODS}")
   if steps < 1:
@@ -57,4 +56,27 @@ def integrate(velocity_fn: VelocityFn, z, t_start: float, t_end: float, steps: i
     k2 = velocity_fn(z + dt * k1, jnp.asarray(t + dt, jnp.float32))
     return z + 0.5 * dt * (k1 + k2)
 
-  return jax.lax.fori_loop(0, steps, euler if method == "euler" else heun, z)
+  return euler if method == "euler" else heun
+
+
+def integrate(velocity_fn: VelocityFn, z, t_start: float, t_end: float, steps: int,
+              method: str = "euler"):
+  """Fixed-step ODE solve of dz/dt = velocity_fn(z, t) from t_start to t_end.
+
+  `steps` and `method` are static; t_start > t_end integrates backward in time.
+  """
+  return jax.lax.fori_loop(0, steps, step_function(velocity_fn, t_start, t_end, steps, method), z)
+
+
+def trajectory(velocity_fn: VelocityFn, z, t_start: float, t_end: float, steps: int,
+               method: str = "euler"):
+  """Every state of `integrate(...)`, (steps + 1, *z.shape): z at t_start + i (t_end - t_start)
+  / steps for i = 0..steps, the same numbers `integrate` computes (its last one is the result)."""
+  step = step_function(velocity_fn, t_start, t_end, steps, method)
+
+  def body(z, i):
+    z = step(i, z)
+    return z, z
+
+  _, states = jax.lax.scan(body, z, jnp.arange(steps))
+  return jnp.concatenate([z[None], states])

@@ -6,6 +6,11 @@
       --mode=segment --input=photo.png --output=mask.png
   python -m semflow_jax.main --config=configs/synthetic.py --workdir=runs/synthetic \
       --mode=synthesize --input=mask.png --num_samples=4 --output=samples_dir
+  python -m semflow_jax.main --config=configs/synthetic.py --workdir=runs/synthetic \
+      --mode=edit --input=photo.png --labels=edited_mask.png --output=edited.png
+  ... --mode=synthesize --input=mask.png --style=reference.png --style_strength=0.7 --output=dir
+  ... --mode=synthesize --input=mask.png --resample_classes=3,5 --output=dir
+  ... --ensemble=runs/seed1,runs/seed2   (segment, synthesize, edit: mean velocity)
 
 Several processes (one per host, or per GPU node) run the same command. Under SLURM (srun) and
 on multi-host TPU slices that set TPU_WORKER_HOSTNAMES, jax.distributed is initialised
@@ -28,12 +33,37 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/synthetic.py",
                                           "Config file, optionally with :argument.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard logs, metrics, samples.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "segment", "synthesize"],
-                          "train (then evaluate), eval, segment or synthesize.")
-_INPUT = flags.DEFINE_string("input", None, "segment: an image; synthesize: a label map PNG.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "segment", "synthesize", "edit"],
+                          "train (then evaluate), eval, segment, synthesize or edit.")
+_INPUT = flags.DEFINE_string("input", None, "segment, edit: an image; synthesize: a label map "
+                             "PNG.")
 _OUTPUT = flags.DEFINE_string("output", None, "segment: the label map PNG to write; "
-                              "synthesize: the directory to write samples into.")
+                              "synthesize: the directory to write samples into; edit: the "
+                              "edited image PNG to write.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 4, "synthesize: how many images.")
+_LABELS = flags.DEFINE_string("labels", None, "edit: the --input photo's label map (as "
+                              "--mode=segment wrote it) with some labels changed; 255 = keep.")
+_EDIT_METHOD = flags.DEFINE_enum("edit_method", "blend", ["blend", "shift"],
+                                 "edit: shift the ODE end point and integrate back ('shift'), "
+                                 "and also keep the photo's trajectory outside the edited "
+                                 "region at every step ('blend').")
+_STYLE = flags.DEFINE_string("style", None, "synthesize: a reference image whose style to "
+                             "follow.")
+_STYLE_STRENGTH = flags.DEFINE_float("style_strength", None,
+                                     "synthesize --style: start time t_s in [0, 1]: 1 = plain "
+                                     "synthesis, 0 = the reference (default 0.7).")
+_COLOUR_TRANSFER = flags.DEFINE_bool("colour_transfer", False, "synthesize --style: match the "
+                                     "reference's Lab mean and standard deviation.")
+_REFINE = flags.DEFINE_integer("refine", 0, "synthesize --style: refinement rounds.")
+_RESAMPLE_CLASSES = flags.DEFINE_list("resample_classes", None,
+                                      "synthesize: new perturbation noise only for these class "
+                                      "ids (e.g. 3,5); everything else as the plain sample.")
+_RESAMPLE_MASK = flags.DEFINE_string("resample_mask", None, "synthesize: like "
+                                     "--resample_classes, for the nonzero pixels of this PNG.")
+_RESAMPLE_SEED = flags.DEFINE_integer("resample_seed", None, "synthesize: seed of the new "
+                                      "noise (default config.sample.seed + 1).")
+_ENSEMBLE = flags.DEFINE_list("ensemble", [], "segment, synthesize, edit: more workdirs whose "
+                              "latest checkpoints join --workdir's; the velocity is their mean.")
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "yes", "no"],
                                  "jax.distributed.initialize(): auto = when SLURM (srun) or a "
                                  "multi-host TPU slice is detected; yes = always (its own "
@@ -91,15 +121,25 @@ def main(argv):
   logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(),
                jax.process_count(), jax.devices())
   try:
+    if _ENSEMBLE.value and _MODE.value in ("train", "eval"):
+      raise sample.InputError(f"--ensemble is for segment, synthesize and edit, not "
+                              f"--mode={_MODE.value} (benchmarks/controls.py measures ensembles)")
     if _MODE.value == "train":
       train.train_and_evaluate(config, _WORKDIR.value)
     elif _MODE.value == "eval":
       evaluate.evaluate(config, _WORKDIR.value)
     elif _MODE.value == "segment":
-      sample.segment_file(config, _WORKDIR.value, _INPUT.value, _OUTPUT.value)
+      sample.segment_file(config, _WORKDIR.value, _INPUT.value, _OUTPUT.value, _ENSEMBLE.value)
+    elif _MODE.value == "edit":
+      sample.edit_file(config, _WORKDIR.value, _INPUT.value, _LABELS.value, _OUTPUT.value,
+                       _EDIT_METHOD.value, _ENSEMBLE.value)
     else:
-      sample.synthesize_file(config, _WORKDIR.value, _INPUT.value, _OUTPUT.value,
-                             _NUM_SAMPLES.value)
+      sample.synthesize_file(
+          config, _WORKDIR.value, _INPUT.value, _OUTPUT.value, _NUM_SAMPLES.value,
+          _ENSEMBLE.value, style=_STYLE.value, style_strength=_STYLE_STRENGTH.value,
+          colour_transfer=_COLOUR_TRANSFER.value, refine=_REFINE.value,
+          resample_classes=_RESAMPLE_CLASSES.value, resample_mask=_RESAMPLE_MASK.value,
+          resample_seed=_RESAMPLE_SEED.value)
   except (sample.InputError, FileNotFoundError,  # bad input file, or no checkpoint yet
           checkpoint.IncompatibleCheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -81,3 +81,52 @@ class ColourClassifier:
     mahalanobis = np.einsum("...ci,cij,...cj->...c", d, self._precisions, d)
     scores = self.log_priors - 0.5 * (mahalanobis + self._log_dets)
     return np.argmax(scores, axis=-1)
+
+
+# -- controls (benchmarks/controls.py): preservation, style, re-sampling -----------------------
+def dilate(mask, radius: int) -> np.ndarray:
+  """bool (B, H, W) mask grown by `radius` pixels (a (2r + 1)^2 square)."""
+  mask = np.asarray(mask, bool)
+  padded = np.pad(mask, ((0, 0), (radius, radius), (radius, radius)))
+  h, w = mask.shape[1:]
+  out = np.zeros_like(mask)
+  for dy in range(2 * radius + 1):
+    for dx in range(2 * radius + 1):
+      out |= padded[:, dy:dy + h, dx:dx + w]
+  return out
+
+
+def psnr(a, b, where=None) -> float:
+  """PSNR in dB between uint8 images (B, H, W, 3) over the pixels where `where` (B, H, W) is
+  True, from their pooled squared error; inf when they are identical there."""
+  err = (np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2
+  err = err.mean(-1) if where is None else err.mean(-1)[np.asarray(where, bool)]
+  mse = float(err.mean()) if err.size else 0.0
+  return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
+
+
+def colour_histogram_distance(a, b, bins: int = 4) -> float:
+  """Mean over image pairs of the total-variation distance (0 = same, 1 = disjoint) between
+  the joint RGB histograms (bins^3 cells) of uint8 images a[i] and b[i]."""
+  def histograms(x):
+    cells = (np.asarray(x, np.int64) * bins) // 256
+    index = (cells[..., 0] * bins + cells[..., 1]) * bins + cells[..., 2]
+    index = index.reshape(len(index), -1)
+    counts = np.stack([np.bincount(row, minlength=bins**3) for row in index])
+    return counts / counts.sum(1, keepdims=True)
+  return float(0.5 * np.abs(histograms(a) - histograms(b)).sum(1).mean())
+
+
+def class_mean_colour_distance(a, labels_a, b, labels_b, num_classes: int) -> float:
+  """Mean CIE76 Delta E (Lab, D65) between the mean colour of class c in a[i] and in b[i], over
+  every (i, c) where c occurs in both label maps; uint8 images, (B, H, W) labels."""
+  from semflow_jax import colour  # jnp; only this metric needs it
+  lab_a = np.asarray(colour.rgb_to_lab(np.asarray(a) / 255.0), np.float64)
+  lab_b = np.asarray(colour.rgb_to_lab(np.asarray(b) / 255.0), np.float64)
+  distances = []
+  for i in range(len(lab_a)):
+    for c in range(num_classes):
+      in_a, in_b = labels_a[i] == c, labels_b[i] == c
+      if in_a.any() and in_b.any():
+        distances.append(np.linalg.norm(lab_a[i][in_a].mean(0) - lab_b[i][in_b].mean(0)))
+  return float(np.mean(distances)) if distances else float("nan")

@@ -1,4 +1,6 @@
-"""Segment and synthesise from files, with a trained checkpoint from a workdir.
+"""Segment, synthesise and edit from files, with a trained checkpoint from a workdir (or an
+ensemble of several), including the controls of `controls.py` (style reference, regional
+re-sampling, editing through the label map).
 
 Inputs of any size are resized to the model's resolution (bicubic for images, nearest for label
 maps) and outputs come back at the input's size. Bad input raises `InputError`, whose one-line
@@ -6,6 +8,7 @@ message names the file and the problem.
 """
 
 import os
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +17,7 @@ import numpy as np
 from absl import logging
 from PIL import Image, UnidentifiedImageError
 
-from semflow_jax import anchors, images, parallel, state
+from semflow_jax import anchors, controls, images, parallel, state, storage
 from semflow_jax.programs import Programs
 from semflow_jax.semflow import SemFlow
 
@@ -69,19 +72,32 @@ def _resize(array: np.ndarray, size, resample) -> np.ndarray:
   return np.asarray(Image.fromarray(array).resize((size[1], size[0]), resample))
 
 
-def _load(config, workdir):
+def _load(config, workdir, ensemble=()):
+  """The model and its params; with `ensemble` workdirs, the ensemble of `workdir` and those
+  (each one's latest checkpoint; the velocity is their mean, see controls.ensemble)."""
   mesh = parallel.make_mesh(config)
-  params, step = state.load_params(config, workdir, mesh)
-  logging.info("loaded checkpoint at step %d from %s", step, workdir)
+  workdirs = list(dict.fromkeys([workdir, *ensemble]))  # in order, each once
+  members = []
+  for directory in workdirs:
+    params, step = state.load_params(config, directory, mesh)
+    logging.info("loaded checkpoint at step %d from %s", step, directory)
+    members.append(params)
+  if len(members) == 1:
+    return SemFlow.from_config(config, mesh), members[0]
+  try:
+    params = controls.ensemble(members, workdirs)
+  except ValueError as e:
+    raise InputError(str(e)) from None
+  logging.info("ensemble of %d checkpoints: the velocity is their mean", len(members))
   return SemFlow.from_config(config, mesh), params
 
 
 def segment_file(config: ml_collections.ConfigDict, workdir: str, input_path: str,
-                 output_path: str) -> np.ndarray:
+                 output_path: str, ensemble=()) -> np.ndarray:
   """Write the label map of `input_path` to `output_path` and a preview beside it."""
   output_path = _check_output(output_path, "the label map PNG to write")
   image = read_image(input_path)
-  model, params = _load(config, workdir)
+  model, params = _load(config, workdir, ensemble)
   s = config.sample
   segment = Programs(model).segment(s.seg_steps, s.method)
   labels = np.asarray(segment(params, _resize(image, model.image_size, Image.BICUBIC)[None]))[0]
@@ -94,22 +110,143 @@ def segment_file(config: ml_collections.ConfigDict, workdir: str, input_path: st
 
 
 def synthesize_file(config: ml_collections.ConfigDict, workdir: str, input_path: str,
-                    output_dir: str, num_samples: int) -> list:
-  """Write `num_samples` images synthesised from the label map `input_path` into `output_dir`."""
+                    output_dir: str, num_samples: int, ensemble=(), style: Optional[str] = None,
+                    style_strength: Optional[float] = None, colour_transfer: bool = False,
+                    refine: int = 0, resample_classes: Optional[Sequence[str]] = None,
+                    resample_mask: Optional[str] = None,
+                    resample_seed: Optional[int] = None) -> list:
+  """Write `num_samples` images synthesised from the label map `input_path` into `output_dir`.
+
+  With `style` (an image): in that image's style (controls.synthesize_styled; strength 1 is
+  plain synthesis). With `resample_classes` (class ids) or `resample_mask` (a PNG, nonzero =
+  re-sample): sample i is plain sample i with new perturbation noise (from `resample_seed`) in
+  that region only (controls.resample).
+  """
   output_dir = _check_output(output_dir, "the directory to write samples into")
   if num_samples < 1:
     raise InputError(f"--num_samples must be >= 1, got {num_samples}")
-  labels = read_label_map(input_path, config.data.num_classes)
-  model, params = _load(config, workdir)
   s = config.sample
-  synthesize = Programs(model).synthesize(s.synth_steps, s.method)
+  resampling = resample_classes is not None or resample_mask is not None
+  _check_style_flags(style, style_strength, colour_transfer, refine, resampling)
+  if resample_seed is not None and not resampling:
+    raise InputError("--resample_seed needs --resample_classes or --resample_mask")
+  if resampling and (resample_seed if resample_seed is not None else s.seed + 1) == s.seed:
+    raise InputError(f"--resample_seed={resample_seed} is config.sample.seed, the original "
+                     "sample's: the re-sampled region would not change")
+  labels = read_label_map(input_path, config.data.num_classes)
+  reference = read_image(style) if style else None
+  region = _resample_region(labels, input_path, resample_classes, resample_mask,
+                            config.data.num_classes) if resampling else None
+  model, params = _load(config, workdir, ensemble)
+  programs = Programs(model)
   small = _resize(labels, model.image_size, Image.NEAREST)
   batch = jnp.broadcast_to(jnp.asarray(small)[None], (num_samples, *small.shape))
-  out = np.asarray(anchors.from_unit_range(synthesize(params, batch, jax.random.PRNGKey(s.seed))))
+  rng = jax.random.PRNGKey(s.seed)
+  if reference is not None:
+    reference = _resize(reference, model.image_size, Image.BICUBIC)
+    references = jnp.broadcast_to(jnp.asarray(reference)[None], (num_samples, *reference.shape))
+    run = programs.synthesize_styled(style_strength if style_strength is not None else
+                                     DEFAULT_STYLE_STRENGTH, s.synth_steps, s.method,
+                                     colour_transfer, refine)
+    out = run(params, batch, references, rng)
+  elif region is not None:
+    region = _resize(region.astype(np.uint8), model.image_size, Image.NEAREST).astype(bool)
+    regions = jnp.broadcast_to(jnp.asarray(region)[None], batch.shape)
+    new_rng = jax.random.PRNGKey(resample_seed if resample_seed is not None else s.seed + 1)
+    out = programs.resample(s.synth_steps, s.method)(params, batch, regions, rng, new_rng)
+  else:
+    out = programs.synthesize(s.synth_steps, s.method)(params, batch, rng)
+  out = np.asarray(programs.to_uint8(out))
   paths = []
   for i, x in enumerate(out):
-    path = os.path.join(output_dir, f"sample_{i}.png")
+    path = storage.join(output_dir, f"sample_{i}.png")
     images.write_png(path, _resize(x, labels.shape, Image.BICUBIC))
     paths.append(path)
   logging.info("wrote %d samples to %s", num_samples, output_dir)
   return paths
+
+
+# The style-strength curve in benchmarks/RESULTS.md: lower t_s follows the reference's colours
+# more and the mask less; 0.7 halves the colour-histogram distance to the reference.
+DEFAULT_STYLE_STRENGTH = 0.7
+
+
+def _check_style_flags(style, strength, colour_transfer, refine, resampling):
+  if strength is not None and not 0.0 <= strength <= 1.0:
+    raise InputError(f"--style_strength={strength} must be in [0, 1] (1 = plain synthesis, 0 = "
+                     "the reference itself)")
+  if not style and (strength is not None or colour_transfer or refine):
+    raise InputError("--style_strength, --colour_transfer and --refine need --style=IMAGE")
+  if refine < 0:
+    raise InputError(f"--refine={refine} must be >= 0")
+  if style and resampling:
+    raise InputError("--style and --resample_classes/--resample_mask cannot be combined")
+
+
+def _resample_region(labels, labels_path, classes, mask_path, num_classes) -> np.ndarray:
+  """bool (H, W) at the label map's size: pixels of `classes`, or the nonzero pixels of the
+  mask PNG `mask_path`."""
+  if classes is not None and mask_path is not None:
+    raise InputError("give --resample_classes or --resample_mask, not both")
+  if mask_path is not None:
+    mask = np.asarray(_open(mask_path).convert("L")) > 0
+    if mask.shape != labels.shape:
+      raise InputError(f"{mask_path}: mask is {mask.shape[0]}x{mask.shape[1]}, the label map "
+                       f"{labels_path} is {labels.shape[0]}x{labels.shape[1]}")
+    return mask
+  ids = []
+  for c in classes:
+    try:
+      ids.append(int(c))
+    except ValueError:
+      raise InputError(f"--resample_classes: {c!r} is not a class id") from None
+    if not 0 <= ids[-1] < num_classes:
+      raise InputError(f"--resample_classes: class {ids[-1]} is outside the dataset's classes "
+                       f"0..{num_classes - 1}")
+  if not ids:
+    raise InputError("--resample_classes is empty")
+  return np.isin(labels, ids)
+
+
+def edit_file(config: ml_collections.ConfigDict, workdir: str, input_path: str,
+              labels_path: str, output_path: str, method: str = "blend", ensemble=()) -> np.ndarray:
+  """Edit the photo `input_path` through its label map: `labels_path` is its segmentation
+  (as --mode=segment writes it) with some labels changed (255 = leave as is). The region whose
+  labels changed is re-drawn (controls.edit, `method` 'shift' or 'blend'); the result, at the
+  photo's size, goes to `output_path`."""
+  output_path = _check_output(output_path, "the edited image PNG to write")
+  if method not in EDIT_METHODS:
+    raise InputError(f"--edit_method={method!r}: expected one of {', '.join(EDIT_METHODS)}")
+  if not labels_path:
+    raise InputError("--labels is required for --mode=edit (the edited label map PNG)")
+  photo = read_image(input_path)
+  edited = read_label_map(labels_path, config.data.num_classes)
+  if edited.shape != photo.shape[:2]:
+    raise InputError(f"{labels_path}: label map is {edited.shape[0]}x{edited.shape[1]}, the photo "
+                     f"{input_path} is {photo.shape[0]}x{photo.shape[1]}; edit the label map "
+                     "--mode=segment wrote for it")
+  model, params = _load(config, workdir, ensemble)
+  programs = Programs(model)
+  s = config.sample
+  small = _resize(photo, model.image_size, Image.BICUBIC)
+  source = np.asarray(programs.segment(s.seg_steps, s.method)(params, small[None]))[0]
+  source = source.astype(np.uint8)
+  # The region is found at the photo's size, against the label map --mode=segment writes, so
+  # resizing never invents an edit; a model-size pixel is edited if any of its pixels is.
+  changed = (edited != _resize(source, photo.shape[:2], Image.NEAREST)) & (
+      edited != anchors.IGNORE_LABEL)
+  if not changed.any():
+    logging.warning("%s: no label differs from the photo's segmentation; nothing to edit",
+                    labels_path)
+  region = _resize(changed.astype(np.uint8) * 255, model.image_size, Image.BOX) > 0
+  target = np.where(region, _resize(edited, model.image_size, Image.NEAREST), source)
+  out = programs.edit(s.synth_steps, s.method, method == "blend")(
+      params, small[None], source[None], target[None])
+  result = _resize(np.asarray(programs.to_uint8(out))[0], photo.shape[:2], Image.BICUBIC)
+  images.write_png(output_path, result)
+  logging.info("wrote %s (%d pixels edited at the model's %dx%d)", output_path, int(region.sum()),
+               *model.image_size)
+  return result
+
+
+EDIT_METHODS = ("blend", "shift")

@@ -152,11 +152,23 @@ class SemFlow:
       mean = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
     return self._scale(mean)
 
-  def encode_labels(self, params, labels, rng):
-    """uint8 (B, H, W[, 1]) labels -> z1, the latent of the perturbed anchor image (Eq. 14)."""
-    anchor_image = anchors.perturb(anchors.render(labels), rng, self.perturbation)
+  def encode_labels(self, params, labels, rng=None, noise=None):
+    """uint8 (B, H, W[, 1]) labels -> z1, the latent of the perturbed anchor image (Eq. 14).
+
+    The perturbation noise is `perturbation_noise(rng, labels)`, or `noise` when given (to edit
+    it: regional re-sampling); with neither, the anchor image is not perturbed.
+    """
+    anchor_image = anchors.render(labels)
+    if noise is None and rng is not None:
+      noise = self.perturbation_noise(rng, labels)
+    if noise is not None:
+      anchor_image = anchors.perturb(anchor_image, None, self.perturbation, noise)
     mean, _ = self._vae(params, anchor_image, "encode")
     return self._scale(mean)
+
+  def perturbation_noise(self, rng, labels):
+    """The U[0, 1) noise (B, H, W, 3) that `encode_labels(params, labels, rng)` draws."""
+    return anchors.perturbation_noise(rng, (*jnp.shape(labels)[:3], 3))
 
   def decode(self, params, z):
     shift = self.autoencoder.shift_factor if self.has_vae else 0.0
@@ -164,7 +176,14 @@ class SemFlow:
 
   # -- the velocity field ----------------------------------------------------------------------
   def velocity(self, params, z, t, rng=None):
-    """dz/dt at time t (scalar or (B,) in [0, 1]); the UNet sees timestep 1000 t."""
+    """dz/dt at time t (scalar or (B,) in [0, 1]); the UNet sees timestep 1000 t.
+
+    An ensemble's params hold a tuple of UNet parameter trees under 'unet' (controls.ensemble);
+    its velocity is the members' mean, so every method integrates the averaged field.
+    """
+    if isinstance(params["unet"], (tuple, list)):
+      members = [self.velocity({**params, "unet": unet}, z, t, rng) for unet in params["unet"]]
+      return sum(members[1:], members[0]) / len(members)
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:1])
     if self.uses_context:
       context = jnp.broadcast_to(jax.lax.stop_gradient(params["context"]),

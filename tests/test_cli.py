@@ -1,5 +1,6 @@
 """Bad input to segment / synthesize stops with one line naming the file and the problem."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -81,3 +82,54 @@ def test_cli_prints_one_error_line_and_exits_2(files, tmp_path, mode, key):
   assert len(error_lines) == 1 and named in error_lines[0], proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
   assert not os.path.exists(out)  # nothing half-written
+
+
+# -- edit, style reference, regional re-sampling (issue #14) -------------------------------------
+def test_control_flags_are_checked_before_the_model_is_loaded(files, tiny_config, tmp_path):
+  # No checkpoint in tmp_path: each error must come from the flags or files, not from loading.
+  photo = str(tmp_path / "photo.png")
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(photo)
+  small = str(tmp_path / "small.png")
+  Image.fromarray(np.zeros((6, 8), np.uint8)).save(small)
+  wd, out = str(tmp_path), str(tmp_path / "out")
+  with pytest.raises(sample.InputError, match=f"{small}: label map is 6x8, the photo {photo} "
+                     "is 8x8"):
+    sample.edit_file(tiny_config, wd, photo, small, out)
+  with pytest.raises(sample.InputError, match=f"{files['bad_values']}: label values 7, 9, 200"):
+    sample.edit_file(tiny_config, wd, photo, files["bad_values"], out)
+  synth = functools.partial(sample.synthesize_file, tiny_config, wd, files["good_mask"], out, 1)
+  for kwargs, message in [
+      (dict(style=photo, style_strength=1.5), "--style_strength=1.5 must be in \\[0, 1\\]"),
+      (dict(style=photo, style_strength=-0.1), "--style_strength=-0.1 must be in \\[0, 1\\]"),
+      (dict(style_strength=0.5), "--style_strength, --colour_transfer and --refine need --style"),
+      (dict(resample_classes=["3", "7"]), "--resample_classes: class 7 is outside the "
+                                          "dataset's classes 0..6"),
+      (dict(resample_classes=["sky"]), "--resample_classes: 'sky' is not a class id"),
+      (dict(resample_mask=small), f"{small}: mask is 6x8, the label map .* is 8x8"),
+      (dict(resample_classes=["1"], resample_seed=0), "--resample_seed=0 is config.sample.seed"),
+      (dict(resample_classes=["1"], style=photo), "cannot be combined")]:
+    with pytest.raises(sample.InputError, match=message):
+      synth(**kwargs)
+  assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("args,named", [
+    (["--mode=edit", "--input={photo}", "--labels={small}"], "{small}"),
+    (["--mode=synthesize", "--input={mask}", "--style={photo}", "--style_strength=2"],
+     "--style_strength=2.0"),
+    (["--mode=synthesize", "--input={mask}", "--resample_classes=3,12"], "class 12")])
+def test_control_cli_errors_are_one_line(tmp_path, args, named):
+  paths = {"photo": str(tmp_path / "photo.png"), "small": str(tmp_path / "small.png"),
+           "mask": str(tmp_path / "mask.png")}
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(paths["photo"])
+  Image.fromarray(np.zeros((6, 8), np.uint8)).save(paths["small"])
+  Image.fromarray(np.zeros((8, 8), np.uint8)).save(paths["mask"])
+  out = str(tmp_path / "out")
+  proc = subprocess.run(
+      [sys.executable, "-m", "semflow_jax.main", "--config=configs/synthetic.py:tiny",
+       f"--workdir={tmp_path / 'wd'}", f"--output={out}", *(a.format(**paths) for a in args)],
+      cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "XLA_FLAGS": ""})
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  error_lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(error_lines) == 1 and named.format(**paths) in error_lines[0], proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr and not os.path.exists(out)

@@ -87,3 +87,50 @@ def test_synthesis_writes_n_distinct_images_at_the_mask_size(trained, tmp_path):
   outs = [np.asarray(Image.open(p)) for p in paths]
   assert all(o.shape == (20, 28, 3) for o in outs)
   assert not np.array_equal(outs[0], outs[1])  # different perturbation noise per sample
+
+
+def test_edit_style_and_resample_files_keep_what_they_promise(trained, tmp_path):
+  """The file CLI of issue #14 at the model's size (so no resizing): a blended edit leaves
+  every unedited pixel of the photo as it was; style strength 1 and re-sampling an empty
+  region both write the plain samples, byte for byte."""
+  config, workdir, _ = trained
+  size = config.data.image_size
+  rng = np.random.default_rng(1)
+  photo = str(tmp_path / "photo.png")
+  pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+  Image.fromarray(pixels).save(photo)
+  labels = sample.segment_file(config, workdir, photo, str(tmp_path / "seg.png"))
+  edited = labels.copy()
+  edited[4:10, 3:12] = (labels[4:10, 3:12] + 1) % config.data.num_classes
+  Image.fromarray(edited).save(tmp_path / "edited.png")
+  out = sample.edit_file(config, workdir, photo, str(tmp_path / "edited.png"),
+                         str(tmp_path / "edited_out.png"), "blend")
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "edited_out.png")), out)
+  unchanged = edited == labels
+  np.testing.assert_array_equal(out[unchanged], pixels[unchanged])
+  assert not np.array_equal(out[~unchanged], pixels[~unchanged])
+
+  mask = str(tmp_path / "seg.png")
+  plain = sample.synthesize_file(config, workdir, mask, str(tmp_path / "plain"), 2)
+  empty = str(tmp_path / "empty_region.png")
+  Image.fromarray(np.zeros((size, size), np.uint8)).save(empty)
+  for name, kwargs in (("styled", dict(style=photo, style_strength=1.0)),
+                       ("resampled", dict(resample_mask=empty))):
+    paths = sample.synthesize_file(config, workdir, mask, str(tmp_path / name), 2, **kwargs)
+    for a, b in zip(plain, paths):
+      with open(a, "rb") as fa, open(b, "rb") as fb:
+        assert fa.read() == fb.read(), name
+
+
+def test_an_ensemble_of_a_run_and_its_copy_segments_like_the_run(trained, tmp_path):
+  import shutil
+  config, workdir, _ = trained
+  copy = str(tmp_path / "copy")
+  shutil.copytree(workdir, copy)
+  photo = str(tmp_path / "photo.png")
+  size = config.data.image_size
+  Image.fromarray(np.random.default_rng(2).integers(0, 255, (size, size, 3), dtype=np.uint8)
+                  ).save(photo)
+  alone = sample.segment_file(config, workdir, photo, str(tmp_path / "a.png"))
+  pair = sample.segment_file(config, workdir, photo, str(tmp_path / "b.png"), ensemble=[copy])
+  np.testing.assert_array_equal(alone, pair)  # (v + v) / 2 == v exactly
