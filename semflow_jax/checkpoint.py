@@ -7,12 +7,13 @@ complete, so a run killed mid-save leaves the previous checkpoint as the latest 
 leftover temporary directory is removed when the next run opens the manager.
 """
 
-import os
 from typing import Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+
+from semflow_jax import storage
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -34,7 +35,8 @@ def make_manager(workdir: str, max_to_keep: int, async_save: bool = True) -> ocp
   # Handlers named up front, so a fresh manager can read a checkpoint's metadata (shapes)
   # before restoring anything.
   handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+  # A URL directory (gs://...) goes to Orbax as an epath, never through os.path.
+  return ocp.CheckpointManager(storage.as_path(storage.join(workdir, "checkpoints")),
                                options=options, item_handlers=handlers)
 
 

@@ -21,12 +21,11 @@ out)), and every shape is checked against `jax.eval_shape` of the Linen module. 
 unexpected or mis-shaped keys are refused by name and nothing is written.
 """
 
+import io
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 from typing import Dict, Optional, Tuple
 
 import jax
@@ -35,6 +34,7 @@ import numpy as np
 from absl import app, flags, logging
 from flax import traverse_util
 
+from semflow_jax import storage
 from semflow_jax.models.sd_unet import SDUNet, SDUNetConfig
 from semflow_jax.models.sd_vae import AutoencoderKL, SDVAEConfig
 
@@ -43,6 +43,7 @@ class ConversionError(ValueError):
   """Weights that do not fit the model: names the offending keys or files."""
 
 
+MARKER = "conversion.json"  # written last: its presence means the output is complete
 _WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
                  "model.safetensors", "pytorch_model.bin")
 # Older VAE checkpoints name the mid-block attention like this (diffusers renames on load too).
@@ -205,18 +206,23 @@ def load_diffusers_unet(path: str, weights: Optional[str] = None, dtype=jnp.floa
   `weights` overrides the weights file (e.g. a released fine-tuned UNet state dict).
   `module.apply({"params": params}, x_nhwc, timesteps, context)` is the UNet in NHWC.
   """
-  config = SDUNetConfig.from_diffusers(read_config(path), source=f"{path}/config.json")
-  module = SDUNet(config, dtype=dtype, remat=remat)
-  source = weights or path
-  params = convert_state_dict(read_state_dict(source), unet_abstract_params(module), source)
+  with storage.local_copy(path) as local:
+    config = SDUNetConfig.from_diffusers(read_config(local), source=f"{path}/config.json")
+    module = SDUNet(config, dtype=dtype, remat=remat)
+    source = weights or path
+    with storage.local_copy(source) as local_source:
+      state_dict = read_state_dict(local_source)
+  params = convert_state_dict(state_dict, unet_abstract_params(module), source)
   return module, params
 
 
 def load_diffusers_vae(path: str, dtype=jnp.float32):
   """(AutoencoderKL module, params) from a diffusers VAE folder; methods `encode`, `decode`."""
-  config = SDVAEConfig.from_diffusers(read_config(path), source=f"{path}/config.json")
-  module = AutoencoderKL(config, dtype=dtype)
-  params = convert_state_dict(read_state_dict(path), vae_abstract_params(module), path)
+  with storage.local_copy(path) as local:
+    config = SDVAEConfig.from_diffusers(read_config(local), source=f"{path}/config.json")
+    module = AutoencoderKL(config, dtype=dtype)
+    state_dict = read_state_dict(local)
+  params = convert_state_dict(state_dict, vae_abstract_params(module), path)
   return module, params
 
 
@@ -230,11 +236,13 @@ def empty_prompt_embedding(diffusers_dir: str) -> np.ndarray:
                           "(pip install 'semflow_jax[convert]'), or pass --text_embedding=FILE.npy"
                           ) from e
   for sub in ("tokenizer", "text_encoder"):
-    if not os.path.isdir(os.path.join(diffusers_dir, sub)):
+    if not storage.is_dir(storage.join(diffusers_dir, sub)):
       raise ConversionError(f"{diffusers_dir}/{sub}: missing (needed for the empty-prompt "
                             "embedding; or pass --text_embedding=FILE.npy)")
-  tokenizer = transformers.CLIPTokenizer.from_pretrained(os.path.join(diffusers_dir, "tokenizer"))
-  encoder = transformers.CLIPTextModel.from_pretrained(os.path.join(diffusers_dir, "text_encoder"))
+  with storage.local_copy(storage.join(diffusers_dir, "tokenizer")) as tokenizer_dir, \
+       storage.local_copy(storage.join(diffusers_dir, "text_encoder")) as encoder_dir:
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(tokenizer_dir)
+    encoder = transformers.CLIPTextModel.from_pretrained(encoder_dir)
   ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
                   truncation=True, return_tensors="pt").input_ids
   with torch.no_grad():
@@ -243,7 +251,7 @@ def empty_prompt_embedding(diffusers_dir: str) -> np.ndarray:
 
 def _read_embedding(path: str, width: int) -> np.ndarray:
   try:
-    emb = np.load(path)
+    emb = np.load(io.BytesIO(storage.read_bytes(path)))
   except Exception as e:
     raise ConversionError(f"{path}: not a readable .npy file ({e})") from e
   emb = emb[None] if emb.ndim == 2 else emb
@@ -257,25 +265,30 @@ def _read_embedding(path: str, width: int) -> np.ndarray:
 def convert(output: str, diffusers_dir: Optional[str] = None, unet_weights: Optional[str] = None,
             unet_config: Optional[str] = None, text_embedding: Optional[str] = None,
             overwrite: bool = False) -> str:
-  """Write a converted checkpoint directory at `output` (atomically); returns its path."""
-  output = os.path.abspath(output)
-  if os.path.exists(output) and not overwrite:
+  """Write a converted checkpoint directory at `output` (local or gs://); returns its path.
+
+  Everything is written to a staging directory beside `output` and moved into place; the
+  `conversion.json` that marks a complete output is written last, so a reader (load_converted)
+  never takes a half-written output for a converted checkpoint.
+  """
+  output = storage.resolve(output)
+  if storage.exists(output) and not overwrite:
     raise ConversionError(f"{output} already exists (pass --overwrite to replace it)")
   if diffusers_dir is None and unet_weights is None:
     raise ConversionError("give --diffusers_dir, or --unet_weights with --unet_config")
   if diffusers_dir is None and unet_config is None:
     raise ConversionError("--unet_weights without --diffusers_dir needs --unet_config")
-  if diffusers_dir is not None and not os.path.isdir(diffusers_dir):
+  if diffusers_dir is not None and not storage.is_dir(diffusers_dir):
     raise ConversionError(f"--diffusers_dir={diffusers_dir}: no such directory")
 
-  unet_dir = unet_config or os.path.join(diffusers_dir, "unet")
+  unet_dir = unet_config or storage.join(diffusers_dir, "unet")
   logging.info("converting the UNet from %s", unet_weights or unet_dir)
   unet, unet_params = load_diffusers_unet(unet_dir, weights=unet_weights)
   params = {"unet": unet_params}
   configs = {"unet_config.json": unet.config.to_diffusers()}
   if diffusers_dir is not None:
     logging.info("converting the VAE from %s/vae", diffusers_dir)
-    vae, params["vae"] = load_diffusers_vae(os.path.join(diffusers_dir, "vae"))
+    vae, params["vae"] = load_diffusers_vae(storage.join(diffusers_dir, "vae"))
     configs["vae_config.json"] = vae.config.to_diffusers()
   width = unet.config.cross_attention_dim
   if text_embedding is not None:
@@ -288,23 +301,19 @@ def convert(output: str, diffusers_dir: Optional[str] = None, unet_weights: Opti
                             f"{params['context'].shape[-1]} != the UNet's cross_attention_dim "
                             f"{width}")
 
-  parent = os.path.dirname(output)
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
+  staging = storage.staging_dir(output)
   try:
-    _save_params(os.path.join(staging, "params"), params)
+    _save_params(storage.join(staging, "params"), params)
     for name, cfg in configs.items():
-      with open(os.path.join(staging, name), "w") as f:
-        json.dump(cfg, f, indent=2)
-    with open(os.path.join(staging, "conversion.json"), "w") as f:
-      json.dump({"diffusers_dir": diffusers_dir, "unet_weights": unet_weights,
-                 "unet_config": unet_config, "text_embedding": text_embedding,
-                 "items": sorted(params)}, f, indent=2)
-    if os.path.exists(output):
-      shutil.rmtree(output)
-    os.rename(staging, output)
+      storage.write_json(storage.join(staging, name), cfg)
+    storage.remove_tree(output)  # --overwrite
+    storage.move_tree(staging, output)
+    storage.write_json(storage.join(output, MARKER),
+                       {"diffusers_dir": diffusers_dir, "unet_weights": unet_weights,
+                        "unet_config": unet_config, "text_embedding": text_embedding,
+                        "items": sorted(params)})
   except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
+    storage.remove_tree(staging)
     raise
   logging.info("wrote %s (%s)", output, ", ".join(sorted(params)))
   return output
@@ -313,7 +322,7 @@ def convert(output: str, diffusers_dir: Optional[str] = None, unet_weights: Opti
 def _save_params(path: str, params) -> None:
   import orbax.checkpoint as ocp
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(path, params)
+    checkpointer.save(storage.as_path(path), params)
     checkpointer.wait_until_finished()
 
 
@@ -323,10 +332,14 @@ def load_converted(path: str, abstract_params) -> dict:
   Returns host numpy arrays; raises ConversionError naming missing items and mis-shaped keys.
   """
   import orbax.checkpoint as ocp
-  params_dir = os.path.join(os.path.abspath(path), "params")
-  if not os.path.isdir(params_dir):
+  params_dir = storage.join(path, "params")
+  if not storage.is_dir(params_dir):
     raise FileNotFoundError(f"config.model.init_from={path}: no converted checkpoint there "
                             f"(expected {params_dir}; create it with python -m semflow_jax.convert)")
+  if not storage.exists(storage.join(path, MARKER)):
+    raise FileNotFoundError(f"config.model.init_from={path}: incomplete conversion (no {MARKER}: "
+                            "the converter did not finish); convert again with --overwrite")
+  params_dir = storage.as_path(params_dir)
   with ocp.StandardCheckpointer() as checkpointer:
     metadata = checkpointer.metadata(params_dir)
     tree = metadata.item_metadata if hasattr(metadata, "item_metadata") else metadata
@@ -367,9 +380,13 @@ def main(argv):
   if not f.output:
     raise app.UsageError("--output is required")
   try:
+    # A bucket that cannot be used is reported now, not after minutes of converting.
+    storage.check(f.output, "--output", write=True)
+    for name in ("diffusers_dir", "unet_weights", "unet_config", "text_embedding"):
+      storage.check(getattr(f, name), f"--{name}")
     convert(f.output, f.diffusers_dir, f.unet_weights, f.unet_config, f.text_embedding,
             f.overwrite)
-  except (ConversionError, FileNotFoundError) as e:
+  except (ConversionError, FileNotFoundError, storage.StorageError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     raise SystemExit(2)
 

@@ -1,6 +1,5 @@
 """Training state: what a checkpoint holds, how it is created sharded, how params come back."""
 
-import os
 from typing import Any, Optional
 
 import flax
@@ -11,7 +10,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
-from semflow_jax import checkpoint, parallel
+from semflow_jax import checkpoint, parallel, storage
 from semflow_jax.semflow import SemFlow, param_labels
 
 
@@ -85,7 +84,8 @@ def load_params(config, workdir: str, mesh: Mesh):
   model = SemFlow.from_config(config)
   tx = make_optimizer(config)
   restored = None
-  if os.path.isdir(os.path.join(workdir, "checkpoints")):  # reading must not create it
+  workdir = storage.resolve(workdir)
+  if storage.is_dir(storage.join(workdir, "checkpoints")):  # reading must not create it
     manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints, async_save=False)
     restored = checkpoint.restore_latest(manager, abstract(model, tx, config, mesh),
                                          with_data=False)
