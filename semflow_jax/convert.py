@@ -34,16 +34,12 @@ import numpy as np
 from absl import app, flags, logging
 from flax import traverse_util
 
-from semflow_jax import storage
+from semflow_jax import checkpoint, storage
+from semflow_jax.checkpoint import ConversionError, load_converted  # noqa: F401 (public API)
 from semflow_jax.models.sd_unet import SDUNet, SDUNetConfig
 from semflow_jax.models.sd_vae import AutoencoderKL, SDVAEConfig
 
 
-class ConversionError(ValueError):
-  """Weights that do not fit the model: names the offending keys or files."""
-
-
-MARKER = "conversion.json"  # written last: its presence means the output is complete
 _WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
                  "model.safetensors", "pytorch_model.bin")
 # Older VAE checkpoints name the mid-block attention like this (diffusers renames on load too).
@@ -303,12 +299,12 @@ def convert(output: str, diffusers_dir: Optional[str] = None, unet_weights: Opti
 
   staging = storage.staging_dir(output)
   try:
-    _save_params(storage.join(staging, "params"), params)
+    checkpoint.save_converted(storage.join(staging, "params"), params)
     for name, cfg in configs.items():
       storage.write_json(storage.join(staging, name), cfg)
     storage.remove_tree(output)  # --overwrite
     storage.move_tree(staging, output)
-    storage.write_json(storage.join(output, MARKER),
+    storage.write_json(storage.join(output, checkpoint.CONVERTED_MARKER),
                        {"diffusers_dir": diffusers_dir, "unet_weights": unet_weights,
                         "unet_config": unet_config, "text_embedding": text_embedding,
                         "items": sorted(params)})
@@ -317,49 +313,6 @@ def convert(output: str, diffusers_dir: Optional[str] = None, unet_weights: Opti
     raise
   logging.info("wrote %s (%s)", output, ", ".join(sorted(params)))
   return output
-
-
-def _save_params(path: str, params) -> None:
-  import orbax.checkpoint as ocp
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(storage.as_path(path), params)
-    checkpointer.wait_until_finished()
-
-
-def load_converted(path: str, abstract_params) -> dict:
-  """The converted params that `abstract_params` (SemFlow's param shapes) needs, checked.
-
-  Returns host numpy arrays; raises ConversionError naming missing items and mis-shaped keys.
-  """
-  import orbax.checkpoint as ocp
-  params_dir = storage.join(path, "params")
-  if not storage.is_dir(params_dir):
-    raise FileNotFoundError(f"config.model.init_from={path}: no converted checkpoint there "
-                            f"(expected {params_dir}; create it with python -m semflow_jax.convert)")
-  if not storage.exists(storage.join(path, MARKER)):
-    raise FileNotFoundError(f"config.model.init_from={path}: incomplete conversion (no {MARKER}: "
-                            "the converter did not finish); convert again with --overwrite")
-  params_dir = storage.as_path(params_dir)
-  with ocp.StandardCheckpointer() as checkpointer:
-    metadata = checkpointer.metadata(params_dir)
-    tree = metadata.item_metadata if hasattr(metadata, "item_metadata") else metadata
-    stored = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(dict(tree)).items()}
-    missing_items = sorted(set(abstract_params) - {k[0] for k in stored})
-    if missing_items:
-      raise ConversionError(f"config.model.init_from={path} has no {missing_items} "
-                            f"(it holds {sorted({k[0] for k in stored})}); convert with "
-                            "--diffusers_dir to include the VAE and the text embedding")
-    expected = {k: tuple(v.shape) for k, v in
-                traverse_util.flatten_dict(dict(abstract_params)).items()}
-    problems = [f"{'/'.join(k)}: stored {stored.get(k)}, the config expects {shape}"
-                for k, shape in expected.items() if stored.get(k) != shape]
-    if problems:
-      raise ConversionError(f"config.model.init_from={path} does not match config.model:\n  " +
-                            "\n  ".join(sorted(problems)[:20]) +
-                            (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
-    target = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), dict(tree))
-    restored = checkpointer.restore(params_dir, target)
-  return {k: jax.tree.map(np.asarray, restored[k]) for k in abstract_params}
 
 
 # -- command line ----------------------------------------------------------------------------------

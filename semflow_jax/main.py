@@ -124,7 +124,8 @@ def main(argv):
       sample.synthesize_file(config, _WORKDIR.value, _INPUT.value, _OUTPUT.value,
                              _NUM_SAMPLES.value)
   except (sample.InputError, FileNotFoundError,  # bad input file, or no checkpoint yet
-          checkpoint.IncompatibleCheckpointError, storage.StorageError) as e:
+          checkpoint.IncompatibleCheckpointError, checkpoint.ConversionError,
+          storage.StorageError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   if jax.process_count() > 1:

@@ -60,8 +60,7 @@ def create(model: SemFlow, tx: optax.GradientTransformation, config: ml_collecti
   init_from = config.model.get("init_from")
   if not init_from:
     return init(jax.random.PRNGKey(config.seed))
-  from semflow_jax import convert  # only runs with converted weights
-  loaded = convert.load_converted(init_from, jax.eval_shape(model.init, jax.random.PRNGKey(0)))
+  loaded = checkpoint.load_converted(init_from, jax.eval_shape(model.init, jax.random.PRNGKey(0)))
   logging.info("initialised %s from %s", ", ".join(sorted(loaded)), init_from)
   return init(jax.random.PRNGKey(config.seed), loaded)
 
