@@ -255,7 +255,15 @@ def check(path: PathLike, what: str, write: bool = False) -> None:
   def probe():
     try:
       bucket = _bucket(url)
-      if not as_path(bucket).exists():
+      try:
+        missing = not as_path(bucket).exists()
+      except Exception as e:
+        # Object roles (e.g. storage.objectAdmin) may not read bucket metadata: the probe of
+        # the path below then decides.
+        if not _describe(e).startswith("permission denied"):
+          raise
+        missing = False
+      if missing:
         outcome["error"] = StorageError(
             f"{label}: bucket {bucket} does not exist (or these credentials cannot see it)")
         return
@@ -278,7 +286,6 @@ def check(path: PathLike, what: str, write: bool = False) -> None:
                        "check the network, the bucket name and STORAGE_EMULATOR_HOST if set)")
   if "error" in outcome:
     raise outcome["error"]
-
 
 
 def metric_writer(workdir: PathLike, config):

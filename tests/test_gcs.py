@@ -17,7 +17,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,15 +30,9 @@ from PIL import Image
 
 from configs import sd15
 from tests import sd_fixtures as fx
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 BUCKET = "semflow-test"
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 class Bucket:
@@ -83,7 +76,7 @@ class Bucket:
 
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
-  port = _free_port()
+  port = free_port()
   log = open(tmp_path_factory.mktemp("gcs") / "server.log", "w+")
   server = subprocess.Popen([sys.executable, "-m", "tests.gcs_server", f"--port={port}",
                              f"--bucket={BUCKET}"], cwd=REPO, stdout=subprocess.PIPE,
@@ -246,7 +239,7 @@ def test_a_bucket_that_cannot_be_used_stops_in_one_line_before_training(gcs):
   assert "--workdir=gs://no-such-bucket/run" in error and "does not exist" in error, error
   assert not bucket.bucket_exists("no-such-bucket")  # not created on the way
 
-  unreachable = {**env, "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{_free_port()}",
+  unreachable = {**env, "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{free_port()}",
                  "SEMFLOW_STORAGE_TIMEOUT_S": "5"}
   error = _one_error_line(_main("--workdir=gs://semflow-test/run2"), unreachable, cwd)
   assert "--workdir=gs://semflow-test/run2" in error and "unreachable" in error, error
@@ -258,3 +251,39 @@ def test_a_bucket_that_cannot_be_used_stops_in_one_line_before_training(gcs):
   error = _one_error_line(_main("--workdir=gs://semflow-test/run3"), no_credentials, cwd)
   assert "--workdir=gs://semflow-test/run3" in error and "credentials" in error, error
   assert not bucket.names("run2/") and not bucket.names("run3/")
+
+
+_STORAGE_CALLS = """
+import json, os, sys
+from semflow_jax import storage
+base = sys.argv[1]
+storage.write_json(storage.join(base, "a", "m.json"), {"x": 1})
+storage.write_bytes(storage.join(base, "a", "b", "c.bin"), b"abc")
+staging = storage.staging_dir(storage.join(base, "moved"))
+storage.write_text(storage.join(staging, "sub", "t.txt"), "hello")
+storage.move_tree(staging, storage.join(base, "moved"))
+with storage.local_copy(storage.join(base, "moved")) as local:
+  copied = open(os.path.join(local, "sub", "t.txt")).read()
+storage.remove_tree(storage.join(base, "a", "b"))
+print(json.dumps({
+    "json": storage.read_json(storage.join(base, "a", "m.json")),
+    "listdir": storage.listdir(storage.join(base, "a")),
+    "is_dir": storage.is_dir(storage.join(base, "moved", "sub")),
+    "staging_left": storage.exists(staging),
+    "copied": copied,
+    "makedirs_noop": storage.makedirs("gs://no-bucket-made-here/x") is None,
+}))
+"""
+
+
+def test_storage_layer_against_the_bucket(gcs):
+  """The storage functions the commands rely on, on a bucket path (copy-then-delete moves)."""
+  bucket, env, cwd = gcs
+  out = subprocess.run([sys.executable, "-c", _STORAGE_CALLS, "gs://semflow-test/layer"],
+                       cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result == {"json": {"x": 1}, "listdir": ["m.json"], "is_dir": True,
+                    "staging_left": False, "copied": "hello", "makedirs_noop": True}
+  assert bucket.names("layer/") == ["layer/a/m.json", "layer/moved/sub/t.txt"]
+  assert not bucket.bucket_exists("no-bucket-made-here")

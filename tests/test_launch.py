@@ -4,7 +4,6 @@ and SLURM's environment reaching jax.distributed through the real entry point.""
 import json
 import os
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -13,7 +12,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_together
 
 TPU = os.path.join(REPO, "launch", "tpu.sh")
 # Values a shell could mangle: spaces, both quotes, $ and a glob character.
@@ -223,36 +222,23 @@ def _port_for_slurm_job():
 def test_slurm_environment_reaches_jax_distributed(tmp_path, tfds_dir):
   """Two processes started as srun would (its variables, no flags) form one JAX job."""
   port, job_id = _port_for_slurm_job()
-  logs = [open(tmp_path / f"task_{i}.log", "w+") for i in range(2)]
   workdir = tmp_path / "run"
-  procs = []
-  for i in range(2):
+  envs = []
+  for i in range(2):  # srun's variables, as two tasks on two one-task nodes would see them
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
            "SLURM_JOB_ID": str(job_id), "SLURM_STEP_NODELIST": "localhost",
            "SLURM_NTASKS": "2", "SLURM_PROCID": str(i), "SLURM_LOCALID": "0",
            "SLURM_STEP_NUM_NODES": "2"}
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # both processes compile alike
-    procs.append(subprocess.Popen(
-        [sys.executable, "-m", "semflow_jax.main", "--config=configs/synthetic.py:tiny",
-         f"--workdir={workdir}", f"--config.data.tfds_data_dir={tfds_dir}",
-         "--config.train.num_steps=2", "--config.train.checkpoint_every=2",
-         "--config.train.tensorboard=False", "--config.eval.num_examples=8",
-         "--config.eval.seg_steps=(1,)", "--config.eval.synth_steps=1"],
-        cwd=REPO, env=env, stdout=logs[i], stderr=subprocess.STDOUT))
-  try:
-    for p in procs:
-      p.wait(timeout=500)
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.send_signal(signal.SIGKILL)
-  outputs = []
-  for f in logs:
-    f.seek(0)
-    outputs.append(f.read())
-    f.close()
-  for p, out in zip(procs, outputs):
+    envs.append(env)
+  command = [sys.executable, "-m", "semflow_jax.main", "--config=configs/synthetic.py:tiny",
+             f"--workdir={workdir}", f"--config.data.tfds_data_dir={tfds_dir}",
+             "--config.train.num_steps=2", "--config.train.checkpoint_every=2",
+             "--config.train.tensorboard=False", "--config.eval.num_examples=8",
+             "--config.eval.seg_steps=(1,)", "--config.eval.synth_steps=1"]
+  ran = run_together([command] * 2, envs, tmp_path)
+  for p, out in ran:
     assert p.returncode == 0, out[-3000:]
-  for i, out in enumerate(outputs):
+  for i, (_, out) in enumerate(ran):
     assert f"process {i}/2" in out and "mesh {'data': 4, 'fsdp': 1}" in out, out[-3000:]
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
