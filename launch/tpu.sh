@@ -164,7 +164,9 @@ cd $REMOTE_DIR
 if cmp -s requirements.lock $REMOTE_VENV/requirements.lock; then
   echo 'requirements.lock unchanged: keeping the environment'
 else
-  rm -rf $REMOTE_VENV && python3 -m venv $REMOTE_VENV
+  # The lock is tested on Python 3.11 (the TPU images' Ubuntu 22.04 ships 3.10).
+  command -v python3.11 >/dev/null || { sudo apt-get update -qq && sudo apt-get install -y -qq python3.11 python3.11-venv; }
+  rm -rf $REMOTE_VENV && python3.11 -m venv $REMOTE_VENV
   grep -v '^torch==' requirements.lock > /tmp/semflow_jax_requirements.txt
   $REMOTE_VENV/bin/pip install -q -r /tmp/semflow_jax_requirements.txt 'jax[tpu]==$JAX_VERSION'
   cp requirements.lock $REMOTE_VENV/requirements.lock

@@ -75,7 +75,7 @@ def test_setup_ships_tracked_files_to_every_worker_and_installs_once(tmp_path):
   assert "ls-files" in out  # only what git tracks
   scp, ssh = _commands(out)
   assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"]
-  assert _option(scp, "worker") == "all" and scp[-4:] != []
+  assert _option(scp, "worker") == "all" and "semflow:semflow_jax.tar.gz" in scp
   assert ssh[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"] and _option(ssh, "worker") == "all"
   script = _option(ssh, "command")
   jax_version = [l.split("==")[1] for l in open(os.path.join(REPO, "requirements.lock"))
@@ -83,14 +83,14 @@ def test_setup_ships_tracked_files_to_every_worker_and_installs_once(tmp_path):
   assert f"'jax[tpu]=={jax_version}'" in script and "-r /tmp/semflow_jax_requirements.txt" in script
 
   # The worker's side, run here: the install runs the first time and is skipped while the lock
-  # is unchanged. python3 and pip are stand-ins that record their calls.
+  # is unchanged. python3.11 and pip are stand-ins that record their calls.
   home = tmp_path / "home"
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir(parents=True)
   home.mkdir()
   calls = tmp_path / "calls"
-  _executable(bin_dir / "python3", f"""#!/usr/bin/env bash
-echo "python3 $*" >> {calls}
+  _executable(bin_dir / "python3.11", f"""#!/usr/bin/env bash
+echo "python3.11 $*" >> {calls}
 mkdir -p "$3/bin"
 printf '#!/usr/bin/env bash\\necho "pip $*" >> {calls}\\n' > "$3/bin/pip"
 chmod +x "$3/bin/pip"
@@ -101,7 +101,7 @@ chmod +x "$3/bin/pip"
   for _ in range(2):
     subprocess.run(["bash", "-c", script], env=env, check=True, cwd=home, capture_output=True)
   lines = calls.read_text().splitlines()
-  assert sum(l.startswith("python3 -m venv") for l in lines) == 1, lines  # installed once
+  assert sum(l.startswith("python3.11 -m venv") for l in lines) == 1, lines  # installed once
   assert sum("jax[tpu]" in l for l in lines) == 1, lines
   assert sum(l.endswith("--no-deps -e .") for l in lines) == 2, lines
   assert (home / "semflow_jax" / "semflow_jax" / "main.py").exists()
