@@ -242,3 +242,33 @@ def test_slurm_environment_reaches_jax_distributed(tmp_path, tfds_dir):
   for i, (_, out) in enumerate(ran):
     assert f"process {i}/2" in out and "mesh {'data': 4, 'fsdp': 1}" in out, out[-3000:]
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
+
+
+def test_slurm_and_gpu_host_scripts_hand_their_arguments_to_the_entry_point(tmp_path):
+  """launch/slurm.sh and launch/gpu_hosts.sh with stand-ins for srun and python."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  record = f"""#!{sys.executable}
+import json, os, sys
+open("{tmp_path}/calls.jsonl", "a").write(json.dumps([os.path.basename(sys.argv[0])] + sys.argv[1:]) + "\\n")
+"""
+  for name in ("srun", "python"):
+    _executable(bin_dir / name, record)
+  venv = tmp_path / "venv"
+  (venv / "bin").mkdir(parents=True)
+  (venv / "bin" / "activate").write_text(f'export PATH="{bin_dir}:$PATH"\n')
+  env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "VENV": str(venv),
+         "SLURM_SUBMIT_DIR": REPO}
+  subprocess.run(["bash", os.path.join(REPO, "launch", "slurm.sh"), *TRICKY], env=env,
+                 check=True, timeout=30)
+  subprocess.run(["bash", os.path.join(REPO, "launch", "gpu_hosts.sh"), *TRICKY], check=True,
+                 timeout=30, env={**env, "COORDINATOR": "10.0.0.1:1234", "NUM_PROCESSES": "4",
+                                  "PROCESS_ID": "3"})
+  calls = [json.loads(l) for l in (tmp_path / "calls.jsonl").read_text().splitlines()]
+  assert calls == [
+      ["srun", "--kill-on-bad-exit=1", "python", "-m", "semflow_jax.main", *TRICKY],
+      ["python", "-m", "semflow_jax.main", "--coordinator_address=10.0.0.1:1234",
+       "--num_processes=4", "--process_id=3", *TRICKY]]
+  missing = subprocess.run(["bash", os.path.join(REPO, "launch", "gpu_hosts.sh")], env=env,
+                           capture_output=True, text=True, timeout=30)
+  assert missing.returncode != 0 and "set COORDINATOR" in missing.stderr
