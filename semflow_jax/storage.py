@@ -202,7 +202,7 @@ def _describe(error: BaseException) -> str:
   text = " ".join(str(error).split()) or type(error).__name__
   lower = f"{type(error).__name__} {text}".lower()
   if any(s in lower for s in ("credential", "401", "unauthenticated", "unauthorized",
-                              "invalid_grant", "token")):
+                              "invalid_grant", "invalid_token", "access token")):
     kind = "no valid credentials"
   elif any(s in lower for s in ("403", "forbidden", "permission", "access denied")):
     kind = "permission denied"
