@@ -2,13 +2,20 @@
 
   python -m tests.gcs_server --port=PORT --bucket=NAME   # prints "ready" once it serves
 
-One fidelity fix: GCS sends `x-goog-generation` with every object download and tensorstore (which
-Orbax writes and reads array data with) refuses a download without it ("Malformed
-StorageGeneration"); the emulator leaves it out, so it is added here.
+Two fidelity fixes:
+- GCS sends `x-goog-generation` with every object download and tensorstore (which Orbax writes
+  and reads array data with) refuses a download without it ("Malformed StorageGeneration"); the
+  emulator leaves it out, so it is added here.
+- GCS serves many clients at once. The emulator's single-threaded HTTP server serves one
+  connection at a time, so one client's keep-alive connection (tensorstore and gcsfs pool them)
+  starves every other client; here each connection gets a thread, and requests still run one at
+  a time against the emulator's in-memory store.
 """
 
 import argparse
+import http.server
 import sys
+import threading
 import time
 
 from gcp_storage_emulator import server
@@ -28,6 +35,21 @@ def _download_with_generation(request, response, storage, *args, **kwargs):
 
 
 objects.download = _download_with_generation  # objects.get(alt=media) calls it by name
+
+_one_at_a_time = threading.Lock()
+
+
+def _serialised(method):
+  def handle(self):
+    with _one_at_a_time:
+      return method(self)
+  return handle
+
+
+for _verb in ("GET", "POST", "PUT", "DELETE", "PATCH"):
+  setattr(server.RequestHandler, f"do_{_verb}",
+          _serialised(getattr(server.RequestHandler, f"do_{_verb}")))
+server.server.HTTPServer = http.server.ThreadingHTTPServer  # what APIThread instantiates
 server.HANDLERS = tuple(
     (regex, {method: (_download_with_generation if handler is _download else handler)
              for method, handler in handlers.items()})
