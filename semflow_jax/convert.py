@@ -75,7 +75,13 @@ def _read_file(path: str) -> Dict[str, np.ndarray]:
 
 
 def read_state_dict(path: str) -> Dict[str, np.ndarray]:
-  """float32 numpy arrays by PyTorch key, from a weights file or a diffusers model folder."""
+  """float32 numpy arrays by PyTorch key, from a weights file or a diffusers model folder
+  (local, or gs://: read from a local copy)."""
+  with storage.local_copy(path) as local:
+    return _read_local_state_dict(local)
+
+
+def _read_local_state_dict(path: str) -> Dict[str, np.ndarray]:
   if os.path.isdir(path):
     index = [f for f in os.listdir(path) if f.endswith(".index.json")]
     if index:  # sharded checkpoint: the index maps every key to its shard
@@ -109,6 +115,12 @@ def _clean(state_dict):
 
 
 def read_config(path: str) -> dict:
+  """A diffusers config.json, or the one in a model folder (local, or gs://)."""
+  with storage.local_copy(path) as local:
+    return _read_local_config(local)
+
+
+def _read_local_config(path: str) -> dict:
   file = os.path.join(path, "config.json") if os.path.isdir(path) else path
   if not os.path.exists(file):
     raise ConversionError(f"{file}: no such file (a diffusers model folder has a config.json)")
