@@ -13,6 +13,7 @@
 
 import functools
 import json
+import math
 import time
 
 import jax
@@ -112,8 +113,16 @@ def run(model: SemFlow, params, builder, config: ml_collections.ConfigDict, mesh
   return result
 
 
+def _json_number(v):
+  """Strict JSON has no NaN or infinity: a metric that is not a finite number is written null."""
+  if isinstance(v, list):
+    return [_json_number(x) for x in v]
+  return None if isinstance(v, (float, np.floating)) and not math.isfinite(v) else v
+
+
 def _write(result, shown, config, step, workdir, writer):
-  storage.write_json(storage.join(workdir, "eval", f"metrics_{step}.json"), result)
+  storage.write_json(storage.join(workdir, "eval", f"metrics_{step}.json"),
+                     {k: _json_number(v) for k, v in result.items()})
   writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()
                               if isinstance(v, (int, float)) and k != "step"})
   n = config.eval.num_sample_images
