@@ -27,6 +27,8 @@ setup(
         "ml_collections==1.1.0",
         "numpy==2.4.6",
         "pillow==13.0.0",
+        "etils==1.15.0",        # epath: every file read and written, local or gs://
+        "google-auth==2.63.0",  # the gs:// credentials check before a run starts
     ],
     extras_require={
         # Reading PyTorch weights and computing the empty-prompt CLIP embedding at conversion.
@@ -36,7 +38,9 @@ setup(
         # (README): listed here it would pull in torchvision.
         # The TPU compiler, for TPU VMs and for planning TPU memory on a CPU (semflow_jax.plan).
         "tpu": ["libtpu==0.0.42.1"],
+        # gcsfs and the GCS emulator: gs:// paths tested against a GCS server on localhost.
         "test": ["pytest==9.2.0", "torch==2.13.0", "safetensors==0.8.0", "transformers==5.23.0",
-                 "diffusers==0.42.1", "cityscapesscripts==2.3.0", "libtpu==0.0.42.1"],
+                 "diffusers==0.42.1", "cityscapesscripts==2.3.0", "libtpu==0.0.42.1",
+                 "gcsfs==2026.10.1", "gcp-storage-emulator==2026.7.19"],
     },
 )

@@ -11,7 +11,7 @@
 set -euo pipefail
 : "${COORDINATOR:?set COORDINATOR to HOST:PORT of process 0}"
 : "${NUM_PROCESSES:?set NUM_PROCESSES}"
-: "${PROCESS_ID:?set PROCESS_ID to this host's index, 0..NUM_PROCESSES-1}"
+: "${PROCESS_ID:?set PROCESS_ID to the index of this host, 0..NUM_PROCESSES-1}"
 cd "$(dirname "$0")/.."
 exec python -m semflow_jax.main --coordinator_address="$COORDINATOR" \
   --num_processes="$NUM_PROCESSES" --process_id="$PROCESS_ID" "$@"

@@ -1,4 +1,4 @@
-"""The one place that talks to Orbax.
+"""The one place that talks to Orbax: training checkpoints and the converter's weights.
 
 Checkpoints live in `<workdir>/checkpoints/<step>/` with two items: `state` (the TrainState,
 sharded arrays, written by every process for its own shards) and `data` (the input iterator's
@@ -7,12 +7,15 @@ complete, so a run killed mid-save leaves the previous checkpoint as the latest 
 leftover temporary directory is removed when the next run opens the manager.
 """
 
-import os
 from typing import Optional, Tuple
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from flax import traverse_util
+
+from semflow_jax import storage
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -40,7 +43,8 @@ def make_manager(workdir: str, max_to_keep: int, async_save: bool = True,
   state_handler = (ocp.PyTreeCheckpointHandler() if read_only
                    else ocp.StandardCheckpointHandler())
   handlers = {"state": state_handler, "data": ocp.JsonCheckpointHandler()}
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+  # A URL directory (gs://...) goes to Orbax as an epath, never through os.path.
+  return ocp.CheckpointManager(storage.as_path(storage.join(workdir, "checkpoints")),
                                options=options, item_handlers=handlers)
 
 
@@ -141,3 +145,53 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state,
         f"checkpoint {manager.directory}/{step} does not match this config's train state "
         f"(optimiser or EMA settings?): {e}") from e
   return restored["state"], (restored["data"] if with_data else None)
+
+
+# -- converted weights (semflow_jax.convert writes them, config.model.init_from reads them) --------
+CONVERTED_MARKER = "conversion.json"  # written last: its presence means the output is complete
+
+
+class ConversionError(ValueError):
+  """Weights that do not fit the model: names the offending keys or files."""
+
+
+def save_converted(path: str, params) -> None:
+  """Converted parameters as one Orbax checkpoint at `path` (local or gs://)."""
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(storage.as_path(path), params)
+    checkpointer.wait_until_finished()
+
+
+def load_converted(path: str, abstract_params) -> dict:
+  """The converted params that `abstract_params` (SemFlow's param shapes) needs, checked.
+
+  Returns host numpy arrays; raises ConversionError naming missing items and mis-shaped keys.
+  """
+  params_dir = storage.join(path, "params")
+  if not storage.is_dir(params_dir):
+    raise FileNotFoundError(f"config.model.init_from={path}: no converted checkpoint there "
+                            f"(expected {params_dir}; create it with python -m semflow_jax.convert)")
+  if not storage.exists(storage.join(path, CONVERTED_MARKER)):
+    raise FileNotFoundError(f"config.model.init_from={path}: incomplete conversion (no {CONVERTED_MARKER}: "
+                            "the converter did not finish); convert again with --overwrite")
+  params_dir = storage.as_path(params_dir)
+  with ocp.StandardCheckpointer() as checkpointer:
+    metadata = checkpointer.metadata(params_dir)
+    tree = metadata.item_metadata if hasattr(metadata, "item_metadata") else metadata
+    stored = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(dict(tree)).items()}
+    missing_items = sorted(set(abstract_params) - {k[0] for k in stored})
+    if missing_items:
+      raise ConversionError(f"config.model.init_from={path} has no {missing_items} "
+                            f"(it holds {sorted({k[0] for k in stored})}); convert with "
+                            "--diffusers_dir to include the VAE and the text embedding")
+    expected = {k: tuple(v.shape) for k, v in
+                traverse_util.flatten_dict(dict(abstract_params)).items()}
+    problems = [f"{'/'.join(k)}: stored {stored.get(k)}, the config expects {shape}"
+                for k, shape in expected.items() if stored.get(k) != shape]
+    if problems:
+      raise ConversionError(f"config.model.init_from={path} does not match config.model:\n  " +
+                            "\n  ".join(sorted(problems)[:20]) +
+                            (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
+    target = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), dict(tree))
+    restored = checkpointer.restore(params_dir, target)
+  return {k: jax.tree.map(np.asarray, restored[k]) for k in abstract_params}

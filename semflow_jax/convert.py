@@ -21,12 +21,11 @@ out)), and every shape is checked against `jax.eval_shape` of the Linen module. 
 unexpected or mis-shaped keys are refused by name and nothing is written.
 """
 
+import io
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 from typing import Dict, Optional, Tuple
 
 import jax
@@ -35,12 +34,10 @@ import numpy as np
 from absl import app, flags, logging
 from flax import traverse_util
 
+from semflow_jax import checkpoint, storage
+from semflow_jax.checkpoint import ConversionError, load_converted  # noqa: F401 (public API)
 from semflow_jax.models.sd_unet import SDUNet, SDUNetConfig
 from semflow_jax.models.sd_vae import AutoencoderKL, SDVAEConfig
-
-
-class ConversionError(ValueError):
-  """Weights that do not fit the model: names the offending keys or files."""
 
 
 _WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
@@ -78,7 +75,13 @@ def _read_file(path: str) -> Dict[str, np.ndarray]:
 
 
 def read_state_dict(path: str) -> Dict[str, np.ndarray]:
-  """float32 numpy arrays by PyTorch key, from a weights file or a diffusers model folder."""
+  """float32 numpy arrays by PyTorch key, from a weights file or a diffusers model folder
+  (local, or gs://: read from a local copy)."""
+  with storage.local_copy(path) as local:
+    return _read_local_state_dict(local)
+
+
+def _read_local_state_dict(path: str) -> Dict[str, np.ndarray]:
   if os.path.isdir(path):
     index = [f for f in os.listdir(path) if f.endswith(".index.json")]
     if index:  # sharded checkpoint: the index maps every key to its shard
@@ -112,6 +115,12 @@ def _clean(state_dict):
 
 
 def read_config(path: str) -> dict:
+  """A diffusers config.json, or the one in a model folder (local, or gs://)."""
+  with storage.local_copy(path) as local:
+    return _read_local_config(local)
+
+
+def _read_local_config(path: str) -> dict:
   file = os.path.join(path, "config.json") if os.path.isdir(path) else path
   if not os.path.exists(file):
     raise ConversionError(f"{file}: no such file (a diffusers model folder has a config.json)")
@@ -205,18 +214,23 @@ def load_diffusers_unet(path: str, weights: Optional[str] = None, dtype=jnp.floa
   `weights` overrides the weights file (e.g. a released fine-tuned UNet state dict).
   `module.apply({"params": params}, x_nhwc, timesteps, context)` is the UNet in NHWC.
   """
-  config = SDUNetConfig.from_diffusers(read_config(path), source=f"{path}/config.json")
-  module = SDUNet(config, dtype=dtype, remat=remat)
-  source = weights or path
-  params = convert_state_dict(read_state_dict(source), unet_abstract_params(module), source)
+  with storage.local_copy(path) as local:
+    config = SDUNetConfig.from_diffusers(read_config(local), source=f"{path}/config.json")
+    module = SDUNet(config, dtype=dtype, remat=remat)
+    source = weights or path
+    with storage.local_copy(source) as local_source:
+      state_dict = read_state_dict(local_source)
+  params = convert_state_dict(state_dict, unet_abstract_params(module), source)
   return module, params
 
 
 def load_diffusers_vae(path: str, dtype=jnp.float32):
   """(AutoencoderKL module, params) from a diffusers VAE folder; methods `encode`, `decode`."""
-  config = SDVAEConfig.from_diffusers(read_config(path), source=f"{path}/config.json")
-  module = AutoencoderKL(config, dtype=dtype)
-  params = convert_state_dict(read_state_dict(path), vae_abstract_params(module), path)
+  with storage.local_copy(path) as local:
+    config = SDVAEConfig.from_diffusers(read_config(local), source=f"{path}/config.json")
+    module = AutoencoderKL(config, dtype=dtype)
+    state_dict = read_state_dict(local)
+  params = convert_state_dict(state_dict, vae_abstract_params(module), path)
   return module, params
 
 
@@ -230,11 +244,13 @@ def empty_prompt_embedding(diffusers_dir: str) -> np.ndarray:
                           "(pip install 'semflow_jax[convert]'), or pass --text_embedding=FILE.npy"
                           ) from e
   for sub in ("tokenizer", "text_encoder"):
-    if not os.path.isdir(os.path.join(diffusers_dir, sub)):
+    if not storage.is_dir(storage.join(diffusers_dir, sub)):
       raise ConversionError(f"{diffusers_dir}/{sub}: missing (needed for the empty-prompt "
                             "embedding; or pass --text_embedding=FILE.npy)")
-  tokenizer = transformers.CLIPTokenizer.from_pretrained(os.path.join(diffusers_dir, "tokenizer"))
-  encoder = transformers.CLIPTextModel.from_pretrained(os.path.join(diffusers_dir, "text_encoder"))
+  with storage.local_copy(storage.join(diffusers_dir, "tokenizer")) as tokenizer_dir, \
+       storage.local_copy(storage.join(diffusers_dir, "text_encoder")) as encoder_dir:
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(tokenizer_dir)
+    encoder = transformers.CLIPTextModel.from_pretrained(encoder_dir)
   ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
                   truncation=True, return_tensors="pt").input_ids
   with torch.no_grad():
@@ -243,7 +259,7 @@ def empty_prompt_embedding(diffusers_dir: str) -> np.ndarray:
 
 def _read_embedding(path: str, width: int) -> np.ndarray:
   try:
-    emb = np.load(path)
+    emb = np.load(io.BytesIO(storage.read_bytes(path)))
   except Exception as e:
     raise ConversionError(f"{path}: not a readable .npy file ({e})") from e
   emb = emb[None] if emb.ndim == 2 else emb
@@ -257,25 +273,30 @@ def _read_embedding(path: str, width: int) -> np.ndarray:
 def convert(output: str, diffusers_dir: Optional[str] = None, unet_weights: Optional[str] = None,
             unet_config: Optional[str] = None, text_embedding: Optional[str] = None,
             overwrite: bool = False) -> str:
-  """Write a converted checkpoint directory at `output` (atomically); returns its path."""
-  output = os.path.abspath(output)
-  if os.path.exists(output) and not overwrite:
+  """Write a converted checkpoint directory at `output` (local or gs://); returns its path.
+
+  Everything is written to a staging directory beside `output` and moved into place; the
+  `conversion.json` that marks a complete output is written last, so a reader (load_converted)
+  never takes a half-written output for a converted checkpoint.
+  """
+  output = storage.resolve(output)
+  if storage.exists(output) and not overwrite:
     raise ConversionError(f"{output} already exists (pass --overwrite to replace it)")
   if diffusers_dir is None and unet_weights is None:
     raise ConversionError("give --diffusers_dir, or --unet_weights with --unet_config")
   if diffusers_dir is None and unet_config is None:
     raise ConversionError("--unet_weights without --diffusers_dir needs --unet_config")
-  if diffusers_dir is not None and not os.path.isdir(diffusers_dir):
+  if diffusers_dir is not None and not storage.is_dir(diffusers_dir):
     raise ConversionError(f"--diffusers_dir={diffusers_dir}: no such directory")
 
-  unet_dir = unet_config or os.path.join(diffusers_dir, "unet")
+  unet_dir = unet_config or storage.join(diffusers_dir, "unet")
   logging.info("converting the UNet from %s", unet_weights or unet_dir)
   unet, unet_params = load_diffusers_unet(unet_dir, weights=unet_weights)
   params = {"unet": unet_params}
   configs = {"unet_config.json": unet.config.to_diffusers()}
   if diffusers_dir is not None:
     logging.info("converting the VAE from %s/vae", diffusers_dir)
-    vae, params["vae"] = load_diffusers_vae(os.path.join(diffusers_dir, "vae"))
+    vae, params["vae"] = load_diffusers_vae(storage.join(diffusers_dir, "vae"))
     configs["vae_config.json"] = vae.config.to_diffusers()
   width = unet.config.cross_attention_dim
   if text_embedding is not None:
@@ -288,65 +309,22 @@ def convert(output: str, diffusers_dir: Optional[str] = None, unet_weights: Opti
                             f"{params['context'].shape[-1]} != the UNet's cross_attention_dim "
                             f"{width}")
 
-  parent = os.path.dirname(output)
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
+  staging = storage.staging_dir(output)
   try:
-    _save_params(os.path.join(staging, "params"), params)
+    checkpoint.save_converted(storage.join(staging, "params"), params)
     for name, cfg in configs.items():
-      with open(os.path.join(staging, name), "w") as f:
-        json.dump(cfg, f, indent=2)
-    with open(os.path.join(staging, "conversion.json"), "w") as f:
-      json.dump({"diffusers_dir": diffusers_dir, "unet_weights": unet_weights,
-                 "unet_config": unet_config, "text_embedding": text_embedding,
-                 "items": sorted(params)}, f, indent=2)
-    if os.path.exists(output):
-      shutil.rmtree(output)
-    os.rename(staging, output)
+      storage.write_json(storage.join(staging, name), cfg)
+    storage.remove_tree(output)  # --overwrite
+    storage.move_tree(staging, output)
+    storage.write_json(storage.join(output, checkpoint.CONVERTED_MARKER),
+                       {"diffusers_dir": diffusers_dir, "unet_weights": unet_weights,
+                        "unet_config": unet_config, "text_embedding": text_embedding,
+                        "items": sorted(params)})
   except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
+    storage.remove_tree(staging)
     raise
   logging.info("wrote %s (%s)", output, ", ".join(sorted(params)))
   return output
-
-
-def _save_params(path: str, params) -> None:
-  import orbax.checkpoint as ocp
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(path, params)
-    checkpointer.wait_until_finished()
-
-
-def load_converted(path: str, abstract_params) -> dict:
-  """The converted params that `abstract_params` (SemFlow's param shapes) needs, checked.
-
-  Returns host numpy arrays; raises ConversionError naming missing items and mis-shaped keys.
-  """
-  import orbax.checkpoint as ocp
-  params_dir = os.path.join(os.path.abspath(path), "params")
-  if not os.path.isdir(params_dir):
-    raise FileNotFoundError(f"config.model.init_from={path}: no converted checkpoint there "
-                            f"(expected {params_dir}; create it with python -m semflow_jax.convert)")
-  with ocp.StandardCheckpointer() as checkpointer:
-    metadata = checkpointer.metadata(params_dir)
-    tree = metadata.item_metadata if hasattr(metadata, "item_metadata") else metadata
-    stored = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(dict(tree)).items()}
-    missing_items = sorted(set(abstract_params) - {k[0] for k in stored})
-    if missing_items:
-      raise ConversionError(f"config.model.init_from={path} has no {missing_items} "
-                            f"(it holds {sorted({k[0] for k in stored})}); convert with "
-                            "--diffusers_dir to include the VAE and the text embedding")
-    expected = {k: tuple(v.shape) for k, v in
-                traverse_util.flatten_dict(dict(abstract_params)).items()}
-    problems = [f"{'/'.join(k)}: stored {stored.get(k)}, the config expects {shape}"
-                for k, shape in expected.items() if stored.get(k) != shape]
-    if problems:
-      raise ConversionError(f"config.model.init_from={path} does not match config.model:\n  " +
-                            "\n  ".join(sorted(problems)[:20]) +
-                            (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
-    target = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), dict(tree))
-    restored = checkpointer.restore(params_dir, target)
-  return {k: jax.tree.map(np.asarray, restored[k]) for k in abstract_params}
 
 
 # -- command line ----------------------------------------------------------------------------------
@@ -370,9 +348,13 @@ def main(argv):
   if not f.output:
     raise app.UsageError("--output is required")
   try:
+    # A bucket that cannot be used is reported now, not after minutes of converting.
+    storage.check(f.output, "--output", write=True)
+    for name in ("diffusers_dir", "unet_weights", "unet_config", "text_embedding"):
+      storage.check(getattr(f, name), f"--{name}")
     convert(f.output, f.diffusers_dir, f.unet_weights, f.unet_config, f.text_embedding,
             f.overwrite)
-  except (ConversionError, FileNotFoundError) as e:
+  except (ConversionError, FileNotFoundError, storage.StorageError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     raise SystemExit(2)
 

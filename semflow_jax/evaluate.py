@@ -13,17 +13,16 @@
 
 import functools
 import json
-import os
+import math
 import time
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers
 from jax.experimental import multihost_utils
 
-from semflow_jax import anchors, images, metrics, parallel, state
+from semflow_jax import anchors, images, metrics, parallel, state, storage
 from semflow_jax.data import pipeline
 from semflow_jax.semflow import SemFlow
 
@@ -114,12 +113,16 @@ def run(model: SemFlow, params, builder, config: ml_collections.ConfigDict, mesh
   return result
 
 
+def _json_number(v):
+  """Strict JSON has no NaN or infinity: a metric that is not a finite number is written null."""
+  if isinstance(v, list):
+    return [_json_number(x) for x in v]
+  return None if isinstance(v, (float, np.floating)) and not math.isfinite(v) else v
+
+
 def _write(result, shown, config, step, workdir, writer):
-  os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-  path = os.path.join(workdir, "eval", f"metrics_{step}.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(result, f, indent=2)
-  os.replace(path + ".tmp", path)
+  storage.write_json(storage.join(workdir, "eval", f"metrics_{step}.json"),
+                     {k: _json_number(v) for k, v in result.items()})
   writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()
                               if isinstance(v, (int, float)) and k != "step"})
   n = config.eval.num_sample_images
@@ -129,8 +132,8 @@ def _write(result, shown, config, step, workdir, writer):
   if s["alt"] is not None:
     synth_cols.append(s["alt"])
   synth_grid = images.grid(synth_cols)
-  images.write_png(os.path.join(workdir, "samples", f"segmentation_{step}.png"), seg_grid)
-  images.write_png(os.path.join(workdir, "samples", f"synthesis_{step}.png"), synth_grid)
+  images.write_png(storage.join(workdir, "samples", f"segmentation_{step}.png"), seg_grid)
+  images.write_png(storage.join(workdir, "samples", f"synthesis_{step}.png"), synth_grid)
   writer.write_images(step, {"eval/segmentation": seg_grid[None],
                              "eval/synthesis": synth_grid[None]})
   writer.flush()
@@ -141,7 +144,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.make_mesh(config)
   model = SemFlow.from_config(config, mesh)
   params, step = state.load_params(config, workdir, mesh)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = storage.metric_writer(workdir, config)
   builder = pipeline.get_builder(config.data)
   result = run(model, params, builder, config, mesh, step, workdir, writer)
   writer.close()

@@ -1,11 +1,12 @@
 """Small image helpers shared by evaluation and sampling: previews, grids, PNG writing."""
 
 import colorsys
-import os
-import tempfile
+import io
 
 import numpy as np
 from PIL import Image
+
+from semflow_jax import storage
 
 
 def preview_palette(num_colours: int = 256) -> np.ndarray:
@@ -34,9 +35,7 @@ def grid(columns, pad: int = 1) -> np.ndarray:
 
 
 def write_png(path: str, array: np.ndarray) -> None:
-  """Write atomically: a half-written PNG never appears under its final name."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  with tempfile.NamedTemporaryFile(dir=directory, suffix=".png.tmp", delete=False) as f:
-    Image.fromarray(array).save(f, format="PNG")
-  os.replace(f.name, path)
+  """Write a PNG (local or bucket path) atomically: never half a file under its final name."""
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format="PNG")
+  storage.write_bytes(path, buffer.getvalue())

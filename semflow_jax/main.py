@@ -14,7 +14,7 @@
 
 Several processes (one per host, or per GPU node) run the same command. Under SLURM (srun) and
 on multi-host TPU slices that set TPU_WORKER_HOSTNAMES, jax.distributed is initialised
-automatically; --distributed=yes forces it (launch/tpu_vm.sh passes it: JAX then asks the TPU
+automatically; --distributed=yes forces it (launch/tpu.sh passes it: JAX then asks the TPU
 metadata server for its peers); elsewhere pass --coordinator_address=HOST:PORT
 --num_processes=N --process_id=I (process 0 listens on HOST).
 """
@@ -98,6 +98,23 @@ def _initialize_distributed():
   jax.distributed.initialize(*explicit)
 
 
+def _check_storage(config) -> None:
+  """Bucket paths this run will use are checked before anything is compiled or written: missing
+  credentials, a missing bucket or no answer stop the run with one line naming the path."""
+  from semflow_jax import storage
+  mode = _MODE.value
+  storage.check(_WORKDIR.value, "--workdir", write=mode in ("train", "eval"))
+  if mode in ("train", "eval"):
+    storage.check(config.data.get("tfds_data_dir"), "config.data.tfds_data_dir")
+  if mode == "train":
+    storage.check(config.model.get("init_from"), "config.model.init_from")
+  if mode in ("segment", "synthesize"):
+    storage.check(_INPUT.value, "--input")
+    if _OUTPUT.value:  # segment writes a file, synthesize a directory of them
+      output = storage.parent(_OUTPUT.value) if mode == "segment" else _OUTPUT.value
+      storage.check(output, "--output", write=True)
+
+
 class _QuietLibraries(py_logging.Filter):
   """Orbax and tfds log every file they touch at INFO; keep their warnings and errors."""
 
@@ -110,6 +127,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  from semflow_jax import storage
+  config = _CONFIG.value
+  try:
+    _check_storage(config)
+  except storage.StorageError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   # TF is only the input pipeline: keep it off any accelerator JAX should own.
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")
@@ -117,7 +141,6 @@ def main(argv):
   _initialize_distributed()
 
   from semflow_jax import checkpoint, sample, evaluate, train
-  config = _CONFIG.value
   logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(),
                jax.process_count(), jax.devices())
   try:
@@ -141,7 +164,8 @@ def main(argv):
           resample_classes=_RESAMPLE_CLASSES.value, resample_mask=_RESAMPLE_MASK.value,
           resample_seed=_RESAMPLE_SEED.value)
   except (sample.InputError, FileNotFoundError,  # bad input file, or no checkpoint yet
-          checkpoint.IncompatibleCheckpointError) as e:
+          checkpoint.IncompatibleCheckpointError, checkpoint.ConversionError,
+          storage.StorageError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   if jax.process_count() > 1:

@@ -7,7 +7,7 @@ maps) and outputs come back at the input's size. Bad input raises `InputError`, 
 message names the file and the problem.
 """
 
-import os
+import io
 from typing import Optional, Sequence
 
 import jax
@@ -29,10 +29,10 @@ class InputError(ValueError):
 def _open(path: str) -> Image.Image:
   if not path:
     raise InputError("--input is required for this mode")
-  if not os.path.isfile(path):
+  if not storage.is_file(path):
     raise InputError(f"{path}: no such file")
   try:
-    image = Image.open(path)
+    image = Image.open(io.BytesIO(storage.read_bytes(path)))
     image.load()
   except (UnidentifiedImageError, OSError, SyntaxError) as e:
     raise InputError(f"{path}: not a readable image ({e.__class__.__name__}: {e})") from None
@@ -62,7 +62,7 @@ def read_label_map(path: str, num_classes: int) -> np.ndarray:
 def _check_output(path: str, what: str) -> str:
   if not path:
     raise InputError(f"--output is required ({what})")
-  return os.path.abspath(path)
+  return storage.resolve(path)
 
 
 def _resize(array: np.ndarray, size, resample) -> np.ndarray:
@@ -103,7 +103,8 @@ def segment_file(config: ml_collections.ConfigDict, workdir: str, input_path: st
   labels = np.asarray(segment(params, _resize(image, model.image_size, Image.BICUBIC)[None]))[0]
   labels = _resize(labels.astype(np.uint8), image.shape[:2], Image.NEAREST)
   images.write_png(output_path, labels)
-  preview = os.path.splitext(output_path)[0] + "_preview.png"
+  preview = storage.join(storage.parent(output_path),
+                         storage.as_path(output_path).stem + "_preview.png")
   images.write_png(preview, images.colourise(labels))
   logging.info("wrote %s and %s", output_path, preview)
   return labels

@@ -1,6 +1,5 @@
 """Training state: what a checkpoint holds, how it is created sharded, how params come back."""
 
-import os
 from typing import Any, Optional
 
 import flax
@@ -11,7 +10,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
-from semflow_jax import checkpoint, parallel
+from semflow_jax import checkpoint, parallel, storage
 from semflow_jax.semflow import SemFlow, param_labels
 
 
@@ -85,8 +84,7 @@ def create(model: SemFlow, tx: optax.GradientTransformation, config: ml_collecti
   init_from = config.model.get("init_from")
   if not init_from:
     return init(jax.random.PRNGKey(config.seed))
-  from semflow_jax import convert  # only runs with converted weights
-  loaded = convert.load_converted(init_from, jax.eval_shape(model.init, jax.random.PRNGKey(0)))
+  loaded = checkpoint.load_converted(init_from, jax.eval_shape(model.init, jax.random.PRNGKey(0)))
   logging.info("initialised %s from %s", ", ".join(sorted(loaded)), init_from)
   return init(jax.random.PRNGKey(config.seed), loaded)
 
@@ -123,7 +121,8 @@ def load_params(config, workdir: str, mesh: Mesh):
   target = target.replace(opt_state=skip(target.opt_state),
                           params=skip(target.params) if use_ema else target.params)
   restored = None
-  if os.path.isdir(os.path.join(workdir, "checkpoints")):  # reading must not create it
+  workdir = storage.resolve(workdir)
+  if storage.is_dir(storage.join(workdir, "checkpoints")):  # reading must not create it
     manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints, read_only=True)
     restored = checkpoint.restore_latest(manager, target, with_data=False)
     manager.close()

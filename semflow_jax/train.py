@@ -9,7 +9,6 @@ applied: it stops the run (or, with train.skip_nonfinite, is counted and skipped
 ends with an evaluation.
 """
 
-import os
 import signal
 import threading
 import time
@@ -20,11 +19,10 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from semflow_jax import checkpoint, evaluate, parallel, state as state_lib
+from semflow_jax import checkpoint, evaluate, parallel, state as state_lib, storage
 from semflow_jax.data import pipeline
 from semflow_jax.semflow import SemFlow
 
@@ -150,7 +148,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns {'step': k, 'preempted': True} without evaluating when SIGTERM stopped the run.
   """
   t = config.train
-  workdir = os.path.abspath(workdir)
+  workdir = storage.resolve(workdir)  # a gs:// URL stays a URL
   is_main = jax.process_index() == 0
 
   mesh = parallel.make_mesh(config)
@@ -177,8 +175,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info("UNet parameters: %s; train state %.1f MiB per device; starting at step %d of %d",
                f"{num_params:,}", state_bytes / 2**20, start_step, t.num_steps)
   if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    storage.write_text(storage.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
   builder = pipeline.get_builder(config.data)
   preprocess = pipeline.Preprocess.from_config(config.data)
@@ -198,8 +195,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info("train step compiled in %.1f s", time.time() - compile_start)
   checkpoint.wait_for_all_processes("semflow_jax.train: step compiled")
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
-  if start_step == 0 and is_main:
+  writer = storage.metric_writer(workdir, config)
+  if start_step == 0 and is_main and config.train.get("tensorboard", True):
     writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()
                           if isinstance(v, (int, float, str, bool))})
 

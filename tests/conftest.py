@@ -39,3 +39,35 @@ def tiny_config(tfds_dir):
   config = synthetic.get_config("tiny")
   config.data.tfds_data_dir = tfds_dir
   return config
+
+
+def free_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def run_together(commands, envs, log_dir, timeout=500):
+  """Start one process per command at once (the peers of one job); [(process, output)].
+
+  Output goes to files, not pipes: a process blocked on a full pipe stalls its peer's
+  collectives. A process still running after `timeout` seconds is killed.
+  """
+  import subprocess
+  logs = [open(os.path.join(log_dir, f"process_{i}.log"), "w+") for i in range(len(commands))]
+  procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+           for cmd, env, log in zip(commands, envs, logs)]
+  try:
+    for p in procs:
+      p.wait(timeout=timeout)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  outputs = []
+  for log in logs:
+    log.seek(0)
+    outputs.append(log.read())
+    log.close()
+  return list(zip(procs, outputs))

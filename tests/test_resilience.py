@@ -5,7 +5,6 @@ import glob
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import tensorflow as tf
 
 from semflow_jax import checkpoint, parallel, state as state_lib, train
 from semflow_jax.data import pipeline
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port, run_together
 
 NUM_STEPS = 20
 # The reference run's overrides, shared by every run compared with it.
@@ -149,37 +148,16 @@ def test_kill_9_during_a_save_restarts_from_the_previous_complete_checkpoint(ref
   assert {s: logged[s] for s in ref_losses} == ref_losses
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_on_localhost_match_one_process(reference, tfds_dir, tmp_path):
   ref_params, ref_losses, _ = reference
   workdir = str(tmp_path / "two_processes")
-  address = f"127.0.0.1:{_free_port()}"
-  logs = [open(tmp_path / f"process_{i}.log", "w+") for i in range(2)]
-  # Output to files, not pipes: a process blocked on a full pipe stalls its peer's collectives.
+  address = f"127.0.0.1:{free_port()}"
   # No shared compilation cache: JAX writes it from process 0 only; both should do equal work.
-  procs = [subprocess.Popen(
-      _cli(workdir, tfds_dir, f"--coordinator_address={address}", "--num_processes=2",
-           f"--process_id={i}"),
-      cwd=REPO, env=_env(4, cache=False), stdout=logs[i], stderr=subprocess.STDOUT)
-      for i in range(2)]
-  try:
-    for p in procs:
-      p.wait(timeout=400)
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  outputs = []
-  for f in logs:
-    f.seek(0)
-    outputs.append(f.read())
-    f.close()
-  for p, out in zip(procs, outputs):
+  ran = run_together([_cli(workdir, tfds_dir, f"--coordinator_address={address}",
+                           "--num_processes=2", f"--process_id={i}") for i in range(2)],
+                     [_env(4, cache=False)] * 2, tmp_path, timeout=400)
+  procs, outputs = [p for p, _ in ran], [out for _, out in ran]
+  for p, out in ran:
     assert p.returncode == 0, out[-3000:]
   assert "process 1/2" in outputs[1] and "mesh {'data': 8, 'fsdp': 1}" in outputs[1]
 

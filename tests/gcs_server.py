@@ -1,0 +1,75 @@
+"""A Google Cloud Storage server on localhost for the tests: gcp-storage-emulator, in memory.
+
+  python -m tests.gcs_server --port=PORT --bucket=NAME   # prints "ready" once it serves
+
+Two fidelity fixes:
+- GCS sends `x-goog-generation` with every object download and tensorstore (which Orbax writes
+  and reads array data with) refuses a download without it ("Malformed StorageGeneration"); the
+  emulator leaves it out, so it is added here.
+- GCS serves many clients at once. The emulator's single-threaded HTTP server serves one
+  connection at a time, so one client's keep-alive connection (tensorstore and gcsfs pool them)
+  starves every other client; here each connection gets a thread, and requests still run one at
+  a time against the emulator's in-memory store.
+"""
+
+import argparse
+import http.server
+import sys
+import threading
+import time
+
+from gcp_storage_emulator import server
+from gcp_storage_emulator.handlers import objects
+
+_download = objects.download
+
+
+def _download_with_generation(request, response, storage, *args, **kwargs):
+  _download(request, response, storage, *args, **kwargs)
+  try:
+    obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+  except Exception:  # not found: the emulator already answered 404
+    return
+  response["x-goog-generation"] = str(obj["generation"])
+  response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
+
+
+objects.download = _download_with_generation  # objects.get(alt=media) calls it by name
+
+_one_at_a_time = threading.Lock()
+
+
+def _serialised(method):
+  def handle(self):
+    with _one_at_a_time:
+      return method(self)
+  return handle
+
+
+for _verb in ("GET", "POST", "PUT", "DELETE", "PATCH"):
+  setattr(server.RequestHandler, f"do_{_verb}",
+          _serialised(getattr(server.RequestHandler, f"do_{_verb}")))
+server.server.HTTPServer = http.server.ThreadingHTTPServer  # what APIThread instantiates
+server.HANDLERS = tuple(
+    (regex, {method: (_download_with_generation if handler is _download else handler)
+             for method, handler in handlers.items()})
+    for regex, handlers in server.HANDLERS)
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--port", type=int, required=True)
+  parser.add_argument("--bucket", required=True)
+  args = parser.parse_args()
+  gcs = server.create_server("127.0.0.1", args.port, in_memory=True, default_bucket=args.bucket)
+  gcs.start()
+  print("ready", flush=True)
+  try:
+    while True:
+      time.sleep(1)
+  finally:
+    gcs.stop()
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,278 @@
+"""The launchers: launch/tpu.sh's gcloud commands (--dry_run and a stand-in gcloud), shellcheck,
+and SLURM's environment reaching jax.distributed through the real entry point."""
+
+import json
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO, run_together
+
+TPU = os.path.join(REPO, "launch", "tpu.sh")
+# Values a shell could mangle: spaces, both quotes, $ and a glob character.
+TRICKY = ["--config=configs/synthetic.py", "--workdir=gs://my-bucket/runs/a b",
+          "--config.data.manual_dir=/data/it's here", '--config.model.init_from="quoted" $HOME *']
+
+
+def _tpu(*args, env=None):
+  proc = subprocess.run(["bash", TPU, *args], capture_output=True, text=True, timeout=60,
+                        env={**os.environ, **(env or {})})
+  assert proc.returncode == 0, proc.stderr
+  return proc.stdout
+
+
+def _argv(line):
+  """The argv bash gives a printed command line (exactly what pasting it would run)."""
+  out = subprocess.run(["bash", "-c", 'dump() { printf "%s\\0" "$@"; }; dump ' + line],
+                       capture_output=True, timeout=30, check=True).stdout
+  return out.decode().split("\0")[:-1]
+
+
+def _commands(stdout):
+  return [_argv(line) for line in stdout.splitlines() if line.startswith("gcloud ")]
+
+
+def _option(argv, name):
+  values = [a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")]
+  assert len(values) == 1, (name, argv)
+  return values[0]
+
+
+BASE = ["--name=semflow", "--zone=us-central2-b", "--project=my-project", "--dry_run"]
+
+
+def test_shellcheck_is_clean():
+  shellcheck = shutil.which("shellcheck")
+  assert shellcheck, "shellcheck is not installed (Debian: apt-get install shellcheck)"
+  scripts = sorted(os.path.join(REPO, "launch", n) for n in os.listdir(os.path.join(REPO, "launch"))
+                   if n.endswith(".sh"))
+  proc = subprocess.run([shellcheck, "-S", "warning", *scripts], capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_create_a_vm_or_a_spot_queued_resource():
+  (create,) = _commands(_tpu("create", *BASE, "--accelerator=v4-32"))
+  assert create[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "create"] and create[5] == "semflow"
+  assert _option(create, "accelerator-type") == "v4-32"
+  assert _option(create, "zone") == "us-central2-b" and _option(create, "project") == "my-project"
+  assert _option(create, "version") == "tpu-ubuntu2204-base"
+
+  queued, wait = _commands(_tpu("create", *BASE, "--accelerator=v5litepod-16", "--spot"))
+  assert queued[:5] == ["gcloud", "compute", "tpus", "queued-resources", "create"]
+  assert "--spot" in queued and _option(queued, "node-id") == "semflow"
+  assert _option(queued, "runtime-version") == "v2-alpha-tpuv5-lite"
+  assert wait[:5] == ["gcloud", "compute", "tpus", "queued-resources", "describe"]
+
+
+def test_setup_ships_tracked_files_to_every_worker_and_installs_once(tmp_path):
+  out = _tpu("setup", *BASE)
+  assert "ls-files" in out  # only what git tracks
+  scp, ssh = _commands(out)
+  assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"]
+  assert _option(scp, "worker") == "all" and "semflow:semflow_jax.tar.gz" in scp
+  assert ssh[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"] and _option(ssh, "worker") == "all"
+  script = _option(ssh, "command")
+  jax_version = [l.split("==")[1] for l in open(os.path.join(REPO, "requirements.lock"))
+                 if l.startswith("jax==")][0].strip()
+  assert f"'jax[tpu]=={jax_version}'" in script and "-r /tmp/semflow_jax_requirements.txt" in script
+
+  # The worker's side, run here: the install runs the first time and is skipped while the lock
+  # is unchanged. python3.11 and pip are stand-ins that record their calls.
+  home = tmp_path / "home"
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir(parents=True)
+  home.mkdir()
+  calls = tmp_path / "calls"
+  _executable(bin_dir / "python3.11", f"""#!/usr/bin/env bash
+echo "python3.11 $*" >> {calls}
+mkdir -p "$3/bin"
+printf '#!/usr/bin/env bash\\necho "pip $*" >> {calls}\\n' > "$3/bin/pip"
+chmod +x "$3/bin/pip"
+""")
+  subprocess.run(f"git -C {REPO} ls-files -z | (cd {REPO} && tar -czf {home}/semflow_jax.tar.gz "
+                 "--null -T -)", shell=True, check=True)
+  env = {**os.environ, "HOME": str(home), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+  for _ in range(2):
+    subprocess.run(["bash", "-c", script], env=env, check=True, cwd=home, capture_output=True)
+  lines = calls.read_text().splitlines()
+  assert sum(l.startswith("python3.11 -m venv") for l in lines) == 1, lines  # installed once
+  assert sum("jax[tpu]" in l for l in lines) == 1, lines
+  assert sum(l.endswith("--no-deps -e .") for l in lines) == 2, lines
+  assert (home / "semflow_jax" / "semflow_jax" / "main.py").exists()
+  assert not (home / "semflow_jax" / ".venv").exists()  # nothing untracked travels
+
+
+def _executable(path, text):
+  path.write_text(text)
+  path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+def _fake_worker(tmp_path):
+  """A worker's home with a stand-in python that records its argv and waits for SIGTERM."""
+  home = tmp_path / "home"
+  (home / "semflow_jax").mkdir(parents=True)
+  (home / "semflow_jax_venv" / "bin").mkdir(parents=True)
+  _executable(home / "semflow_jax_venv" / "bin" / "python", f"""#!{sys.executable}
+import json, os, signal, sys, time
+signal.signal(signal.SIGTERM, lambda *a: (open("{home}/terminated", "w").close(), sys.exit(0)))
+with open("{home}/argv.json", "w") as f:
+  json.dump({{"argv": sys.argv[1:], "cwd": os.getcwd(), "sid": os.getsid(0) == os.getpid()}}, f)
+time.sleep(60)
+""")
+  return home
+
+
+def _wait_for(path, timeout=30):
+  deadline = time.time() + timeout
+  while not path.exists() and time.time() < deadline:
+    time.sleep(0.05)
+  assert path.exists(), path
+
+
+def test_train_starts_detached_on_every_worker_with_the_arguments_intact(tmp_path):
+  (ssh,) = _commands(_tpu("train", *BASE, "--", *TRICKY))
+  assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "semflow"]
+  assert _option(ssh, "worker") == "all"
+  script = _option(ssh, "command")
+  assert "setsid nohup" in script
+
+  # Run the worker's command here (bash, as on the VM): the run starts in its own session with
+  # exactly the arguments given, the SSH-side shell returns at once, and `stop` sends SIGTERM.
+  home = _fake_worker(tmp_path)
+  env = {**os.environ, "HOME": str(home)}
+  start = time.time()
+  subprocess.run(["bash", "-c", script], env=env, check=True, timeout=30)
+  assert time.time() - start < 10  # detached: the shell did not wait for the run
+  _wait_for(home / "argv.json")
+  started = json.loads((home / "argv.json").read_text())
+  assert started["argv"] == ["-m", "semflow_jax.main", "--distributed=yes", *TRICKY]
+  assert started["cwd"] == str(home / "semflow_jax") and started["sid"]
+  assert (home / "semflow_jax.log").exists() and (home / "semflow_jax.pid").exists()
+
+  again = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+  assert again.returncode == 1 and "still going" in again.stderr  # never two runs at once
+
+  (stop,) = _commands(_tpu("stop", *BASE))
+  assert _option(stop, "worker") == "all"
+  subprocess.run(["bash", "-c", _option(stop, "command")], env=env, check=True, timeout=30)
+  _wait_for(home / "terminated")
+
+
+def test_build_data_on_worker_0_logs_and_delete():
+  (build,) = _commands(_tpu("build-data", *BASE, "--", "cityscapes_semantic",
+                            "--manual_dir=/data/city scapes", "--data_dir=gs://b/tfds"))
+  assert _option(build, "worker") == "0"
+  assert _argv(_option(build, "command").split("&& ", 1)[1])[-4:] == [
+      "semflow_jax.data.build", "cityscapes_semantic", "--manual_dir=/data/city scapes",
+      "--data_dir=gs://b/tfds"]
+  (logs,) = _commands(_tpu("logs", *BASE, "--worker=3"))
+  assert _option(logs, "worker") == "3" and "semflow_jax.log" in _option(logs, "command")
+  (delete,) = _commands(_tpu("delete", *BASE))
+  assert delete[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "delete"] and "--quiet" in delete
+  (delete,) = _commands(_tpu("delete", *BASE, "--spot"))
+  assert delete[:5] == ["gcloud", "compute", "tpus", "queued-resources", "delete"]
+  assert "--force" in delete
+
+
+def test_train_recreates_a_preempted_spot_vm_before_starting(tmp_path):
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  log = tmp_path / "gcloud.jsonl"
+  # A stand-in gcloud: records each call; the VM reports PREEMPTED, the new queued resource ACTIVE.
+  _executable(bin_dir / "gcloud", f"""#!{sys.executable}
+import json, sys
+args = sys.argv[1:]
+open("{log}", "a").write(json.dumps(args) + "\\n")
+if args[:4] == ["compute", "tpus", "tpu-vm", "describe"]:
+  print("PREEMPTED")
+elif args[:4] == ["compute", "tpus", "queued-resources", "describe"]:
+  print("ACTIVE")
+""")
+  args = [a for a in BASE if a != "--dry_run"]
+  proc = subprocess.run(["bash", TPU, "train", *args, "--spot", "--accelerator=v4-8", "--",
+                         *TRICKY], capture_output=True, text=True, timeout=60,
+                        env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+  assert proc.returncode == 0, proc.stderr
+  calls = [json.loads(l) for l in log.read_text().splitlines()]
+  steps = [" ".join(c[2:4]) if c[:2] == ["compute", "tpus"] else c[0] for c in calls]
+  assert steps == ["tpu-vm describe", "queued-resources delete", "queued-resources create",
+                   "queued-resources describe", "tpu-vm scp", "tpu-vm ssh", "tpu-vm ssh"], steps
+  assert "--spot" in calls[2] and "is PREEMPTED; re-creating it" in proc.stderr
+  assert "setsid nohup" in _option(calls[-1], "command")
+
+
+def _port_for_slurm_job():
+  """A free port in jax's SLURM range and the job id that maps to it (61440 + id % 4096)."""
+  for port in range(61440 + os.getpid() % 4000, 65536):
+    with socket.socket() as s:
+      try:
+        s.bind(("127.0.0.1", port))
+      except OSError:
+        continue
+    return port, port - 61440
+  pytest.fail("no free port in 61440..65535")
+
+
+def test_slurm_environment_reaches_jax_distributed(tmp_path):
+  """Two processes started as srun would (its variables, no flags) form one JAX job.
+
+  --mode=eval on a workdir without a checkpoint: each process gets as far as the checkpoint
+  lookup, after jax.distributed is up, and stops there (two-process training itself is
+  test_resilience.py's)."""
+  port, job_id = _port_for_slurm_job()
+  workdir = tmp_path / "run"
+  envs = []
+  for i in range(2):  # srun's variables, as two tasks on two one-task nodes would see them
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "SLURM_JOB_ID": str(job_id), "SLURM_STEP_NODELIST": "localhost",
+           "SLURM_NTASKS": "2", "SLURM_PROCID": str(i), "SLURM_LOCALID": "0",
+           "SLURM_STEP_NUM_NODES": "2"}
+    envs.append(env)
+  command = [sys.executable, "-m", "semflow_jax.main", "--config=configs/synthetic.py:tiny",
+             f"--workdir={workdir}", "--mode=eval"]
+  ran = run_together([command] * 2, envs, tmp_path, timeout=300)
+  for i, (p, out) in enumerate(ran):
+    errors = [l for l in out.splitlines() if l.startswith("error:")]
+    assert p.returncode == 2 and len(errors) == 1 and "no checkpoint in" in errors[0], out[-3000:]
+    # This process's index and count came from SLURM, and it sees both processes' devices
+    # (CPU device ids are 2048 * process index + local index).
+    assert f"process {i}/2, devices: [CpuDevice(id=0), CpuDevice(id=1), CpuDevice(id=2048), " \
+           "CpuDevice(id=2049)]" in out, out[-3000:]
+    # The coordinator: the first node of SLURM_STEP_NODELIST, port from SLURM_JOB_ID.
+    assert f"Connecting to JAX distributed service on localhost:{port}" in out, out[-3000:]
+
+
+def test_slurm_and_gpu_host_scripts_hand_their_arguments_to_the_entry_point(tmp_path):
+  """launch/slurm.sh and launch/gpu_hosts.sh with stand-ins for srun and python."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  record = f"""#!{sys.executable}
+import json, os, sys
+open("{tmp_path}/calls.jsonl", "a").write(json.dumps([os.path.basename(sys.argv[0])] + sys.argv[1:]) + "\\n")
+"""
+  for name in ("srun", "python"):
+    _executable(bin_dir / name, record)
+  venv = tmp_path / "venv"
+  (venv / "bin").mkdir(parents=True)
+  (venv / "bin" / "activate").write_text(f'export PATH="{bin_dir}:$PATH"\n')
+  env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "VENV": str(venv),
+         "SLURM_SUBMIT_DIR": REPO}
+  subprocess.run(["bash", os.path.join(REPO, "launch", "slurm.sh"), *TRICKY], env=env,
+                 check=True, timeout=30)
+  subprocess.run(["bash", os.path.join(REPO, "launch", "gpu_hosts.sh"), *TRICKY], check=True,
+                 timeout=30, env={**env, "COORDINATOR": "10.0.0.1:1234", "NUM_PROCESSES": "4",
+                                  "PROCESS_ID": "3"})
+  calls = [json.loads(l) for l in (tmp_path / "calls.jsonl").read_text().splitlines()]
+  assert calls == [
+      ["srun", "--kill-on-bad-exit=1", "python", "-m", "semflow_jax.main", *TRICKY],
+      ["python", "-m", "semflow_jax.main", "--coordinator_address=10.0.0.1:1234",
+       "--num_processes=4", "--process_id=3", *TRICKY]]
+  missing = subprocess.run(["bash", os.path.join(REPO, "launch", "gpu_hosts.sh")], env=env,
+                           capture_output=True, text=True, timeout=30)
+  assert missing.returncode != 0 and "set COORDINATOR" in missing.stderr
