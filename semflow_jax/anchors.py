@@ -71,7 +71,25 @@ def decode(anchor_image, num_classes: int):
   return jnp.argmin(scores, axis=-1).astype(jnp.int32)
 
 
+def is_key_batch(rng) -> bool:
+  """True for one PRNG key per example ((B,) typed keys or (B, 2) raw keys), False for one key."""
+  if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    return rng.ndim == 1
+  return rng.ndim == 2
+
+
 def perturb(anchor_image, rng, amplitude: float = DEFAULT_PERTURBATION):
-  """Eq. 14: anchor + amplitude * (U[0, 1) - 0.5), elementwise, in [-1, 1] units."""
-  noise = jax.random.uniform(rng, jnp.shape(anchor_image), jnp.float32) - 0.5
-  return anchor_image + amplitude * noise
+  """Eq. 14: anchor + amplitude * (U[0, 1) - 0.5), elementwise, in [-1, 1] units.
+
+  `rng` is one key for the whole array, or one key per example (leading axis): example i's noise
+  then depends on its own key only, not on the batch it is in (evaluation keys it by the
+  example's index in the split, so results do not depend on the number of processes).
+  """
+  shape = jnp.shape(anchor_image)
+  if is_key_batch(rng):
+    if rng.shape[0] != shape[0]:
+      raise ValueError(f"{rng.shape[0]} keys for a batch of {shape[0]} anchor images")
+    noise = jax.vmap(lambda key: jax.random.uniform(key, shape[1:], jnp.float32))(rng)
+  else:
+    noise = jax.random.uniform(rng, shape, jnp.float32)
+  return anchor_image + amplitude * (noise - 0.5)

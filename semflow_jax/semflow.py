@@ -140,7 +140,9 @@ class SemFlow:
     return self._scale(mean)
 
   def encode_labels(self, params, labels, rng):
-    """uint8 (B, H, W[, 1]) labels -> z1, the latent of the perturbed anchor image (Eq. 14)."""
+    """uint8 (B, H, W[, 1]) labels -> z1, the latent of the perturbed anchor image (Eq. 14).
+
+    `rng`: one key, or one key per example (see anchors.perturb)."""
     anchor_image = anchors.perturb(anchors.render(labels), rng, self.perturbation)
     mean, _ = self._vae(params, anchor_image, "encode")
     return self._scale(mean)
@@ -191,7 +193,9 @@ class SemFlow:
     return anchors.decode(self.decode(params, z1), self.num_classes)
 
   def synthesize(self, params, labels, rng, steps: int = 25, method: str = "euler"):
-    """Labels -> images in [-1, 1]: perturb the anchor latent, integrate t 1 -> 0, decode."""
+    """Labels -> images in [-1, 1]: perturb the anchor latent, integrate t 1 -> 0, decode.
+
+    `rng`: one key for the batch, or one key per example (noise keyed by example)."""
     z0 = flow.integrate(functools.partial(self.velocity, params),
                         self.encode_labels(params, labels, rng), 1.0, 0.0, steps, method)
     return jnp.clip(self.decode(params, z0), -1.0, 1.0)
