@@ -311,7 +311,8 @@ class Evaluator:
                key=lambda s: s[1])
     for name, value in result[f"per_class_iou_{main[0]}_{main[1]}"].items():
       if value is not None:
-        scalars[f"eval/per_class_iou_{main[0]}_{main[1]}/{name}"] = value
+        tag = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+        scalars[f"eval/per_class_iou_{main[0]}_{main[1]}/{tag}"] = value
     writer.write_scalars(step, scalars)
     if shown is not None:
       n = self.config.eval.num_sample_images
