@@ -202,11 +202,18 @@ class Evaluator:
                                     native_labels=True)
     # One batch in flight: the device works on batch k + 1 while the host scores batch k.
     pending = None
-    for local in batches:
+    num_batches = math.ceil(math.ceil(self.num_examples / jax.process_count()) /
+                            self.per_process)
+    last_log = time.time()
+    for k, local in enumerate(batches):
       outputs = self._dispatch(params, local)
       if pending is not None:
         self._accumulate(acc, *pending, synth_names)
       pending = (local, outputs)
+      if time.time() - last_log > 60:
+        last_log = time.time()
+        logging.info("evaluating: batch %d of %d (%.1f s per batch)", k + 1, num_batches,
+                     (last_log - start) / (k + 1))
     if pending is not None:
       self._accumulate(acc, *pending, synth_names)
 
