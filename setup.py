@@ -32,6 +32,8 @@ setup(
         # Reading PyTorch weights and computing the empty-prompt CLIP embedding at conversion.
         "convert": ["torch==2.13.0", "safetensors==0.8.0", "transformers==5.23.0"],
         # The references the tests compare against (never torchvision: it breaks diffusers).
+        # The tests also need lpips==0.1.4 for its v0.1 head weights, installed with --no-deps
+        # (README): listed here it would pull in torchvision.
         "test": ["pytest==9.2.0", "torch==2.13.0", "safetensors==0.8.0", "transformers==5.23.0",
                  "diffusers==0.42.1", "cityscapesscripts==2.3.0"],
     },

@@ -350,15 +350,18 @@ def load_converted(path: str, abstract_params) -> dict:
 
 
 # -- command line ----------------------------------------------------------------------------------
-flags.DEFINE_string("diffusers_dir", None, "Stable Diffusion folder in the diffusers layout.")
-flags.DEFINE_string("unet_weights", None, "UNet state dict (.safetensors/.bin) to use instead of "
-                    "diffusers_dir/unet (e.g. the released SemFlow UNet).")
-flags.DEFINE_string("unet_config", None, "UNet config.json (or its folder) for --unet_weights "
-                    "without --diffusers_dir.")
-flags.DEFINE_string("text_embedding", None, "Empty-prompt embedding .npy instead of computing it "
-                    "with diffusers_dir/text_encoder.")
-flags.DEFINE_string("output", None, "Directory to write; config.model.init_from points here.")
-flags.DEFINE_bool("overwrite", False, "Replace an existing output directory.")
+def _define_flags():
+  """Defined only when run as a program: modules that import this one for its functions (state,
+  convert_eval_nets) run inside programs that define `--output` themselves (semflow_jax.main)."""
+  flags.DEFINE_string("diffusers_dir", None, "Stable Diffusion folder in the diffusers layout.")
+  flags.DEFINE_string("unet_weights", None, "UNet state dict (.safetensors/.bin) to use instead of "
+                      "diffusers_dir/unet (e.g. the released SemFlow UNet).")
+  flags.DEFINE_string("unet_config", None, "UNet config.json (or its folder) for --unet_weights "
+                      "without --diffusers_dir.")
+  flags.DEFINE_string("text_embedding", None, "Empty-prompt embedding .npy instead of computing it "
+                      "with diffusers_dir/text_encoder.")
+  flags.DEFINE_string("output", None, "Directory to write; config.model.init_from points here.")
+  flags.DEFINE_bool("overwrite", False, "Replace an existing output directory.")
 
 
 def main(argv):
@@ -375,4 +378,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
