@@ -73,6 +73,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Converted FID / LPIPS networks (python -m semflow_jax.convert_eval_nets); None: skipped.
   c.eval.fid_weights = config_dict.placeholder(str)
   c.eval.lpips_weights = config_dict.placeholder(str)
+  # FID statistics of the real validation split (.npz); None: eval/fid_reference.npz in the
+  # workdir. Computed on first use, then read (a cache describing other data is refused).
+  c.eval.fid_reference = config_dict.placeholder(str)
   c.eval.num_sample_images = 8       # rows in the sample grids
 
   c.sample = ml_collections.ConfigDict()

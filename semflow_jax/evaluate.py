@@ -47,6 +47,7 @@ from jax.experimental import multihost_utils
 
 from semflow_jax import flow, images, metrics, parallel, state, storage
 from semflow_jax.data import pipeline
+from semflow_jax.models import inception as inception_lib
 from semflow_jax.programs import Programs
 from semflow_jax.semflow import SemFlow
 
@@ -93,6 +94,7 @@ class _Accumulator:
   """What one evaluation sums up on this process (combined over processes at the end)."""
   confusion: dict          # name -> (C, C) int64
   per_example: dict        # name -> (num_examples,) float64, filled at each example's index
+  fid: dict                # name -> RunningStatistics of this process's synthesis features
   shown: Optional[dict] = None
 
 
@@ -132,18 +134,27 @@ class Evaluator:
     if not e.get("colour_only", True):
       self.skipped["colour_only_miou"] = self.skipped["colour_only_miou_synth"] = (
           "config.eval.colour_only is False")
-    # HOOK (issue #11, FID and LPIPS networks): `perceptual` (the other half of #11) loads the
-    # converted networks; until then these metrics are skipped with the reason below.
-    self._fid = self._lpips = None
-    for name, key in (("fid", "fid_weights"), ("lpips", "lpips_weights")):
-      if not e.get(key):
-        reason = (f"config.eval.{key} is not set (convert the published weights with "
-                  "python -m semflow_jax.convert_eval_nets, see README)")
-      else:
-        reason = (f"config.eval.{key}={e.get(key)}: computing {name} needs the networks of "
-                  "issue #11 (semflow_jax.perceptual), not in this build")
-      for metric in (("fid",) if name == "fid" else ("lpips_diversity", "lpips_to_real")):
-        self.skipped[metric] = reason
+    # FID and LPIPS networks (semflow_jax/perceptual.py), loaded once per run when configured.
+    self.inception = self.lpips = None
+    self._fid_reference = None  # (mu, sigma) of the real split, computed or read once per run
+    if e.get("fid_weights"):
+      from semflow_jax import convert_eval_nets, perceptual
+      self.inception = perceptual.InceptionFeatures(
+          convert_eval_nets.load_inception(e.fid_weights), mesh)
+    else:
+      self.skipped["fid"] = ("config.eval.fid_weights is not set (convert pytorch-fid's "
+                             "weights with python -m semflow_jax.convert_eval_nets; README)")
+    if not e.get("lpips_weights"):
+      reason = ("config.eval.lpips_weights is not set (convert the AlexNet and v0.1 head "
+                "weights with python -m semflow_jax.convert_eval_nets; README)")
+    elif min(model.image_size) < 32:
+      reason = f"LPIPS' AlexNet needs images of at least 32x32, not {model.image_size}"
+    else:
+      from semflow_jax import convert_eval_nets, perceptual
+      self.lpips = perceptual.LpipsDistances(convert_eval_nets.load_lpips(e.lpips_weights), mesh)
+      reason = None
+    if reason:
+      self.skipped["lpips_diversity"] = self.skipped["lpips_to_real"] = reason
     for metric, reason in sorted(self.skipped.items()):
       logging.info("evaluation: %s skipped: %s", metric, reason)
 
@@ -159,6 +170,33 @@ class Evaluator:
       self._colour = metrics.ColourClassifier.fit(train["image"], train["label"],
                                                   self.model.num_classes)
     return self._colour
+
+  def fid_reference(self, workdir: Optional[str]) -> tuple:
+    """(mu, sigma) of the real validation images as the model sees them (resized whole to its
+    input), computed once per run and cached as an .npz: `config.eval.fid_reference`, or
+    eval/fid_reference.npz in the workdir (refused if it describes other data)."""
+    if self._fid_reference is None:
+      from semflow_jax import perceptual
+      batches = pipeline.eval_batches(self.builder, "validation", self.per_process,
+                                      self.num_examples, ("image",), self.preprocess)
+      description = {"dataset": self.builder.info.full_name, "split": "validation",
+                     "num_examples": self.num_examples, "image_size": list(self.model.image_size)}
+      cache = self.config.eval.get("fid_reference") or (
+          storage.join(workdir, "eval", "fid_reference.npz") if workdir else None)
+      # Every process takes the same branch (computing is collective): process 0 decides.
+      cached = bool(cache) and bool(multihost_utils.broadcast_one_to_all(
+          np.asarray(storage.exists(cache))))
+      if cached:
+        logging.info("FID reference statistics from %s", cache)
+        self._fid_reference = perceptual.read_statistics(cache, description)
+      else:
+        mu, sigma, count = perceptual.statistics_of(batches, self.inception,
+                                                    what="the reference split")
+        if cache and jax.process_index() == 0:
+          perceptual.write_statistics(cache, mu, sigma, count, description)
+          logging.info("wrote FID reference statistics of %d images to %s", count, cache)
+        self._fid_reference = (mu, sigma)
+    return self._fid_reference
 
   def network_evaluations(self) -> dict:
     """{metric: UNet evaluations per example} for every metric this evaluator reports."""
@@ -181,7 +219,7 @@ class Evaluator:
     TensorBoard scalars (process 0). Returns the metrics."""
     start = time.time()
     c = self.model.num_classes
-    acc = _Accumulator(confusion={}, per_example={})
+    acc = _Accumulator(confusion={}, per_example={}, fid={})
     for m, n in self.seg_samplers:
       acc.confusion[f"miou_{m}_{n}"] = np.zeros((c, c), np.int64)
     synth_names = []
@@ -192,6 +230,11 @@ class Evaluator:
       acc.per_example[f"diversity{suffix}"] = np.zeros(self.num_examples)
       if self.colour_classifier is not None:
         acc.confusion[f"colour_only_miou_synth{suffix}"] = np.zeros((c, c), np.int64)
+      if self.inception is not None:
+        acc.fid[f"fid{suffix}"] = inception_lib.RunningStatistics()
+      if self.lpips is not None:
+        acc.per_example[f"lpips_diversity{suffix}"] = np.zeros(self.num_examples)
+        acc.per_example[f"lpips_to_real{suffix}"] = np.zeros(self.num_examples)
     if self.colour_classifier is not None:
       acc.confusion["colour_only_miou"] = np.zeros((c, c), np.int64)
     if self.has_alt:
@@ -217,7 +260,7 @@ class Evaluator:
     if pending is not None:
       self._accumulate(acc, *pending, synth_names)
 
-    result = self._finish(acc, step, time.time() - start)
+    result = self._finish(acc, step, time.time() - start, workdir)
     logging.info("eval at step %d: %s", step, json.dumps(
         {k: v for k, v in result.items() if not k.startswith("per_class_iou")}))
     if workdir is not None and jax.process_index() == 0:
@@ -240,8 +283,14 @@ class Evaluator:
       # The same sharding object as a real image batch, so the round trip reuses the
       # one-step segmentation program compiled for real images instead of compiling another.
       a_uint8 = jax.device_put(self.programs.to_uint8(a), batch["image"].sharding)
-      out["synth"].append({"a": a, "b": b, "a_uint8": a_uint8,
-                           "roundtrip": roundtrip(params, a_uint8)})
+      synth = {"a": a, "b": b, "a_uint8": a_uint8, "roundtrip": roundtrip(params, a_uint8)}
+      if self.inception is not None:
+        synth["features"] = self.inception.device(a_uint8)
+      if self.lpips is not None:
+        b_uint8 = jax.device_put(self.programs.to_uint8(b), batch["image"].sharding)
+        synth["lpips_ab"] = self.lpips.device(a_uint8, b_uint8)
+        synth["lpips_real"] = self.lpips.device(a_uint8, batch["image"])
+      out["synth"].append(synth)
     return out
 
   def _accumulate(self, acc: _Accumulator, local: dict, out: dict, synth_names) -> None:
@@ -271,6 +320,11 @@ class Evaluator:
       if colour is not None:
         acc.confusion[f"colour_only_miou_synth{suffix}"] += metrics.confusion_matrix(
             label, colour.predict(a_uint8), c, mask)
+      if "features" in synth:
+        acc.fid[f"fid{suffix}"].update(local_rows(synth["features"])[mask])
+      if "lpips_ab" in synth:
+        acc.per_example[f"lpips_diversity{suffix}"][index] = local_rows(synth["lpips_ab"])[mask]
+        acc.per_example[f"lpips_to_real{suffix}"][index] = local_rows(synth["lpips_real"])[mask]
       if acc.shown is None and suffix == "":
         main = max((s for s in self.seg_samplers if s[0] == self.seg_samplers[0][0]),
                    key=lambda s: s[1])
@@ -279,7 +333,7 @@ class Evaluator:
                          synth_b=np.asarray(_to_uint8(b)),
                          alt=local.get("image_alt"), mask=mask)
 
-  def _finish(self, acc: _Accumulator, step: int, seconds: float) -> dict:
+  def _finish(self, acc: _Accumulator, step: int, seconds: float, workdir=None) -> dict:
     """Combine over processes and turn sums into metrics (plain Python, None for undefined)."""
     names = sorted(acc.confusion)
     confusion = sum_over_processes(np.stack([acc.confusion[k] for k in names]))
@@ -295,6 +349,15 @@ class Evaluator:
         result[name] = metrics.iou_from_confusion(confusion[names.index(name)])["miou"]
     for name, values in per_example.items():
       result[name] = float(np.mean(values)) if len(values) else None
+    if acc.fid:
+      reference = self.fid_reference(workdir)
+      for name, running in sorted(acc.fid.items()):
+        # Per-process sums of features and their outer products add up to the split's.
+        total = inception_lib.RunningStatistics(running.dim)
+        total.count = int(sum_over_processes(np.array([running.count], np.int64))[0])
+        total.sum = sum_over_processes(running.sum)
+        total.outer = sum_over_processes(running.outer)
+        result[name] = metrics.frechet_distance(*total.result(), *reference)
     for name in ("diversity_real", "colour_only_miou", "colour_only_miou_synth", "fid",
                  "lpips_diversity", "lpips_to_real"):
       result.setdefault(name, None)  # JSON null: not computed (see `skipped`)

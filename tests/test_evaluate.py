@@ -228,3 +228,75 @@ def test_native_resolution_miou_equals_cityscapesscripts(cityscapes_native, tmp_
   for name, iou in result["per_class_iou_euler_1"].items():
     theirs = official["classScores"][name]
     assert (iou is None) if np.isnan(theirs) else abs(iou - theirs) < 1e-9, name
+
+
+# -- FID and LPIPS inside the evaluation ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def eval_nets(tmp_path_factory):
+  """Random-weight FID Inception and LPIPS, saved where config.eval.*_weights point (their
+  agreement with the published networks is tests/test_eval_nets.py's concern)."""
+  import orbax.checkpoint as ocp
+  from semflow_jax.models import inception, lpips
+  root = tmp_path_factory.mktemp("eval_nets")
+  rng = np.random.default_rng(0)
+
+  def random(path, leaf):  # He-normal kernels, identity BatchNorm, small biases; no compile
+    name = path[-1].key
+    if name == "kernel":
+      return (rng.normal(size=leaf.shape) * np.sqrt(2 / np.prod(leaf.shape[:-1]))).astype(
+          np.float32)
+    fill = {"scale": 1.0, "running_var": 1.0}.get(name, 0.0)
+    return np.full(leaf.shape, fill, np.float32)
+  nets = {"inception": jax.tree_util.tree_map_with_path(random, inception.abstract_params()),
+          "lpips": jax.tree_util.tree_map_with_path(random, lpips.abstract_params())}
+  with ocp.StandardCheckpointer() as checkpointer:
+    for name, params in nets.items():
+      checkpointer.save(str(root / name / "params"), params)
+      checkpointer.wait_until_finished()
+  return str(root)
+
+
+def test_fid_and_lpips_are_those_of_the_networks_on_the_synthesised_images(eval_nets, tfds_dir,
+                                                                            tmp_path,
+                                                                            monkeypatch):
+  from configs import synthetic as synthetic_config
+  from semflow_jax import perceptual
+  config = synthetic_config.get_config("tiny")
+  config.data.tfds_data_dir = tfds_dir
+  config.data.image_size = 32       # LPIPS' AlexNet needs 32x32 at least
+  config.data.num_validation = 6    # one padded batch of 8
+  config.eval.seg_steps, config.eval.synth_steps, config.eval.colour_only = (1,), 1, False
+  config.eval.fid_weights = config.eval.lpips_weights = eval_nets
+  model = SemFlow.from_config(config)
+  params = jax.jit(model.init)(jax.random.PRNGKey(1))
+  mesh = parallel.make_mesh(config)
+  builder = pipeline.get_builder(config.data)
+  evaluator = evaluate.Evaluator(config, model, Programs(model), builder, mesh)
+  workdir = str(tmp_path / "run")
+  result = evaluator(params, 0, workdir)
+  assert not {"fid", "lpips_diversity", "lpips_to_real"} & set(result["skipped"])
+  assert result["nfe"]["fid"] == result["nfe"]["lpips_diversity"] == 1
+
+  # The same quantities from the networks' own host path, on the images evaluation makes.
+  real = pipeline.load_arrays(builder, "validation", 6)
+  keys_a, keys_b = evaluate._example_keys(evaluator.base_key, np.arange(6, dtype=np.int32))
+  synth = jax.jit(model.synthesize, static_argnums=(3,))
+  a = np.asarray(evaluate._to_uint8(synth(params, real["label"], keys_a, 1)))
+  b = np.asarray(evaluate._to_uint8(synth(params, real["label"], keys_b, 1)))
+  extractor, distances = evaluator.inception, evaluator.lpips
+  reference = metrics.mean_and_covariance(extractor(real["image"]))
+  expected_fid = metrics.frechet_distance(*metrics.mean_and_covariance(extractor(a)), *reference)
+  assert result["fid"] == pytest.approx(expected_fid, rel=1e-4)
+  assert result["lpips_diversity"] == pytest.approx(float(np.mean(distances.between(a, b))),
+                                                    rel=1e-4)
+  assert result["lpips_to_real"] == pytest.approx(
+      float(np.mean(distances.between(a, real["image"]))), rel=1e-4)
+  assert result["lpips_to_real"] > result["lpips_diversity"] > 0
+
+  # The reference statistics were cached; a new run's evaluator reads them instead.
+  cached = os.path.join(workdir, "eval", "fid_reference.npz")
+  np.testing.assert_allclose(perceptual.read_statistics(cached)[0], reference[0], rtol=1e-5)
+  monkeypatch.setattr(perceptual, "statistics_of",
+                      lambda *a, **k: pytest.fail("recomputed the cached reference"))
+  again = evaluate.Evaluator(config, model, Programs(model), builder, mesh)(params, 0, workdir)
+  assert again["fid"] == pytest.approx(result["fid"], rel=1e-6)
