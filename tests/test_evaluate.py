@@ -243,8 +243,9 @@ def eval_nets(tmp_path_factory):
   def random(path, leaf):  # He-normal kernels, identity BatchNorm, small biases; no compile
     name = path[-1].key
     if name == "kernel":
-      return (rng.normal(size=leaf.shape) * np.sqrt(2 / np.prod(leaf.shape[:-1]))).astype(
-          np.float32)
+      kernel = rng.normal(size=leaf.shape) * np.sqrt(2 / np.prod(leaf.shape[:-1]))
+      heads = str(path[0].key).startswith("lin")  # LPIPS' linear heads are non-negative
+      return (np.abs(kernel) if heads else kernel).astype(np.float32)
     fill = {"scale": 1.0, "running_var": 1.0}.get(name, 0.0)
     return np.full(leaf.shape, fill, np.float32)
   nets = {"inception": jax.tree_util.tree_map_with_path(random, inception.abstract_params()),
