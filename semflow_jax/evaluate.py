@@ -35,10 +35,9 @@ import dataclasses
 import json
 import math
 import time
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -198,6 +197,13 @@ class Evaluator:
         self._fid_reference = (mu, sigma)
     return self._fid_reference
 
+  @property
+  def main_seg_sampler(self) -> Sampler:
+    """The first method's most-step sampler: its predictions are shown and its per-class IoU
+    goes to TensorBoard."""
+    method = self.seg_samplers[0][0]
+    return max((s for s in self.seg_samplers if s[0] == method), key=lambda s: s[1])
+
   def network_evaluations(self) -> dict:
     """{metric: UNet evaluations per example} for every metric this evaluator reports."""
     nfe = {}
@@ -326,10 +332,8 @@ class Evaluator:
         acc.per_example[f"lpips_diversity{suffix}"][index] = local_rows(synth["lpips_ab"])[mask]
         acc.per_example[f"lpips_to_real{suffix}"][index] = local_rows(synth["lpips_real"])[mask]
       if acc.shown is None and suffix == "":
-        main = max((s for s in self.seg_samplers if s[0] == self.seg_samplers[0][0]),
-                   key=lambda s: s[1])
         acc.shown = dict(image=local["image"], label=label,
-                         seg=local_rows(out["seg"][main]), synth_a=a_uint8,
+                         seg=local_rows(out["seg"][self.main_seg_sampler]), synth_a=a_uint8,
                          synth_b=np.asarray(_to_uint8(b)),
                          alt=local.get("image_alt"), mask=mask)
 
@@ -357,7 +361,8 @@ class Evaluator:
         total.count = int(sum_over_processes(np.array([running.count], np.int64))[0])
         total.sum = sum_over_processes(running.sum)
         total.outer = sum_over_processes(running.outer)
-        result[name] = metrics.frechet_distance(*total.result(), *reference)
+        result[name] = (metrics.frechet_distance(*total.result(), *reference)
+                        if total.count >= 2 else None)  # a covariance needs two images
     for name in ("diversity_real", "colour_only_miou", "colour_only_miou_synth", "fid",
                  "lpips_diversity", "lpips_to_real"):
       result.setdefault(name, None)  # JSON null: not computed (see `skipped`)
@@ -377,8 +382,7 @@ class Evaluator:
       return
     scalars = {f"eval/{k}": v for k, v in result.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
-    main = max((s for s in self.seg_samplers if s[0] == self.seg_samplers[0][0]),
-               key=lambda s: s[1])
+    main = self.main_seg_sampler
     for name, value in result[f"per_class_iou_{main[0]}_{main[1]}"].items():
       if value is not None:
         tag = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
