@@ -265,7 +265,7 @@ def test_fid_and_lpips_are_those_of_the_networks_on_the_synthesised_images(eval_
   config = synthetic_config.get_config("tiny")
   config.data.tfds_data_dir = tfds_dir
   config.data.image_size = 32       # LPIPS' AlexNet needs 32x32 at least
-  config.data.num_validation = 6    # one padded batch of 8
+  config.data.num_validation = 4    # one padded batch of 8
   config.eval.seg_steps, config.eval.synth_steps, config.eval.colour_only = (1,), 1, False
   config.eval.fid_weights = config.eval.lpips_weights = eval_nets
   model = SemFlow.from_config(config)
@@ -279,8 +279,8 @@ def test_fid_and_lpips_are_those_of_the_networks_on_the_synthesised_images(eval_
   assert result["nfe"]["fid"] == result["nfe"]["lpips_diversity"] == 1
 
   # The same quantities from the networks' own host path, on the images evaluation makes.
-  real = pipeline.load_arrays(builder, "validation", 6)
-  keys_a, keys_b = evaluate._example_keys(evaluator.base_key, np.arange(6, dtype=np.int32))
+  real = pipeline.load_arrays(builder, "validation", 4)
+  keys_a, keys_b = evaluate._example_keys(evaluator.base_key, np.arange(4, dtype=np.int32))
   synth = jax.jit(model.synthesize, static_argnums=(3,))
   a = np.asarray(evaluate._to_uint8(synth(params, real["label"], keys_a, 1)))
   b = np.asarray(evaluate._to_uint8(synth(params, real["label"], keys_b, 1)))
