@@ -70,10 +70,18 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.num_examples = -1          # -1: the whole validation split
   c.eval.batch_size = 100
-  c.eval.seg_steps = (1, 25)
-  c.eval.synth_steps = 25
-  c.eval.method = "euler"
+  c.eval.seg_steps = (1, 25)         # segmentation mIoU at each of these step counts ...
+  c.eval.seg_methods = ("euler",)    # ... with each of these samplers: euler, heun, rk4
+  c.eval.synth_steps = 25            # synthesis (round trip, diversity, FID, LPIPS)
+  c.eval.synth_method = "euler"
+  c.eval.colour_only = True          # the colour-only classifier's mIoU (the yardstick)
   c.eval.colour_fit_examples = 1000  # training images the colour-only classifier is fitted on
+  # Converted FID / LPIPS networks (python -m semflow_jax.convert_eval_nets); None: skipped.
+  c.eval.fid_weights = config_dict.placeholder(str)
+  c.eval.lpips_weights = config_dict.placeholder(str)
+  # FID statistics of the real validation split (.npz); None: eval/fid_reference.npz in the
+  # workdir. Computed on first use, then read (a cache describing other data is refused).
+  c.eval.fid_reference = config_dict.placeholder(str)
   c.eval.num_sample_images = 8       # rows in the sample grids
 
   c.sample = ml_collections.ConfigDict()

@@ -71,14 +71,31 @@ def decode(anchor_image, num_classes: int):
   return jnp.argmin(scores, axis=-1).astype(jnp.int32)
 
 
+def is_key_batch(rng) -> bool:
+  """True for one PRNG key per example ((B,) typed keys or (B, 2) raw keys), False for one key."""
+  if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    return rng.ndim == 1
+  return rng.ndim == 2
+
+
 def perturbation_noise(rng, shape):
-  """u ~ U[0, 1) elementwise: the randomness of Eq. 14, drawn apart so callers can edit it."""
-  return jax.random.uniform(rng, shape, jnp.float32)
+  """u ~ U[0, 1) elementwise: the randomness of Eq. 14, drawn apart so callers can edit it.
+
+  `rng` is one key for the whole array, or one key per example (leading axis): example i's noise
+  then depends on its own key only, not on the batch it is in (evaluation keys it by the
+  example's index in the split, so results do not depend on the number of processes).
+  """
+  if is_key_batch(rng):
+    if rng.shape[0] != shape[0]:
+      raise ValueError(f"{rng.shape[0]} keys for a batch of {shape[0]} anchor images")
+    return jax.vmap(lambda key: jax.random.uniform(key, tuple(shape[1:]), jnp.float32))(rng)
+  return jax.random.uniform(rng, tuple(shape), jnp.float32)
 
 
 def perturb(anchor_image, rng, amplitude: float = DEFAULT_PERTURBATION, noise=None):
   """Eq. 14: anchor + amplitude * (u - 0.5) elementwise, in [-1, 1] units, with
-  u = perturbation_noise(rng, shape), or the given `noise` u of the anchor image's shape."""
+  u = perturbation_noise(rng, shape) (one key, or one key per example), or the given `noise` u
+  of the anchor image's shape."""
   if noise is None:
     noise = perturbation_noise(rng, jnp.shape(anchor_image))
   return anchor_image + amplitude * (noise - 0.5)

@@ -1,7 +1,10 @@
 """Rectified flow between image latents (t = 0) and anchor latents (t = 1). Pure math, no I/O.
 
 One integrator serves both directions: t 0 -> 1 segments, t 1 -> 0 synthesises. It is a
-`lax.fori_loop`, so inside `jax.jit` the whole trajectory is one compiled program.
+`lax.fori_loop`, so inside `jax.jit` the whole trajectory is one compiled program. Samplers are
+fixed-step Runge-Kutta methods: `euler` (order 1, one network evaluation per step), `heun`
+(order 2, two) and `rk4` (classic Runge-Kutta, order 4, four); `network_evaluations` says what a
+(steps, method) pair costs, so samplers are compared at equal cost.
 """
 
 from typing import Callable
@@ -10,7 +13,22 @@ import jax
 import jax.numpy as jnp
 
 VelocityFn = Callable[[jax.Array, jax.Array], jax.Array]  # (z, t scalar) -> dz/dt
-METHODS = ("euler", "heun")
+# Network evaluations per step of each sampler.
+EVALUATIONS_PER_STEP = {"euler": 1, "heun": 2, "rk4": 4}
+METHODS = tuple(EVALUATIONS_PER_STEP)
+
+
+def check_sampler(steps: int, method: str) -> None:
+  if method not in METHODS:
+    raise ValueError(f"unknown integrator method {method!r}; expected one of {METHODS}")
+  if int(steps) != steps or steps < 1:
+    raise ValueError(f"steps must be an integer >= 1, got {steps}")
+
+
+def network_evaluations(steps: int, method: str) -> int:
+  """How many times `integrate(..., steps, method)` calls the velocity field."""
+  check_sampler(steps, method)
+  return int(steps) * EVALUATIONS_PER_STEP[method]
 
 
 def expand_time(t, z):
@@ -40,23 +58,32 @@ def step_function(velocity_fn: VelocityFn, t_start: float, t_end: float, steps: 
   """(i, z) -> z after step i of the fixed-step solve from t_start to t_end: the body that
   `integrate` loops over, for callers that need the states in between (`trajectory`) or act
   after every step."""
-  if method not in METHODS:
-    raise ValueError(f"unknown integrator method {method!r}; expected one of {METHODS}")
-  if steps < 1:
-    raise ValueError(f"steps must be >= 1, got {steps}")
+  check_sampler(steps, method)
   dt = (t_end - t_start) / steps
+
+  def time(t, z):
+    # Times in float32 (float64 when z is, so convergence can be measured below float32 noise).
+    return jnp.asarray(t, jnp.promote_types(jnp.asarray(z).dtype, jnp.float32))
 
   def euler(i, z):
     t = t_start + i * dt
-    return z + dt * velocity_fn(z, jnp.asarray(t, jnp.float32))
+    return z + dt * velocity_fn(z, time(t, z))
 
   def heun(i, z):
     t = t_start + i * dt
-    k1 = velocity_fn(z, jnp.asarray(t, jnp.float32))
-    k2 = velocity_fn(z + dt * k1, jnp.asarray(t + dt, jnp.float32))
+    k1 = velocity_fn(z, time(t, z))
+    k2 = velocity_fn(z + dt * k1, time(t + dt, z))
     return z + 0.5 * dt * (k1 + k2)
 
-  return euler if method == "euler" else heun
+  def rk4(i, z):
+    t = t_start + i * dt
+    k1 = velocity_fn(z, time(t, z))
+    k2 = velocity_fn(z + 0.5 * dt * k1, time(t + 0.5 * dt, z))
+    k3 = velocity_fn(z + 0.5 * dt * k2, time(t + 0.5 * dt, z))
+    k4 = velocity_fn(z + dt * k3, time(t + dt, z))
+    return z + (dt / 6.0) * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
+
+  return {"euler": euler, "heun": heun, "rk4": rk4}[method]
 
 
 def integrate(velocity_fn: VelocityFn, z, t_start: float, t_end: float, steps: int,

@@ -155,8 +155,9 @@ class SemFlow:
   def encode_labels(self, params, labels, rng=None, noise=None):
     """uint8 (B, H, W[, 1]) labels -> z1, the latent of the perturbed anchor image (Eq. 14).
 
-    The perturbation noise is `perturbation_noise(rng, labels)`, or `noise` when given (to edit
-    it: regional re-sampling); with neither, the anchor image is not perturbed.
+    The perturbation noise is `perturbation_noise(rng, labels)` (`rng` one key, or one key per
+    example: see anchors.perturbation_noise), or `noise` when given (to edit it: regional
+    re-sampling); with neither, the anchor image is not perturbed.
     """
     anchor_image = anchors.render(labels)
     if noise is None and rng is not None:
@@ -223,7 +224,9 @@ class SemFlow:
     return anchors.decode(self.decode(params, z1), self.num_classes)
 
   def synthesize(self, params, labels, rng, steps: int = 25, method: str = "euler"):
-    """Labels -> images in [-1, 1]: perturb the anchor latent, integrate t 1 -> 0, decode."""
+    """Labels -> images in [-1, 1]: perturb the anchor latent, integrate t 1 -> 0, decode.
+
+    `rng`: one key for the batch, or one key per example (noise keyed by example)."""
     z0 = flow.integrate(functools.partial(self.velocity, params),
                         self.encode_labels(params, labels, rng), 1.0, 0.0, steps, method)
     return jnp.clip(self.decode(params, z0), -1.0, 1.0)

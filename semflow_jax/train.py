@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from semflow_jax import checkpoint, evaluate, parallel, state as state_lib, storage
 from semflow_jax.data import pipeline
+from semflow_jax.programs import Programs
 from semflow_jax.semflow import SemFlow
 
 
@@ -196,6 +197,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   checkpoint.wait_for_all_processes("semflow_jax.train: step compiled")
 
   writer = storage.metric_writer(workdir, config)
+  # One set of inference programs and one evaluator per run: evaluations never recompile.
+  evaluator = evaluate.Evaluator(config, model, Programs(model), builder, mesh)
   if start_step == 0 and is_main and config.train.get("tensorboard", True):
     writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()
                           if isinstance(v, (int, float, str, bool))})
@@ -259,7 +262,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         break
 
       if (t.eval_every and step % t.eval_every == 0) and step != t.num_steps:
-        evaluate.run(model, _eval_params(state), builder, config, mesh, step, workdir, writer)
+        evaluator(_eval_params(state), step, workdir, writer)
   finally:
     preemption.close()
     # Also on Ctrl-C or an error: let in-flight asynchronous saves complete.
@@ -269,7 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if final < t.num_steps:
     writer.close()
     return {"step": final, "preempted": True}
-  result = evaluate.run(model, _eval_params(state), builder, config, mesh, final, workdir, writer)
+  result = evaluator(_eval_params(state), final, workdir, writer)
   writer.close()
   return result
 

@@ -74,3 +74,23 @@ def test_decode_only_considers_the_dataset_classes():
   assert decoded.max() < 7
   far_anchor = anchors.render(np.full((4, 4), 200))
   assert np.asarray(anchors.decode(far_anchor, 7)).max() < 7
+
+
+@pytest.mark.parametrize("make_keys", [lambda i: jax.random.PRNGKey(i),
+                                       lambda i: jax.random.key(i)])
+def test_per_example_keys_make_each_examples_noise_independent_of_its_batch(make_keys):
+  anchor = jnp.zeros((4, 3, 5, 3))
+  keys = jnp.stack([make_keys(i) for i in (10, 11, 12, 13)])
+  batch = np.asarray(anchors.perturb(anchor, keys, 0.1))
+  # The same example alone, or in another batch, gets the same noise from the same key.
+  for i in range(4):
+    alone = np.asarray(anchors.perturb(anchor[:1], keys[i:i + 1], 0.1))[0]
+    np.testing.assert_array_equal(batch[i], alone)
+  np.testing.assert_array_equal(np.asarray(anchors.perturb(anchor[:2], keys[2:], 0.1)), batch[2:])
+  assert not np.array_equal(batch[0], batch[1])
+  assert np.abs(batch).max() <= 0.05
+  # One key for the batch still works (training, the file CLI) and differs per example.
+  single = np.asarray(anchors.perturb(anchor, make_keys(10), 0.1))
+  assert not np.array_equal(single[0], single[1])
+  with pytest.raises(ValueError, match="3 keys for a batch of 4"):
+    anchors.perturb(anchor, keys[:3], 0.1)

@@ -6,14 +6,13 @@ definitions (end point shifted by the anchor colours, the (1 - t_s) / t_s mix, .
 the functions under test.
 """
 
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from semflow_jax import anchors, colour, controls
+from semflow_jax import colour, controls
 from semflow_jax.programs import Programs
 from semflow_jax.semflow import SemFlow
 

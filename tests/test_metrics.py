@@ -1,4 +1,11 @@
+import fractions
+import os
+
 import numpy as np
+import pytest
+import scipy.linalg
+import scipy.stats
+from PIL import Image
 
 from semflow_jax import metrics
 
@@ -9,14 +16,177 @@ def test_miou_by_hand_with_ignore_and_masked_examples():
   conf = metrics.confusion_matrix(labels, preds, 2, mask=np.array([1.0, 0.0]))
   # Example 2 is padding, the 255 pixel is ignored: truth (0, 0, 1), prediction (0, 1, 1).
   np.testing.assert_array_equal(conf, [[1, 1], [0, 1]])
-  np.testing.assert_allclose(metrics.per_class_iou(conf), [0.5, 0.5])
-  assert metrics.mean_iou(conf) == 0.5
+  result = metrics.iou_from_confusion(conf)
+  assert result == {"miou": 0.5, "per_class_iou": [0.5, 0.5], "pixel_accuracy": 2 / 3,
+                    "num_pixels": 3}
 
 
-def test_miou_skips_classes_absent_from_truth_and_prediction():
+def test_classes_absent_from_truth_and_prediction_are_none_and_left_out():
   conf = np.zeros((4, 4), np.int64)
-  conf[0, 0], conf[1, 1] = 10, 5
-  assert metrics.mean_iou(conf) == 1.0
+  conf[0, 0], conf[1, 1], conf[1, 2] = 10, 5, 5
+  result = metrics.iou_from_confusion(conf)
+  assert result["per_class_iou"] == [1.0, 0.5, 0.0, None]
+  assert result["miou"] == pytest.approx(0.5)
+  empty = metrics.iou_from_confusion(np.zeros((3, 3), np.int64))
+  assert empty["miou"] is None and empty["per_class_iou"] == [None] * 3
+
+
+def test_out_of_range_values_are_refused():
+  with pytest.raises(ValueError, match=r"prediction values \[7\] are outside 0..4"):
+    metrics.mean_iou(np.array([[1, 7]]), np.array([[1, 2]]), 5)
+  with pytest.raises(ValueError, match=r"label values \[9\]"):
+    metrics.mean_iou(np.array([[1, 2]]), np.array([[9, 2]]), 5)
+
+
+def _reference_miou(preds, labels, num_classes, ignore=255):
+  """Per class, from pixel sets: an implementation that shares nothing with metrics.py."""
+  p = np.concatenate([np.ravel(x) for x in preds])
+  l = np.concatenate([np.ravel(x) for x in labels])
+  valid = l != ignore
+  ious = {}
+  for c in range(num_classes):
+    tp = np.count_nonzero((p == c) & (l == c) & valid)
+    fp = np.count_nonzero((p == c) & (l != c) & valid)
+    fn = np.count_nonzero((p != c) & (l == c) & valid)
+    if tp + fp + fn:
+      ious[c] = tp / (tp + fp + fn)
+  return sum(ious.values()) / len(ious), ious
+
+
+def test_mean_iou_matches_an_independent_reference_on_images_of_different_sizes():
+  rng = np.random.default_rng(0)
+  num_classes = 12
+  labels, preds = [], []
+  for h, w in ((48, 64), (30, 30), (17, 41)):
+    label = rng.integers(0, num_classes - 2, (h, w))  # classes 10, 11 never in the truth
+    label[rng.random((h, w)) < 0.1] = 255
+    pred = np.where(rng.random((h, w)) < 0.6, label % num_classes, rng.integers(0, 11, (h, w)))
+    labels.append(label.astype(np.uint8))
+    preds.append(pred.astype(np.int32))
+  result = metrics.mean_iou(preds, labels, num_classes)
+  expected, per_class = _reference_miou(preds, labels, num_classes)
+  assert abs(result["miou"] - expected) < 1e-12
+  for c in range(num_classes):
+    if c in per_class:
+      assert abs(result["per_class_iou"][c] - per_class[c]) < 1e-12
+    else:
+      assert result["per_class_iou"][c] is None
+  # One array of a stack gives the same as the list of its images.
+  same = metrics.mean_iou(np.stack(preds[:1] * 2), np.stack(labels[:1] * 2), num_classes)
+  assert same["miou"] == metrics.mean_iou(preds[:1], labels[:1], num_classes)["miou"]
+
+
+def test_nearest_resize_uses_pixel_centres_exactly():
+  rng = np.random.default_rng(1)
+  x = rng.integers(0, 250, (32, 64)).astype(np.uint8)
+  # Integer factors (Cityscapes 2048x1024 from a model at 1024x512, ...): identical to PIL.
+  for h, w in ((1024, 2048), (64, 128), (96, 64)):
+    np.testing.assert_array_equal(metrics.resize_nearest(x, h, w),
+                                  np.asarray(Image.fromarray(x).resize((w, h), Image.NEAREST)))
+  # Any size: the source pixel is the one containing the output pixel's centre, exactly.
+  for size_in, size_out in ((32, 7), (512, 480), (64, 427), (5, 5)):
+    expected = [int(fractions.Fraction(2 * i + 1, 2) * fractions.Fraction(size_in, size_out))
+                for i in range(size_out)]
+    assert metrics.nearest_indices(size_in, size_out).tolist() == expected
+
+
+def test_native_confusion_scores_each_label_at_its_own_size():
+  rng = np.random.default_rng(2)
+  preds = rng.integers(0, 5, (2, 8, 8))
+  sizes = np.array([[16, 24], [8, 8]])
+  labels = np.full((2, 16, 24), 0, np.uint8)  # padding must not be read
+  labels[0] = rng.integers(0, 5, (16, 24))
+  labels[1, :8, :8] = rng.integers(0, 5, (8, 8))
+  labels[1, 8:, :] = 3
+  labels[1, :, 8:] = 3
+  confusion = metrics.native_confusion(preds, labels[..., None], sizes, 5, mask=np.array([1, 1]))
+  up = metrics.resize_nearest(preds[0], 16, 24)
+  expected = metrics.confusion_matrix(labels[:1], up[None], 5) + \
+      metrics.confusion_matrix(labels[1:, :8, :8], preds[1:], 5)
+  np.testing.assert_array_equal(confusion, expected)
+  masked = metrics.native_confusion(preds, labels, sizes, 5, mask=np.array([1, 0]))
+  np.testing.assert_array_equal(masked, metrics.confusion_matrix(labels[:1], up[None], 5))
+
+
+def test_miou_equals_cityscapes_official_pixel_level_evaluation_at_native_size(tmp_path):
+  """Predictions at a model's 32x64 resized to Cityscapes' 2048x1024 and scored by
+  cityscapesscripts' evalPixelLevelSemanticLabeling from label-id PNG files."""
+  from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as cs_eval
+  from cityscapesscripts.helpers import labels as cs_labels
+  train_to_id = {l.trainId: l.id for l in cs_labels.labels if 0 <= l.trainId < 255}
+  to_label_id = np.zeros(256, np.uint8)
+  for train_id, label_id in train_to_id.items():
+    to_label_id[train_id] = label_id
+  id_to_train = np.full(256, 255, np.uint8)
+  for l in cs_labels.labels:
+    if l.id >= 0:
+      id_to_train[l.id] = l.trainId if 0 <= l.trainId < 255 else 255
+
+  rng = np.random.default_rng(3)
+  gt_files, pred_files, preds_native, truths = [], [], [], []
+  for i in range(2):
+    # Ground truth: blocks of label ids 0..33 (ignored ids included), at native size.
+    blocks = rng.integers(0, 34, (16, 32)).astype(np.uint8)
+    gt = np.kron(blocks, np.ones((64, 64), np.uint8))
+    gt[rng.random(gt.shape) < 0.01] = 7  # speckles of road
+    small = id_to_train[blocks[::1, ::1]]
+    # The "model" output at 32x64: mostly right, some classes swapped, train ids 0..18.
+    pred_small = np.where(small == 255, rng.integers(0, 19, small.shape), small)
+    pred_small = np.kron(pred_small, np.ones((2, 2), np.int64))
+    flip = rng.random(pred_small.shape) < 0.3
+    pred_small[flip] = rng.integers(0, 19, flip.sum())
+    native = metrics.resize_nearest(pred_small, 1024, 2048)
+    city = "frankfurt"
+    stem = f"{city}_000000_{i:06d}"
+    gt_path = tmp_path / "gtFine" / "val" / city / f"{stem}_gtFine_labelIds.png"
+    pred_path = tmp_path / "pred" / f"{stem}_pred.png"
+    for path, array in ((gt_path, gt), (pred_path, to_label_id[native])):
+      os.makedirs(path.parent, exist_ok=True)
+      Image.fromarray(array).save(path)
+    gt_files.append(str(gt_path))
+    pred_files.append(str(pred_path))
+    preds_native.append(native)
+    truths.append(id_to_train[gt])
+
+  args = cs_eval.args
+  args.evalInstLevelScore, args.JSONOutput, args.quiet = False, False, True
+  official = cs_eval.evaluateImgLists(pred_files, gt_files, args)
+  ours = metrics.mean_iou(preds_native, truths, 19)
+  assert abs(ours["miou"] - official["averageScoreClasses"]) < 1e-9
+  names = [next(l.name for l in cs_labels.labels if l.trainId == t) for t in range(19)]
+  for t, name in enumerate(names):
+    theirs = official["classScores"][name]
+    if np.isnan(theirs):
+      assert ours["per_class_iou"][t] is None
+    else:
+      assert abs(ours["per_class_iou"][t] - theirs) < 1e-9
+  # The same through the evaluation path: model-size predictions and padded native labels.
+  padded = np.full((2, 1024, 2048, 1), 255, np.uint8)
+  padded[..., 0] = np.stack(truths)
+  small = np.stack([p[16::32, 16::32] for p in preds_native])
+  confusion = metrics.native_confusion(small, padded, [(1024, 2048)] * 2, 19)
+  assert abs(metrics.iou_from_confusion(confusion)["miou"] - official["averageScoreClasses"]) < 1e-9
+
+
+def test_frechet_distance_matches_scipy_sqrtm_in_float64():
+  rng = np.random.default_rng(4)
+  d = 64
+  a, b = rng.normal(size=(200, d)), rng.normal(size=(300, d)) @ rng.normal(size=(d, d)) * 0.3
+  mu1, sigma1 = a.mean(0), np.cov(a, rowvar=False)
+  mu2, sigma2 = b.mean(0) + 0.5, np.cov(b, rowvar=False)
+  # pytorch-fid's formula with scipy's general matrix square root.
+  covmean = scipy.linalg.sqrtm(sigma1 @ sigma2).real
+  expected = ((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2)
+              - 2 * np.trace(covmean))
+  ours = metrics.frechet_distance(mu1, sigma1, mu2, sigma2)
+  assert isinstance(ours, float)
+  assert abs(ours - expected) <= 1e-6 * abs(expected)
+  assert abs(metrics.frechet_distance(mu1, sigma1, mu1, sigma1)) < 1e-8 * np.trace(sigma1)
+  # Float32 statistics are promoted: the answer is the float64 one.
+  assert abs(metrics.frechet_distance(mu1.astype(np.float32), sigma1.astype(np.float32), mu2,
+                                      sigma2) - expected) < 1e-3 * abs(expected)
+  with pytest.raises(ValueError, match="one 64-d space"):
+    metrics.frechet_distance(mu1, sigma1, mu2[:10], sigma2)
 
 
 def test_mean_abs_difference_respects_the_mask():
@@ -36,3 +206,20 @@ def test_colour_classifier_separates_separable_colours_and_uses_priors():
   np.testing.assert_allclose(clf.means, centres / 127.5 - 1, atol=0.02)
   # Float images in [-1, 1] give the same answer as uint8.
   np.testing.assert_array_equal(clf.predict(images / 127.5 - 1.0), labels)
+
+
+def test_colour_classifier_is_the_gaussian_posterior_argmax_in_chunks(monkeypatch):
+  rng = np.random.default_rng(5)
+  num_classes = 6
+  labels = rng.integers(0, num_classes - 1, (6, 16, 16))  # the last class never seen: prior 0
+  centres = rng.integers(30, 220, (num_classes, 3))
+  images = np.clip(centres[labels] + rng.normal(0, 40, (6, 16, 16, 3)), 0, 255).astype(np.uint8)
+  clf = metrics.ColourClassifier.fit(images, labels, num_classes)
+  monkeypatch.setattr(metrics.ColourClassifier, "CHUNK_PIXELS", 100)  # many uneven chunks
+  x = images.reshape(-1, 3) / 127.5 - 1.0
+  with np.errstate(divide="ignore"):
+    scores = np.stack([scipy.stats.multivariate_normal(clf.means[c], clf.covariances[c]).logpdf(x)
+                       + clf.log_priors[c] for c in range(num_classes)], -1)
+  expected = np.argmax(scores, -1).reshape(labels.shape)
+  np.testing.assert_array_equal(clf.predict(images), expected)
+  assert (expected == labels).mean() > 0.3 and (expected != labels).any()  # a real test case

@@ -127,7 +127,7 @@ def test_process_splits_are_disjoint_and_cover_the_train_split(fixtures, monkeyp
 @pytest.mark.parametrize("process_count", [1, 2, 4])
 def test_padded_evaluation_counts_every_example_once(fixtures, monkeypatch, process_count):
   builder = fixtures["coco_stuff"]  # 3 validation images of different sizes
-  preprocess = pipeline.Preprocess(crop="random", image_size=(20, 20))  # eval: centre crop
+  preprocess = pipeline.Preprocess(crop="random", image_size=(20, 20))  # eval: whole frame
   monkeypatch.setattr(jax, "process_count", lambda: process_count)
   counted, num_batches = [], set()
   for index in range(process_count):
@@ -143,13 +143,26 @@ def test_padded_evaluation_counts_every_example_once(fixtures, monkeypatch, proc
   assert sorted(counted) == sorted(fx.examples(builder, "validation"))
 
 
-def test_centre_crop_for_evaluation_is_deterministic(fixtures):
-  builder = fixtures["coco_stuff"]
+def test_evaluation_resizes_the_whole_frame_with_native_labels_beside(fixtures):
+  builder = fixtures["coco_stuff"]  # 40x56, 48x36, 44x44 validation images
   preprocess = pipeline.Preprocess(crop="random", image_size=(20, 20))
   a = pipeline.load_arrays(builder, "validation", 3, preprocess=preprocess)
   b = pipeline.load_arrays(builder, "validation", 3, preprocess=preprocess)
   np.testing.assert_array_equal(a["image"], b["image"])
   assert a["label"].shape == (3, 20, 20, 1)
+  stored = fx.examples(builder, "validation")
+  batch = next(pipeline.eval_batches(builder, "validation", 4, preprocess=preprocess,
+                                     keys=("image", "label", "file_name"), native_labels=True))
+  assert batch[pipeline.NATIVE_LABEL_KEY].shape == (4, 48, 56, 1)  # padded to the largest
+  for i, name in enumerate(batch["file_name"][:3]):
+    label = stored[name.decode()]["label"]
+    h, w = label.shape[:2]
+    assert batch[pipeline.NATIVE_SIZE_KEY][i].tolist() == [h, w]
+    np.testing.assert_array_equal(batch[pipeline.NATIVE_LABEL_KEY][i, :h, :w], label)
+    assert (batch[pipeline.NATIVE_LABEL_KEY][i, h:] == 255).all()
+    assert (batch[pipeline.NATIVE_LABEL_KEY][i, :, w:] == 255).all()
+    # Nothing cropped: every stripe (class) of the stored label survives the resize.
+    np.testing.assert_array_equal(np.unique(batch["label"][i]), np.unique(label))
 
 
 def test_restored_iterator_continues_with_the_next_unseen_batch(fixtures):

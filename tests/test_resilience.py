@@ -3,7 +3,6 @@ during a save with exact resume, non-finite steps, and a workdir of another mode
 
 import glob
 import os
-import shutil
 import signal
 import subprocess
 import sys

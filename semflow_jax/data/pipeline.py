@@ -9,7 +9,9 @@ batches does not depend on the number of processes: every process walks the same
 of (still encoded) examples and decodes, crops and resizes only its own rows of each global
 batch, so a run on 2 hosts sees exactly the batches a run on 1 host sees. Evaluation reads a
 disjoint part of the split per process and pads the last batch with masked examples so every
-example counts once on any number of processes.
+example counts once on any number of processes; it never crops (the whole image is resized to
+the model's input, as the literature evaluates) and can deliver each label at its native size
+besides, for scoring at the label's own resolution.
 
 Examples are cached and shuffled still encoded (the JPEG/PNG bytes tfds stores) and decoded,
 cropped and resized after the shuffle, in parallel. Every process therefore holds the training
@@ -78,8 +80,11 @@ class Preprocess:
                crop_scale=tuple(data.get("crop_scale", (1.0, 1.0))))
 
   def for_eval(self) -> "Preprocess":
-    """Evaluation is deterministic: a random crop becomes the centred one."""
-    return dataclasses.replace(self, crop="center") if self.crop == "random" else self
+    """Evaluation sees the whole image: any crop becomes 'full' (the frame resized to the
+    model's input, stretched if the aspect ratios differ), as the official SemFlow validation
+    and the segmentation literature do; predictions are then scored at the label's native
+    size (evaluate.py)."""
+    return dataclasses.replace(self, crop="full") if self.crop in ("random", "center") else self
 
 
 def get_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
@@ -117,6 +122,19 @@ def get_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return builder
+
+
+def class_names(builder, num_classes: int) -> list:
+  """The dataset's class names (tfds metadata 'class_names', the synthetic scenes' table), or
+  'class_<i>' where a dataset has none; always `num_classes` long."""
+  names = None
+  metadata = builder.info.metadata
+  if metadata is not None and "class_names" in metadata:
+    names = list(metadata["class_names"])
+  elif builder.name == "synthetic_scenes":
+    names = list(synthetic.CLASS_NAMES)
+  names = names or []
+  return [names[i] if i < len(names) else f"class_{i}" for i in range(num_classes)]
 
 
 def _image_keys(builder, keys):
@@ -290,22 +308,48 @@ def _train_dataset(builder, batch_size: int, seed: int, position: int, flip: boo
   return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
-def _eval_dataset(builder, split: str, keys, preprocess: Optional[Preprocess]):
+NATIVE_LABEL_KEY = "label_native"  # evaluation: the label at its stored size, padded with 255
+NATIVE_SIZE_KEY = "label_size"     # evaluation: that label's (height, width)
+
+
+def _eval_dataset(builder, split: str, keys, preprocess: Optional[Preprocess],
+                  native_labels: bool = False):
   preprocess = (preprocess or Preprocess()).for_eval()
   decode = _decoder(builder, keys)
-  no_seed = tf.constant([0, 0], tf.int64)  # evaluation crops are not random
-  return _load(builder, split, keys, decode=False).map(
-      lambda ex: _transform(decode(ex), no_seed, preprocess, flip=False),
-      num_parallel_calls=tf.data.AUTOTUNE)
+  no_seed = tf.constant([0, 0], tf.int64)  # evaluation never crops or flips at random
+
+  def prepare(example):
+    example = decode(example)
+    out = _transform(example, no_seed, preprocess, flip=False)
+    if native_labels:
+      out[NATIVE_LABEL_KEY] = example[LABEL_KEY]
+      out[NATIVE_SIZE_KEY] = tf.shape(example[LABEL_KEY], out_type=tf.int32)[:2]
+    return out
+  return _load(builder, split, keys, decode=False).map(prepare,
+                                                       num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _padded_batches(ds: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
+  """Batches; native labels of different sizes are padded to the batch's largest with 255."""
+  def padding(key, spec):
+    if spec.dtype == tf.string:
+      return tf.constant("", tf.string)
+    return tf.constant(255 if key == NATIVE_LABEL_KEY else 0, spec.dtype)
+  values = {k: padding(k, v) for k, v in ds.element_spec.items()}
+  return ds.padded_batch(batch_size, padding_values=values)
 
 
 def eval_batches(builder, split: str, batch_size: int, num_examples: int = -1,
-                 keys=("image", "label"), preprocess: Optional[Preprocess] = None
-                 ) -> Iterator[dict]:
-  """Per-process numpy batches of `split` with a 0/1 'mask'; padding examples have mask 0.
+                 keys=("image", "label"), preprocess: Optional[Preprocess] = None,
+                 native_labels: bool = False) -> Iterator[dict]:
+  """Per-process numpy batches of `split` with a 0/1 'mask' and each example's 'index' in the
+  split (what its randomness is keyed by); padding examples have mask 0 (and index -1).
 
-  Every process yields the same number of batches, so collective steps stay in lock-step.
-  A random crop in `preprocess` becomes the centred one.
+  Every process yields the same number of batches, so collective steps stay in lock-step. Any
+  crop in `preprocess` becomes 'full': the whole image at the model's size. With
+  `native_labels`, each batch also holds 'label_native', every label at its stored size padded
+  with 255 to the largest in the batch (host memory: batch x that size bytes, e.g. 64 Cityscapes
+  labels = 128 MiB), and 'label_size' (B, 2), each one's (height, width).
   """
   total = builder.info.splits[split].num_examples
   if num_examples > 0:
@@ -314,16 +358,17 @@ def eval_batches(builder, split: str, batch_size: int, num_examples: int = -1,
   start = jax.process_index() * per_process
   stop = min(total, start + per_process)
   num_batches = math.ceil(per_process / batch_size)
-  ds = _eval_dataset(builder, f"{split}[{start}:{stop}]", keys, preprocess) \
+  ds = _eval_dataset(builder, f"{split}[{start}:{stop}]", keys, preprocess, native_labels) \
       if stop > start else None
-  batches = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE).as_numpy_iterator() \
+  # Two batches ahead: enough to overlap decoding with the model, bounded for native labels.
+  batches = _padded_batches(ds, batch_size).prefetch(2).as_numpy_iterator() \
       if ds is not None else iter(())
   template = None
-  for _ in range(num_batches):
+  for b in range(num_batches):
     batch = next(batches, None)
     if batch is None:  # this process ran out: a fully masked batch shaped like the template
       if template is None:
-        template = _empty_batch(builder, keys, preprocess)
+        template = _empty_batch(builder, keys, preprocess, native_labels)
       batch = {k: np.zeros_like(v[:0]) for k, v in template.items()}
     template = template or batch
     real = len(batch[keys[0]])
@@ -331,12 +376,16 @@ def eval_batches(builder, split: str, batch_size: int, num_examples: int = -1,
     batch = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) if pad else v
              for k, v in batch.items()}
     batch["mask"] = (np.arange(batch_size) < real).astype(np.float32)
+    first = start + b * batch_size
+    batch["index"] = np.where(batch["mask"] > 0, first + np.arange(batch_size), -1).astype(
+        np.int32)
     yield batch
 
 
-def _empty_batch(builder, keys, preprocess):
+def _empty_batch(builder, keys, preprocess, native_labels=False):
   """A zero-length batch with the shapes evaluation batches have (for a process with none)."""
-  one = _eval_dataset(builder, f"{next(iter(builder.info.splits))}[:1]", keys, preprocess)
+  one = _eval_dataset(builder, f"{next(iter(builder.info.splits))}[:1]", keys, preprocess,
+                      native_labels)
   return {k: v[:0] for k, v in next(one.batch(1).as_numpy_iterator()).items()}
 
 
