@@ -88,7 +88,7 @@ def load_params(config, workdir: str, mesh: Mesh):
   if os.path.isdir(os.path.join(workdir, "checkpoints")):  # reading must not create it
     manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints, async_save=False)
     restored = checkpoint.restore_latest(manager, abstract(model, tx, config, mesh),
-                                         with_data=False)
+                                         model.checkpoint_record(), with_data=False)
     manager.close()
     restored = restored and restored[0]
   if restored is None:

@@ -146,7 +146,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   manager = checkpoint.make_manager(workdir, t.keep_checkpoints)
   abstract_state = state_lib.abstract(model, tx, config, mesh)
   try:
-    restored = checkpoint.restore_latest(manager, abstract_state)
+    restored = checkpoint.restore_latest(manager, abstract_state, model.checkpoint_record())
   except Exception:
     manager.close()
     raise
@@ -240,7 +240,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
       if step % t.checkpoint_every == 0 or step == t.num_steps or stop:
         check_pending()  # never save after a step that must stop the run
-        checkpoint.save(manager, step, state, train_iter.state())
+        checkpoint.save(manager, step, state, train_iter.state(), model.checkpoint_record())
 
       if stop:
         logging.warning("preemption (SIGTERM): saved step %d in %s; re-run the same command to "
