@@ -13,6 +13,10 @@ pixel-space run at 32x32 with the small UNet, on a CPU:
 
   python -m semflow_jax.main --config=configs/celebamask_hq.py:local --workdir=runs/celeba_local \
       --config.data.manual_dir=/data/CelebAMask-HQ
+
+`:spread` (or `:local,spread`) swaps the paper's palette (Eq. 7) for the spread one, anchors as
+far apart as the colour cube allows, with the default config's perturbation
+(configs/real_data.py `use_spread_palette`).
 """
 
 import ml_collections
@@ -21,9 +25,7 @@ from configs import real_data
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  real_data.check_arg("configs/celebamask_hq.py", arg)
+  chosen = real_data.variants("configs/celebamask_hq.py", arg)
   c = real_data.recipe(name="celebamask_hq", num_classes=19, image_size=(512, 512),
                        crop="random", learning_rate=2e-5, num_steps=80_000)
-  if arg == "local":
-    real_data.shrink_for_local(c, (32, 32))
-  return c
+  return real_data.apply_variants(c, chosen, local_size=(32, 32))

@@ -12,6 +12,10 @@ semflow_jax.data.build coco_stuff --manual_dir=...`). `:local` is a minutes-long
 
   python -m semflow_jax.main --config=configs/coco_stuff.py:local --workdir=runs/coco_local \
       --config.data.manual_dir=/data/coco_stuff
+
+`:spread` (or `:local,spread`) swaps the paper's palette (Eq. 7) for the spread one, anchors as
+far apart as the colour cube allows, with the default config's perturbation
+(configs/real_data.py `use_spread_palette`).
 """
 
 import ml_collections
@@ -20,9 +24,7 @@ from configs import real_data
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  real_data.check_arg("configs/coco_stuff.py", arg)
+  chosen = real_data.variants("configs/coco_stuff.py", arg)
   c = real_data.recipe(name="coco_stuff", num_classes=171, image_size=(512, 512), crop="random",
                        learning_rate=1e-5, num_steps=320_000)
-  if arg == "local":
-    real_data.shrink_for_local(c, (32, 32))
-  return c
+  return real_data.apply_variants(c, chosen, local_size=(32, 32))

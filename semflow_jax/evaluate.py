@@ -89,8 +89,11 @@ def run(model: SemFlow, params, builder, config: ml_collections.ConfigDict, mesh
       diversity_real += metrics.mean_abs_difference(real / 127.5 - 1, alt / 127.5 - 1, mask) * k
     count += k
     if shown is None:
+      # The synthesis grid starts with the perturbed anchor image synth_a started from (the
+      # model's palette and perturbation, as the model sees them).
+      start = _host(quantise(model.perturbed_anchors(batch["label"], rng_a)))
       shown = dict(image=real, label=labels, seg=predictions[max(segment)], synth_a=synth_a_uint8,
-                   synth_b=np.asarray(anchors.from_unit_range(synth_b)), alt=alt)
+                   synth_b=np.asarray(anchors.from_unit_range(synth_b)), alt=alt, anchors=start)
 
   method = e.method
   result = {"step": int(step)}
@@ -125,7 +128,7 @@ def _write(result, shown, config, step, workdir, writer):
   n = config.eval.num_sample_images
   s = {k: (v[:n] if v is not None else None) for k, v in shown.items()}
   seg_grid = images.grid([s["image"], images.colourise(s["label"]), images.colourise(s["seg"])])
-  synth_cols = [images.colourise(s["label"]), s["synth_a"], s["synth_b"], s["image"]]
+  synth_cols = [s["anchors"], s["synth_a"], s["synth_b"], s["image"]]
   if s["alt"] is not None:
     synth_cols.append(s["alt"])
   synth_grid = images.grid(synth_cols)

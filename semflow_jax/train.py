@@ -67,8 +67,12 @@ def make_train_step(model: SemFlow, tx: optax.GradientTransformation, config, me
     params = optax.apply_updates(state.params, updates)
     ema = state.ema_params
     if ema is not None:
-      # e + (1 - d)(p - e) leaves frozen parameters (p == e) bit-identical.
-      ema = jax.tree.map(lambda e, p: e + (1 - ema_decay) * (p - e), ema, params)
+      # The decay warms up as (1 + n) / (10 + n) towards train.ema_decay, so the random
+      # initialisation does not linger in the average of a short run. e + (1 - d)(p - e)
+      # leaves frozen parameters (p == e) bit-identical.
+      n = state.step.astype(jnp.float32)
+      decay = jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
+      ema = jax.tree.map(lambda e, p: e + (1 - decay) * (p - e), ema, params)
     # A non-finite loss or gradient is never applied: the state keeps its last good values, so
     # what the host saves or stops on is always finite.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
