@@ -153,3 +153,21 @@ def test_unknown_palette_is_refused():
     anchors.make_palette("rainbow", 7)
   with pytest.raises(ValueError, match="num_classes"):
     anchors.make_palette("spread", 256)
+
+
+def test_coarse_perturbation_components_stay_within_the_bound():
+  palette = anchors.make_palette("spread", 7)
+  x = jnp.zeros((4, 32, 32, 3))
+  key = jax.random.PRNGKey(3)
+  shift = np.asarray(anchors.perturb(x, key, palette, 0.5, grids=(1,)))
+  # One shift per image and channel, different between images.
+  np.testing.assert_allclose(shift, np.broadcast_to(shift[:, :1, :1], shift.shape), atol=1e-6)
+  assert not np.allclose(shift[0, 0, 0], shift[1, 0, 0])
+  mixed = np.asarray(anchors.perturb(x, key, palette, 0.5, grids=(0, 1, 4)))
+  assert np.abs(mixed).max() <= 0.5 * palette.half_spacing + 1e-6
+  # The smooth part makes neighbouring pixels correlated; per-pixel noise alone does not.
+  pixel = np.asarray(anchors.perturb(x, key, palette, 0.5))
+  corr = lambda a: np.corrcoef(a[:, :, 1:].ravel(), a[:, :, :-1].ravel())[0, 1]
+  assert abs(corr(pixel)) < 0.05 and corr(mixed) > 0.5
+  with pytest.raises(ValueError, match="perturbation_grids"):
+    anchors.perturb(x, key, palette, 0.5, grids=())
