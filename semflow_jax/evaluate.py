@@ -91,9 +91,9 @@ def run(model: SemFlow, params, builder, config: ml_collections.ConfigDict, mesh
     if shown is None:
       # The synthesis grid starts with the perturbed anchor image synth_a started from (the
       # model's palette and perturbation, as the model sees them).
-      start = _host(quantise(model.perturbed_anchors(batch["label"], rng_a)))
+      starts = _host(quantise(model.perturbed_anchors(batch["label"], rng_a)))
       shown = dict(image=real, label=labels, seg=predictions[max(segment)], synth_a=synth_a_uint8,
-                   synth_b=np.asarray(anchors.from_unit_range(synth_b)), alt=alt, anchors=start)
+                   synth_b=np.asarray(anchors.from_unit_range(synth_b)), alt=alt, anchors=starts)
 
   method = e.method
   result = {"step": int(step)}
