@@ -10,7 +10,8 @@ remat, splash attention; `python -m semflow_jax.plan --config=configs/celebamask
 --topology=v5e-16` prints its memory per chip, benchmarks/RESULTS.md has the tables), with the
 tfds dataset built into a bucket beforehand:
 
-  TPU=my-v5e-16 ZONE=us-west4-a launch/tpu_vm.sh --config=configs/celebamask_hq.py \
+  launch/tpu.sh train --name=semflow --zone=us-west4-a --spot --accelerator=v5litepod-16 -- \
+      --config=configs/celebamask_hq.py \
       --workdir=gs://my-bucket/celebamask_hq --config.data.tfds_data_dir=gs://my-bucket/tfds \
       --config.model.init_from=gs://my-bucket/sd15
 
@@ -22,6 +23,10 @@ pixel-space run at 32x32 with the small UNet, on a CPU:
 
   python -m semflow_jax.main --config=configs/celebamask_hq.py:local --workdir=runs/celeba_local \
       --config.data.manual_dir=/data/CelebAMask-HQ
+
+`:spread` (or `:local,spread`) swaps the paper's palette (Eq. 7) for the spread one, anchors as
+far apart as the colour cube allows, with the default config's perturbation
+(configs/real_data.py `use_spread_palette`).
 """
 
 import ml_collections
@@ -30,10 +35,8 @@ from configs import real_data
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  real_data.check_arg("configs/celebamask_hq.py", arg)
+  chosen = real_data.variants("configs/celebamask_hq.py", arg)
   c = real_data.recipe(name="celebamask_hq", num_classes=19, image_size=(512, 512),
                        crop="random", learning_rate=2e-5, num_steps=80_000,
                        schedule="linear", warmup_steps=500)
-  if arg == "local":
-    real_data.shrink_for_local(c, (32, 32))
-  return c
+  return real_data.apply_variants(c, chosen, local_size=(32, 32))

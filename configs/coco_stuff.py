@@ -10,7 +10,8 @@ remat, splash attention; `python -m semflow_jax.plan --config=configs/coco_stuff
 --topology=v5e-16` prints its memory per chip, benchmarks/RESULTS.md has the tables), with the
 tfds dataset built into a bucket beforehand:
 
-  TPU=my-v5e-16 ZONE=us-west4-a launch/tpu_vm.sh --config=configs/coco_stuff.py \
+  launch/tpu.sh train --name=semflow --zone=us-west4-a --spot --accelerator=v5litepod-16 -- \
+      --config=configs/coco_stuff.py \
       --workdir=gs://my-bucket/coco_stuff --config.data.tfds_data_dir=gs://my-bucket/tfds \
       --config.model.init_from=gs://my-bucket/sd15
 
@@ -21,6 +22,10 @@ semflow_jax.data.build coco_stuff --manual_dir=...`). `:local` is a minutes-long
 
   python -m semflow_jax.main --config=configs/coco_stuff.py:local --workdir=runs/coco_local \
       --config.data.manual_dir=/data/coco_stuff
+
+`:spread` (or `:local,spread`) swaps the paper's palette (Eq. 7) for the spread one, anchors as
+far apart as the colour cube allows, with the default config's perturbation
+(configs/real_data.py `use_spread_palette`).
 """
 
 import ml_collections
@@ -29,10 +34,8 @@ from configs import real_data
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  real_data.check_arg("configs/coco_stuff.py", arg)
+  chosen = real_data.variants("configs/coco_stuff.py", arg)
   c = real_data.recipe(name="coco_stuff", num_classes=171, image_size=(512, 512), crop="random",
                        learning_rate=1e-5, num_steps=320_000,
                        schedule="constant", warmup_steps=10_000)
-  if arg == "local":
-    real_data.shrink_for_local(c, (32, 32))
-  return c
+  return real_data.apply_variants(c, chosen, local_size=(32, 32))

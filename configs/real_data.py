@@ -91,6 +91,34 @@ def shrink_for_local(c: ml_collections.ConfigDict, image_size) -> ml_collections
   return c
 
 
-def check_arg(path: str, arg: str) -> None:
-  if arg not in ("", "local"):
-    raise ValueError(f"unknown {path} argument {arg!r}; expected '' or 'local'")
+VARIANTS = ("local", "spread")
+
+
+def variants(path: str, arg: str) -> set:
+  """The config argument: comma-separated variants, e.g. '', 'local', 'spread', 'local,spread'."""
+  chosen = set(filter(None, arg.split(",")))
+  if chosen - set(VARIANTS):
+    raise ValueError(f"unknown {path} argument {arg!r}; expected '' or a comma-separated subset "
+                     f"of {VARIANTS}, e.g. 'local,spread'")
+  return chosen
+
+
+def apply_variants(c: ml_collections.ConfigDict, chosen: set, local_size) -> ml_collections.ConfigDict:
+  """`local`: shrink_for_local; `spread`: the default config's palette and perturbation."""
+  if "local" in chosen:
+    shrink_for_local(c, local_size)
+  if "spread" in chosen:
+    use_spread_palette(c)
+  return c
+
+
+def use_spread_palette(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The `spread` variant: anchors as far apart as the colour cube allows (19 classes: a
+  3x3x3 grid, 2.55x the paper's spacing; 171: a 7-level checkerboard, 1.2x) with the default
+  config's perturbation (a fraction of half the spacing, so it carries across palettes). The
+  recipes themselves keep the paper's palette, to reproduce its numbers."""
+  default = synthetic.get_config().model
+  c.model.palette = "spread"
+  c.model.perturbation = default.perturbation
+  c.model.perturbation_grids = default.perturbation_grids
+  return c

@@ -59,6 +59,9 @@ def model_config(unet=UNET, vae=VAE, context_tokens=CONTEXT_TOKENS,
   m.init_from = config_dict.placeholder(str)
   m.dtype = dtype
   m.remat = remat
+  # The paper's anchors and Eq. 14 amplitude (beta = 0.1), to reproduce its numbers.
+  m.palette = "paper"
+  m.perturbation = 0.255   # anchors.PAPER_PERTURBATION: beta = 0.1 in [-1, 1] units
   return m
 
 

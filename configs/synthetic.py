@@ -35,7 +35,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # SD attention kernel per layer: 'auto' (splash on TPU for long sequences, cuDNN/XLA fused on
   # GPU, einsum on CPU), 'einsum', 'dot_product' or 'splash' (see models/sd_layers.py).
   c.model.attention = "auto"
-  c.model.perturbation = 0.1        # Eq. 14 amplitude in [-1, 1] units
+  # Anchor colours: 'paper' (Eq. 7: k = 6, s = 50) or 'spread' (the K anchors as far apart as
+  # the colour cube allows; 7 classes -> 7 cube corners). See semflow_jax/anchors.py.
+  c.model.palette = "spread"
+  # Eq. 14 amplitude as a fraction of half the anchor spacing, in [0, 1) (the paper's
+  # beta = 0.1 with its palette is 0.255).
+  c.model.perturbation = 0.25
+  # Components of that noise: 0 = every pixel (Eq. 14); g > 0 = a g x g grid, upsampled.
+  c.model.perturbation_grids = (0,)
   c.model.time_sampling = "uniform"  # 'uniform' (paper) or 'beta': Beta(time_beta, time_beta)
   c.model.time_beta = 0.5
   c.model.input_skip = False         # True: v = UNet + (2t - 1) z_t; see SemFlow.input_skip

@@ -1,10 +1,12 @@
 """The one place that talks to Orbax: training checkpoints and the converter's weights.
 
-Checkpoints live in `<workdir>/checkpoints/<step>/` with two items: `state` (the TrainState,
-sharded arrays, written by every process for its own shards) and `data` (the input iterator's
-position, JSON). Orbax writes each checkpoint to a temporary directory and renames it when
-complete, so a run killed mid-save leaves the previous checkpoint as the latest one; the
-leftover temporary directory is removed when the next run opens the manager.
+Checkpoints live in `<workdir>/checkpoints/<step>/` with three items: `state` (the TrainState,
+sharded arrays, written by every process for its own shards), `data` (the input iterator's
+position, JSON) and `model` (what the parameters mean beyond their shapes, JSON: the anchor
+palette; a config with another one is refused). Orbax writes each checkpoint to a temporary
+directory and renames it when complete, so a run killed mid-save leaves the previous checkpoint
+as the latest one; the leftover temporary directory is removed when the next run opens the
+manager.
 """
 
 from typing import Optional, Tuple
@@ -42,7 +44,8 @@ def make_manager(workdir: str, max_to_keep: int, async_save: bool = True,
   # Standard one wraps it) and also takes placeholders for leaves not to read.
   state_handler = (ocp.PyTreeCheckpointHandler() if read_only
                    else ocp.StandardCheckpointHandler())
-  handlers = {"state": state_handler, "data": ocp.JsonCheckpointHandler()}
+  handlers = {"state": state_handler, "data": ocp.JsonCheckpointHandler(),
+              "model": ocp.JsonCheckpointHandler()}
   # A URL directory (gs://...) goes to Orbax as an epath, never through os.path.
   return ocp.CheckpointManager(storage.as_path(storage.join(workdir, "checkpoints")),
                                options=options, item_handlers=handlers)
@@ -58,10 +61,41 @@ def wait_for_all_processes(name: str, timeout_s: int = 1800) -> None:
     ocp.multihost.sync_global_processes(name, timeout=timeout_s)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state, data_state: dict) -> None:
-  """Collective: every process calls it at the same step (each writes its own shards)."""
+def save(manager: ocp.CheckpointManager, step: int, state, data_state: dict,
+         model_record: dict) -> None:
+  """Collective: every process calls it at the same step (each writes its own shards).
+  `model_record` is `SemFlow.checkpoint_record()`."""
   manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                             data=ocp.args.JsonSave(data_state)), force=True)
+                                             data=ocp.args.JsonSave(data_state),
+                                             model=ocp.args.JsonSave(model_record)), force=True)
+
+
+# Checkpoints written before the `model` item existed all used the paper's palette.
+_RECORD_BEFORE_PALETTES = {"palette": "paper"}
+
+
+def _describe_palette(record: dict) -> str:
+  n = len(record["anchors"]) if "anchors" in record else None
+  return f"'{record['palette']}'" + (f" ({n} anchors)" if n is not None else "")
+
+
+def check_model_record(manager: ocp.CheckpointManager, step: int, wanted: dict) -> None:
+  """Raise IncompatibleCheckpointError if the checkpoint was trained with another palette,
+  naming both."""
+  where = f"{manager.directory}/{step}"
+  if "model" in manager.item_metadata(step):
+    saved = manager.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore()))["model"]
+  else:
+    saved = _RECORD_BEFORE_PALETTES
+  same_name = saved.get("palette") == wanted.get("palette")
+  if same_name and saved.get("anchors", wanted.get("anchors")) == wanted.get("anchors"):
+    return
+  detail = "" if not same_name else " (same name, different anchor colours)"
+  raise IncompatibleCheckpointError(
+      f"checkpoint {where} was trained with palette {_describe_palette(saved)}, but this config "
+      f"has config.model.palette={_describe_palette(wanted)}{detail}: its anchors would decode "
+      "to the wrong classes. Use the palette it was trained with, or a new --workdir; the "
+      "checkpoint is left untouched.")
 
 
 def not_read(tree):
@@ -116,18 +150,20 @@ def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state) 
           "untouched.")
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state,
+def restore_latest(manager: ocp.CheckpointManager, abstract_state, model_record: dict,
                    with_data: bool = True) -> Optional[Tuple[object, Optional[dict]]]:
   """(state laid out like `abstract_state`, data-iterator state) of the latest checkpoint, or None.
 
   `with_data=False` reads only the state (sampling and evaluation need no data position);
   leaves of `abstract_state` marked by `not_read` are not read (they come back as placeholders;
   `manager` must then be `read_only`).
-  A checkpoint of another model shape raises IncompatibleCheckpointError before anything is read.
+  A checkpoint of another palette (`model_record`) or model shape raises
+  IncompatibleCheckpointError before the state is read.
   """
   step = manager.latest_step()
   if step is None:
     return None
+  check_model_record(manager, step, model_record)
   check_compatible(manager, step, abstract_state)
   logging.info("Restoring checkpoint %d from %s", step, manager.directory)
   if any(x is ocp.PLACEHOLDER for x in jax.tree.leaves(abstract_state)):  # a read_only manager's

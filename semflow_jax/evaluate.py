@@ -289,6 +289,9 @@ class Evaluator:
       # one-step segmentation program compiled for real images instead of compiling another.
       a_uint8 = jax.device_put(self.programs.to_uint8(a), batch["image"].sharding)
       synth = {"a": a, "b": b, "a_uint8": a_uint8, "roundtrip": roundtrip(params, a_uint8)}
+      if not out["synth"]:  # the perturbed anchor image synthesis a starts from, for the grid
+        synth["anchors"] = self.programs.to_uint8(
+            self.programs.get("perturbed_anchors")(batch["label"], keys_a))
       if self.inception is not None:
         synth["features"] = self.inception.device(a_uint8)
       if self.lpips is not None:
@@ -333,7 +336,7 @@ class Evaluator:
       if acc.shown is None and suffix == "":
         acc.shown = dict(image=local["image"], label=label,
                          seg=local_rows(out["seg"][self.main_seg_sampler]), synth_a=a_uint8,
-                         synth_b=np.asarray(_to_uint8(b)),
+                         synth_b=np.asarray(_to_uint8(b)), anchors=local_rows(synth["anchors"]),
                          alt=local.get("image_alt"), mask=mask)
 
   def _finish(self, acc: _Accumulator, step: int, seconds: float, workdir=None) -> dict:
@@ -393,7 +396,9 @@ class Evaluator:
       if len(s["image"]):
         seg_grid = images.grid([s["image"], images.colourise(s["label"]),
                                 images.colourise(s["seg"])])
-        columns = [images.colourise(s["label"]), s["synth_a"], s["synth_b"], s["image"]]
+        # The synthesis grid starts with the perturbed anchor image synthesis a started from
+        # (the model's palette and perturbation, as the model sees them).
+        columns = [s["anchors"], s["synth_a"], s["synth_b"], s["image"]]
         if "alt" in s:
           columns.append(s["alt"])
         synth_grid = images.grid(columns)

@@ -35,7 +35,15 @@ class SemFlow:
   autoencoder: nn.Module          # IdentityAutoencoder or AutoencoderKL
   num_classes: int
   image_size: tuple               # (H, W) the model works at
-  perturbation: float = anchors.DEFAULT_PERTURBATION
+  # The anchor colours (config.model.palette), for every caller that turns labels into anchor
+  # images or anchor images into labels: training, evaluation, sampling, editing.
+  palette: anchors.Palette
+  # Eq. 14 amplitude as a fraction of half the anchor spacing (so one value means the same on
+  # every palette); below 1 a perturbed anchor always decodes to its own class.
+  perturbation: float = anchors.PAPER_PERTURBATION
+  # The perturbation's components (anchors.perturb): (0,) is Eq. 14's per-pixel noise; adding
+  # coarse grids (1: a shift per image, 4: a smooth field) moves whole objects' colours.
+  perturbation_grids: tuple = (0,)
   # Training times: 'uniform' is U[0, 1) as in the paper; 'beta' draws Beta(a, a), which for
   # a < 1 puts more samples near t = 0 (where one-step segmentation reads the image) and t = 1
   # (where synthesis commits to an appearance) than in the middle of the path.
@@ -88,14 +96,24 @@ class SemFlow:
                     attention=attention)
     else:
       raise ValueError(f"config.model.unet={unet_kind!r}: expected 'small' or 'sd'")
-    if not 0 <= m.perturbation < 2 * anchors.HALF_SPACING:
-      raise ValueError(f"config.model.perturbation={m.perturbation} must be in [0, "
-                       f"{2 * anchors.HALF_SPACING:.3f}) so that labels never change")
+    anchors.check_perturbation(m.perturbation, "config.model.perturbation")
+    grids = tuple(m.get("perturbation_grids", (0,)))
+    anchors.check_grids(grids, "config.model.perturbation_grids")
+    palette_name = m.get("palette", "paper")
+    if palette_name not in anchors.PALETTES:
+      raise ValueError(f"config.model.palette={palette_name!r}: expected one of "
+                       f"{anchors.PALETTES}")
+    try:
+      palette = anchors.make_palette(palette_name, config.data.num_classes)
+    except ValueError as e:
+      raise ValueError(f"config.model.palette={palette_name!r} with config.data.num_classes="
+                       f"{config.data.num_classes}: {e}") from None
     if m.time_sampling not in ("uniform", "beta"):
       raise ValueError(f"config.model.time_sampling={m.time_sampling!r}: expected 'uniform' "
                        "or 'beta'")
     model = cls(unet=unet, autoencoder=autoencoder, num_classes=config.data.num_classes,
-                image_size=size, perturbation=m.perturbation, time_sampling=m.time_sampling,
+                image_size=size, palette=palette, perturbation=m.perturbation,
+                perturbation_grids=grids, time_sampling=m.time_sampling,
                 time_beta=m.time_beta, input_skip=m.input_skip,
                 context_tokens=m.get("context_tokens", 77))
     latent_channels = model.latent_shape[-1]
@@ -152,24 +170,43 @@ class SemFlow:
       mean = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
     return self._scale(mean)
 
+  # -- anchors (the palette) ------------------------------------------------------------------
+  def render_anchors(self, labels):
+    """Integer labels (..., H, W[, 1]) -> the anchor image (..., H, W, 3) in [-1, 1]."""
+    return anchors.render(labels, self.palette)
+
+  def decode_anchors(self, anchor_image):
+    """Anchor image (..., H, W, 3) in [-1, 1] -> int32 labels, nearest of the K anchors."""
+    return anchors.decode(anchor_image, self.palette)
+
+  def perturbation_noise(self, rng, labels):
+    """The noise in [-1, 1], (B, H, W, 3), that `encode_labels(params, labels, rng)` draws
+    (`rng`: one key, or one key per example; see anchors.perturbation_noise)."""
+    return anchors.perturbation_noise(rng, (*jnp.shape(labels)[:3], 3), self.perturbation_grids)
+
+  def perturbed_anchors(self, labels, rng=None, noise=None):
+    """Eq. 14: the anchor image plus `perturbation` x half the spacing times the noise
+    (`perturbation_noise(rng, labels)`, or `noise` when given); with neither, unperturbed."""
+    anchor_image = self.render_anchors(labels)
+    if noise is None and rng is not None:
+      noise = self.perturbation_noise(rng, labels)
+    if noise is None:
+      return anchor_image
+    return anchors.perturb(anchor_image, None, self.palette, self.perturbation, noise=noise)
+
+  def checkpoint_record(self) -> dict:
+    """What a checkpoint records beside the parameters: the palette its anchors follow."""
+    return {"palette": self.palette.name, "anchors": [list(c) for c in self.palette.colours],
+            "ignore": list(self.palette.ignore)}
+
   def encode_labels(self, params, labels, rng=None, noise=None):
     """uint8 (B, H, W[, 1]) labels -> z1, the latent of the perturbed anchor image (Eq. 14).
 
-    The perturbation noise is `perturbation_noise(rng, labels)` (`rng` one key, or one key per
-    example: see anchors.perturbation_noise), or `noise` when given (to edit it: regional
+    The noise is `perturbation_noise(rng, labels)`, or `noise` when given (to edit it: regional
     re-sampling); with neither, the anchor image is not perturbed.
     """
-    anchor_image = anchors.render(labels)
-    if noise is None and rng is not None:
-      noise = self.perturbation_noise(rng, labels)
-    if noise is not None:
-      anchor_image = anchors.perturb(anchor_image, None, self.perturbation, noise)
-    mean, _ = self._vae(params, anchor_image, "encode")
+    mean, _ = self._vae(params, self.perturbed_anchors(labels, rng, noise), "encode")
     return self._scale(mean)
-
-  def perturbation_noise(self, rng, labels):
-    """The U[0, 1) noise (B, H, W, 3) that `encode_labels(params, labels, rng)` draws."""
-    return anchors.perturbation_noise(rng, (*jnp.shape(labels)[:3], 3))
 
   def decode(self, params, z):
     shift = self.autoencoder.shift_factor if self.has_vae else 0.0
@@ -221,7 +258,7 @@ class SemFlow:
     """uint8 images -> int32 labels: integrate t 0 -> 1, decode, nearest anchor. Deterministic."""
     z1 = flow.integrate(functools.partial(self.velocity, params),
                         self.encode_image(params, images), 0.0, 1.0, steps, method)
-    return anchors.decode(self.decode(params, z1), self.num_classes)
+    return self.decode_anchors(self.decode(params, z1))
 
   def synthesize(self, params, labels, rng, steps: int = 25, method: str = "euler"):
     """Labels -> images in [-1, 1]: perturb the anchor latent, integrate t 1 -> 0, decode.

@@ -124,7 +124,8 @@ def load_params(config, workdir: str, mesh: Mesh):
   workdir = storage.resolve(workdir)
   if storage.is_dir(storage.join(workdir, "checkpoints")):  # reading must not create it
     manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints, read_only=True)
-    restored = checkpoint.restore_latest(manager, target, with_data=False)
+    restored = checkpoint.restore_latest(manager, target, model.checkpoint_record(),
+                                         with_data=False)
     manager.close()
     restored = restored and restored[0]
   if restored is None:

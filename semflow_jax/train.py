@@ -66,8 +66,12 @@ def make_train_step(model: SemFlow, tx: optax.GradientTransformation, config, me
     params = optax.apply_updates(state.params, updates)
     ema = state.ema_params
     if ema is not None:
-      # e + (1 - d)(p - e) leaves frozen parameters (p == e) bit-identical.
-      ema = jax.tree.map(lambda e, p: e + (1 - ema_decay) * (p - e), ema, params)
+      # The decay warms up as (1 + n) / (10 + n) towards train.ema_decay, so the random
+      # initialisation does not linger in the average of a short run. e + (1 - d)(p - e)
+      # leaves frozen parameters (p == e) bit-identical.
+      n = state.step.astype(jnp.float32)
+      decay = jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
+      ema = jax.tree.map(lambda e, p: e + (1 - decay) * (p - e), ema, params)
     # A non-finite loss or gradient is never applied: the state keeps its last good values, so
     # what the host saves or stops on is always finite.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -164,7 +168,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   manager = checkpoint.make_manager(workdir, t.keep_checkpoints)
   abstract_state = state_lib.abstract(model, tx, config, mesh)
   try:
-    restored = checkpoint.restore_latest(manager, abstract_state)
+    restored = checkpoint.restore_latest(manager, abstract_state, model.checkpoint_record())
   except Exception:
     manager.close()
     raise
@@ -254,7 +258,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
       if step % t.checkpoint_every == 0 or step == t.num_steps or stop:
         check_pending()  # never save after a step that must stop the run
-        checkpoint.save(manager, step, state, train_iter.state())
+        checkpoint.save(manager, step, state, train_iter.state(), model.checkpoint_record())
 
       if stop:
         logging.warning("preemption (SIGTERM): saved step %d in %s; re-run the same command to "

@@ -23,6 +23,7 @@ STEPS = 3
 def setup():
   from configs import synthetic
   config = synthetic.get_config("tiny")
+  config.model.palette = "paper"  # the expected values below render Eq. 7 themselves
   model = SemFlow.from_config(config)
 
   @jax.jit
@@ -106,8 +107,9 @@ def test_style_starts_from_the_mix_and_zero_returns_the_reference(setup):
   rng = jax.random.PRNGKey(3)
   ref = images[::-1]
   out = programs.synthesize_styled(0.6, 5, "euler")(params, labels, ref, rng)
-  noise = np.asarray(jax.random.uniform(rng, (*labels.shape, 3)))  # Eq. 14, drawn as documented
-  z_mask = _render(labels) + model.perturbation * (noise - 0.5)
+  u = np.asarray(jax.random.uniform(rng, (*labels.shape, 3)))  # Eq. 14, drawn as documented
+  # The paper's beta (0.1) is model.perturbation (PAPER_PERTURBATION) x half its 50/255 spacing.
+  z_mask = _render(labels) + model.perturbation * (25 / 127.5) * (2 * u - 1)
   z = 0.4 * (ref / 127.5 - 1.0) + 0.6 * z_mask
   expected = np.clip(_euler(model, params, z, 0.6, 0.0, 3), -1, 1)  # round(5 * 0.6) steps
   np.testing.assert_allclose(out, expected, atol=2e-5)

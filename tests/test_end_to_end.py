@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from semflow_jax import evaluate, sample, train
+from semflow_jax import checkpoint, evaluate, sample, train
 
 REQUIRED_KEYS = {"step", "miou_euler_1", "miou_euler_25", "roundtrip_miou", "diversity",
                  "diversity_real", "colour_only_miou", "colour_only_miou_synth"}
@@ -134,3 +134,26 @@ def test_an_ensemble_of_a_run_and_its_copy_segments_like_the_run(trained, tmp_pa
   alone = sample.segment_file(config, workdir, photo, str(tmp_path / "a.png"))
   pair = sample.segment_file(config, workdir, photo, str(tmp_path / "b.png"), ensemble=[copy])
   np.testing.assert_array_equal(alone, pair)  # (v + v) / 2 == v exactly
+
+
+def test_a_checkpoint_of_one_palette_is_refused_by_a_config_of_the_other(trained, tmp_path):
+  config, workdir, _ = trained
+  assert config.model.palette == "spread"
+  other = config.copy_and_resolve_references()
+  other.model.palette = "paper"
+  before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  message = (r"checkpoint .*/checkpoints/6 was trained with palette 'spread' \(7 anchors\), but "
+             r"this config has config.model.palette='paper' \(7 anchors\)")
+  for run in (lambda: train.train_and_evaluate(other, workdir),
+              lambda: evaluate.evaluate(other, workdir),
+              lambda: sample.segment_file(other, workdir, _png(tmp_path), str(tmp_path / "o.png"))):
+    with pytest.raises(checkpoint.IncompatibleCheckpointError, match=message):
+      run()
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+  assert not os.path.exists(tmp_path / "o.png")
+
+
+def _png(tmp_path):
+  path = str(tmp_path / "in.png")
+  Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(path)
+  return path

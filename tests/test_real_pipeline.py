@@ -226,6 +226,14 @@ def test_dataset_configs_hold_the_reference_recipes():
     assert local.model.autoencoder == "identity" and max(local.data.image_size) <= 64
     with pytest.raises(ValueError, match="unknown"):
       module.get_config("huge")
+    # The recipes keep the paper's palette and beta = 0.1; `spread` is the variant.
+    assert (model.palette.name, c.model.perturbation) == ("paper", 0.255)
+    assert model.perturbation * model.palette.half_spacing == pytest.approx(0.05)
+    for arg in ("spread", "local,spread"):
+      variant = module.get_config(arg)
+      assert variant.model.palette == "spread"
+      assert variant.model.perturbation == synthetic.get_config().model.perturbation
+      assert (variant.model.autoencoder == "identity") == ("local" in arg)
 
 
 def test_local_cityscapes_config_trains_on_a_fixture_dataset(fixtures, tmp_path):

@@ -36,7 +36,7 @@ def test_one_step_segmentation_reads_the_unet_output_directly_with_the_skip(tiny
   size = tiny_config.data.image_size
   images = np.random.default_rng(0).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
   labels = np.asarray(model.segment(params, images, steps=1))
-  expected = int(anchors.decode(jnp.zeros((1, 3)), tiny_config.data.num_classes)[0])
+  expected = int(model.decode_anchors(jnp.zeros((1, 3)))[0])
   assert (labels == expected).all()
 
 
@@ -72,6 +72,33 @@ def test_bad_model_config_values_are_named(tiny_config):
   with pytest.raises(ValueError, match="config.model.time_sampling"):
     SemFlow.from_config(tiny_config)
   tiny_config.model.time_sampling = "uniform"
-  tiny_config.model.perturbation = 0.5
-  with pytest.raises(ValueError, match="config.model.perturbation"):
+  tiny_config.model.perturbation = 1.0
+  with pytest.raises(ValueError, match="config.model.perturbation=1.0 must be in"):
     SemFlow.from_config(tiny_config)
+  tiny_config.model.perturbation = 0.5
+  tiny_config.model.perturbation_grids = ()
+  with pytest.raises(ValueError, match="config.model.perturbation_grids"):
+    SemFlow.from_config(tiny_config)
+  tiny_config.model.perturbation_grids = (0,)
+  tiny_config.model.palette = "rainbow"
+  with pytest.raises(ValueError, match="config.model.palette='rainbow'"):
+    SemFlow.from_config(tiny_config)
+  tiny_config.model.palette = "paper"
+  tiny_config.data.num_classes = 217
+  with pytest.raises(ValueError, match="config.model.palette='paper' with config.data.num_classes"):
+    SemFlow.from_config(tiny_config)
+
+
+@pytest.mark.parametrize("palette", anchors.PALETTES)
+def test_the_model_renders_perturbs_and_decodes_with_its_palette(tiny_config, palette):
+  model, _ = _model(tiny_config, palette=palette, perturbation=0.9)
+  expected = anchors.make_palette(palette, tiny_config.data.num_classes)
+  assert model.palette == expected
+  labels = np.random.default_rng(0).integers(0, 7, (2, 8, 8, 1)).astype(np.uint8)
+  clean = model.render_anchors(labels)
+  np.testing.assert_allclose(clean, expected.array[labels[..., 0]])
+  noisy = model.perturbed_anchors(labels, jax.random.PRNGKey(0))
+  assert np.abs(np.asarray(noisy - clean)).max() <= 0.9 * expected.half_spacing + 1e-6
+  np.testing.assert_array_equal(model.decode_anchors(noisy), labels[..., 0])
+  record = model.checkpoint_record()
+  assert record["palette"] == palette and len(record["anchors"]) == 7
