@@ -63,21 +63,26 @@ def make_train_step(model: SemFlow, tx: optax.GradientTransformation, config, me
     rng = jax.random.fold_in(state.rng, state.step)
     loss, grads = loss_and_grads(state.params, batch, rng)
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = state.ema_params
-    if ema is not None:
-      # e + (1 - d)(p - e) leaves frozen parameters (p == e) bit-identical.
-      ema = jax.tree.map(lambda e, p: e + (1 - ema_decay) * (p - e), ema, params)
     # A non-finite loss or gradient is never applied: the state keeps its last good values, so
-    # what the host saves or stops on is always finite.
+    # what the host saves or stops on is always finite. A cond, not a select of new and old
+    # values: a select reads both versions of every parameter and moment, so XLA cannot update
+    # the donated buffers in place and copies the whole state every step.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = state.replace(
-        step=state.step + 1, params=keep(params, state.params),
-        opt_state=keep(opt_state, state.opt_state), ema_params=keep(ema, state.ema_params),
-        skipped=state.skipped + (1 - finite.astype(jnp.int32)))
-    metrics = {"loss": loss, "grad_norm": grad_norm, "param_norm": optax.tree.norm(params),
+
+    def apply_update(state):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      ema = state.ema_params
+      if ema is not None:
+        # e + (1 - d)(p - e) leaves frozen parameters (p == e) bit-identical.
+        ema = jax.tree.map(lambda e, p: e + (1 - ema_decay) * (p - e), ema, params)
+      return state.replace(params=params, opt_state=opt_state, ema_params=ema)
+
+    new_state = jax.lax.cond(finite, apply_update, lambda state: state, state)
+    new_state = new_state.replace(step=state.step + 1,
+                                  skipped=state.skipped + (1 - finite.astype(jnp.int32)))
+    metrics = {"loss": loss, "grad_norm": grad_norm,
+               "param_norm": optax.tree.norm(new_state.params),
                "learning_rate": schedule(state.step), "finite": finite,
                "skipped": new_state.skipped}
     return new_state, metrics
@@ -134,6 +139,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = os.path.abspath(workdir)
   is_main = jax.process_index() == 0
 
+  profile_first, profile_last = _profile_steps(t)
   mesh = parallel.make_mesh(config)
   micro_batches = t.get("grad_accum_steps", 1)
   per_process_batch = parallel.batch_size_per_process(t.batch_size, mesh, micro_batches)
@@ -213,11 +219,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return steps, fetched
 
   preemption = Preemption()
+  tracing = False
   try:
     for step in range(start_step + 1, t.num_steps + 1):
-      batch = parallel.to_global(next(train_iter), mesh)
-      state, step_metrics = train_step(state, batch)
+      if step == profile_first:
+        tracing = True
+        jax.profiler.start_trace(os.path.join(workdir, "profile"), create_perfetto_trace=True)
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        batch = parallel.to_global(next(train_iter), mesh)
+        state, step_metrics = train_step(state, batch)
       pending.append((step, step_metrics))
+      if step == profile_last:
+        jax.block_until_ready(step_metrics)
+        jax.profiler.stop_trace()
+        tracing = False
+        logging.info("profile of steps %d-%d written to %s/profile (README: Profiling)",
+                     profile_first, profile_last, workdir)
       stop = preemption.reached(step)
 
       if step % t.log_every == 0 or step == t.num_steps or stop:
@@ -250,6 +267,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if (t.eval_every and step % t.eval_every == 0) and step != t.num_steps:
         evaluate.run(model, _eval_params(state), builder, config, mesh, step, workdir, writer)
   finally:
+    if tracing:  # stopped inside the traced steps
+      jax.profiler.stop_trace()
     preemption.close()
     # Also on Ctrl-C or an error: let in-flight asynchronous saves complete.
     manager.wait_until_finished()
@@ -261,6 +280,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   result = evaluate.run(model, _eval_params(state), builder, config, mesh, final, workdir, writer)
   writer.close()
   return result
+
+
+def _profile_steps(t) -> tuple:
+  """config.train.profile_steps: () for none, or (first, last), the steps to trace."""
+  steps = tuple(t.get("profile_steps", ()) or ())
+  if not steps:
+    return 0, -1
+  if len(steps) != 2 or not 1 <= steps[0] <= steps[1]:
+    raise ValueError(f"config.train.profile_steps={steps!r}: expected (first, last) with "
+                     "1 <= first <= last, e.g. (10, 14)")
+  return steps
 
 
 def _eval_params(state):
