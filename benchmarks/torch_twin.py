@@ -197,7 +197,7 @@ def _copy_param(module, leaf, value):
     raise ValueError(f"{type(module).__name__}.{leaf}: twin {tuple(target.shape)}, "
                      f"Flax {value.shape}")
   with torch.no_grad():
-    target.copy_(torch.from_numpy(np.ascontiguousarray(value)))
+    target.copy_(torch.from_numpy(np.array(value, np.float32)))
 
 
 class TwinTrainer:
