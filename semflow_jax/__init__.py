@@ -29,8 +29,8 @@ def _add_cpu_xla_flags():
   flags = os.environ.get("XLA_FLAGS", "")
   extra = [f"--{name}={value}" for name, value in CPU_XLA_FLAGS.items()
            if f"--{name}=" not in flags]
-  if extra:
-    os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
+  if extra:  # in front: XLA stops reading at the first token that is not a flag
+    os.environ["XLA_FLAGS"] = " ".join([*extra, flags]).strip()
 
 
 _add_cpu_xla_flags()
