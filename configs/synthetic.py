@@ -73,6 +73,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 2
   c.train.eval_every = 0            # 0: only after the last step
   c.train.tensorboard = True        # False: no event files (sweeps, tests); the console still logs
+  c.train.profile_steps = ()        # (first, last): jax.profiler trace of them in <workdir>/profile
 
   c.eval = ml_collections.ConfigDict()
   c.eval.num_examples = -1          # -1: the whole validation split

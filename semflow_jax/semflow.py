@@ -166,7 +166,7 @@ class SemFlow:
   def encode_image(self, params, images, rng=None):
     """uint8 (B, H, W, 3) -> z0. Posterior sample when `rng` is given (training), else mean."""
     mean, logvar = self._vae(params, anchors.to_unit_range(images), "encode")
-    if rng is not None:
+    if rng is not None and self.has_vae:  # the identity's posterior has zero variance
       mean = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
     return self._scale(mean)
 

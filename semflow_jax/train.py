@@ -62,25 +62,30 @@ def make_train_step(model: SemFlow, tx: optax.GradientTransformation, config, me
     rng = jax.random.fold_in(state.rng, state.step)
     loss, grads = loss_and_grads(state.params, batch, rng)
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = state.ema_params
-    if ema is not None:
-      # The decay warms up as (1 + n) / (10 + n) towards train.ema_decay, so the random
-      # initialisation does not linger in the average of a short run. e + (1 - d)(p - e)
-      # leaves frozen parameters (p == e) bit-identical.
-      n = state.step.astype(jnp.float32)
-      decay = jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
-      ema = jax.tree.map(lambda e, p: e + (1 - decay) * (p - e), ema, params)
     # A non-finite loss or gradient is never applied: the state keeps its last good values, so
-    # what the host saves or stops on is always finite.
+    # what the host saves or stops on is always finite. A cond, not a select of new and old
+    # values: a select reads both versions of every parameter and moment, so XLA cannot update
+    # the donated buffers in place and copies the whole state every step.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = state.replace(
-        step=state.step + 1, params=keep(params, state.params),
-        opt_state=keep(opt_state, state.opt_state), ema_params=keep(ema, state.ema_params),
-        skipped=state.skipped + (1 - finite.astype(jnp.int32)))
-    metrics = {"loss": loss, "grad_norm": grad_norm, "param_norm": optax.tree.norm(params),
+
+    def apply_update(state):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      ema = state.ema_params
+      if ema is not None:
+        # The decay warms up as (1 + n) / (10 + n) towards train.ema_decay, so the random
+        # initialisation does not linger in the average of a short run. e + (1 - d)(p - e)
+        # leaves frozen parameters (p == e) bit-identical.
+        n = state.step.astype(jnp.float32)
+        decay = jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
+        ema = jax.tree.map(lambda e, p: e + (1 - decay) * (p - e), ema, params)
+      return state.replace(params=params, opt_state=opt_state, ema_params=ema)
+
+    new_state = jax.lax.cond(finite, apply_update, lambda state: state, state)
+    new_state = new_state.replace(step=state.step + 1,
+                                  skipped=state.skipped + (1 - finite.astype(jnp.int32)))
+    metrics = {"loss": loss, "grad_norm": grad_norm,
+               "param_norm": optax.tree.norm(new_state.params),
                # What this update applied (a skipped step does not advance the optimiser).
                "learning_rate": state_lib.applied_learning_rate(schedule, state.opt_state),
                "finite": finite,
@@ -156,6 +161,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = storage.resolve(workdir)  # a gs:// URL stays a URL
   is_main = jax.process_index() == 0
 
+  profile_first, profile_last = _profile_steps(t)
   mesh = parallel.make_mesh(config)
   micro_batches = t.get("grad_accum_steps", 1)
   per_process_batch = parallel.batch_size_per_process(t.batch_size, mesh, micro_batches)
@@ -231,11 +237,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return steps, fetched
 
   preemption = Preemption()
+  tracing = False
   try:
     for step in range(start_step + 1, t.num_steps + 1):
-      batch = parallel.to_global(next(train_iter), mesh)
-      state, step_metrics = train_step(state, batch)
+      if step == profile_first:
+        tracing = True
+        jax.profiler.start_trace(storage.join(workdir, "profile"), create_perfetto_trace=True)
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        batch = parallel.to_global(next(train_iter), mesh)
+        state, step_metrics = train_step(state, batch)
       pending.append((step, step_metrics))
+      if step == profile_last:
+        jax.block_until_ready(step_metrics)
+        jax.profiler.stop_trace()
+        tracing = False
+        logging.info("profile of steps %d-%d written to %s/profile (README: Profiling)",
+                     profile_first, profile_last, workdir)
       stop = preemption.reached(step)
 
       if step % t.log_every == 0 or step == t.num_steps or stop:
@@ -268,6 +285,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if (t.eval_every and step % t.eval_every == 0) and step != t.num_steps:
         evaluator(_eval_params(state), step, workdir, writer)
   finally:
+    if tracing:  # stopped inside the traced steps
+      jax.profiler.stop_trace()
     preemption.close()
     # Also on Ctrl-C or an error: let in-flight asynchronous saves complete.
     manager.wait_until_finished()
@@ -279,6 +298,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   result = evaluator(_eval_params(state), final, workdir, writer)
   writer.close()
   return result
+
+
+def _profile_steps(t) -> tuple:
+  """config.train.profile_steps: () for none, or (first, last), the steps to trace."""
+  steps = tuple(t.get("profile_steps", ()) or ())
+  if not steps:
+    return 0, -1
+  if len(steps) != 2 or not 1 <= steps[0] <= steps[1]:
+    raise ValueError(f"config.train.profile_steps={steps!r}: expected (first, last) with "
+                     "1 <= first <= last, e.g. (10, 14)")
+  return steps
 
 
 def _eval_params(state):

@@ -22,6 +22,7 @@ def trained(tmp_path_factory, tfds_dir):
   config.data.tfds_data_dir = tfds_dir
   config.eval.seg_steps = (1, 25)  # the metric names the issue asks for
   config.eval.synth_steps = 3
+  config.train.profile_steps = (2, 3)
   workdir = str(tmp_path_factory.mktemp("run"))
   result = train.train_and_evaluate(config, workdir)
   return config, workdir, result
@@ -48,6 +49,22 @@ def test_training_writes_checkpoints_metrics_samples_and_tensorboard(trained):
   assert os.path.exists(os.path.join(workdir, "samples", "segmentation_6.png"))
   assert any(n.startswith("events.out.tfevents") for n in os.listdir(workdir))
   assert os.path.exists(os.path.join(workdir, "config.json"))
+
+
+def test_profile_steps_write_a_trace_to_the_workdir(trained):
+  _, workdir, _ = trained
+  traces = [os.path.join(d, n) for d, _, names in os.walk(os.path.join(workdir, "profile"))
+            for n in names]
+  assert any(t.endswith(".xplane.pb") for t in traces), traces  # TensorBoard / XProf
+  assert any(t.endswith("perfetto_trace.json.gz") for t in traces), traces  # ui.perfetto.dev
+  assert all(os.path.getsize(t) > 0 for t in traces)
+
+
+def test_profile_steps_must_be_an_ordered_pair(tiny_config, tmp_path):
+  tiny_config.train.profile_steps = (5, 2)
+  with pytest.raises(ValueError, match=r"config.train.profile_steps=\(5, 2\)"):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert not os.listdir(tmp_path)  # refused before anything is written
 
 
 def test_eval_mode_reproduces_the_final_metrics(trained):

@@ -211,6 +211,6 @@ class SDUNet(nn.Module):
       h, _ = blocks("up", i, block, channels, kind == CROSS_UP, i < n - 1, layers[block] + 1,
                     f"up_blocks_{i}")(h, temb, context, skips)
 
-    h = nn.silu(L.group_norm(cfg.norm_num_groups, cfg.norm_eps, dt, "conv_norm_out")(h))
+    h = L.group_norm(cfg.norm_num_groups, cfg.norm_eps, dt, "conv_norm_out")(h, silu=True)
     h = L.conv(cfg.out_channels, 3, dt, "conv_out")(h)
     return h.astype(jnp.float32)

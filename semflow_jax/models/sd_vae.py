@@ -110,7 +110,7 @@ class Encoder(nn.Module):
                        "down" if i < n - 1 else None, dt, name=f"down_blocks_{i}")(h)
     h = _MidBlock(cfg.block_out_channels[-1], cfg.norm_num_groups, cfg.mid_block_add_attention, dt,
                   attention=self.attention, name="mid_block")(h)
-    h = nn.silu(L.group_norm(cfg.norm_num_groups, 1e-6, dt, "conv_norm_out")(h))
+    h = L.group_norm(cfg.norm_num_groups, 1e-6, dt, "conv_norm_out")(h, silu=True)
     return L.conv(2 * cfg.latent_channels, 3, dt, "conv_out")(h)
 
 
@@ -129,7 +129,7 @@ class Decoder(nn.Module):
     for i, channels in enumerate(cfg.block_out_channels[::-1]):
       h = _ResnetStack(channels, cfg.layers_per_block + 1, cfg.norm_num_groups,
                        "up" if i < n - 1 else None, dt, name=f"up_blocks_{i}")(h)
-    h = nn.silu(L.group_norm(cfg.norm_num_groups, 1e-6, dt, "conv_norm_out")(h))
+    h = L.group_norm(cfg.norm_num_groups, 1e-6, dt, "conv_norm_out")(h, silu=True)
     return L.conv(cfg.out_channels, 3, dt, "conv_out")(h)
 
 

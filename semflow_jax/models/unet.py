@@ -8,6 +8,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from semflow_jax.models.normalization import GroupNorm
+
 
 def timestep_embedding(timesteps, dim: int, max_period: float = 10000.0):
   """Sinusoidal embedding of (B,) timesteps in [0, 1000] -> (B, dim), cos first."""
@@ -26,13 +28,13 @@ class ResBlock(nn.Module):
   @nn.compact
   def __call__(self, x, temb, deterministic=True):
     dt = self.dtype
-    h = nn.swish(nn.GroupNorm(self.groups, dtype=dt, name="norm1")(x))
+    h = GroupNorm(self.groups, dtype=dt, name="norm1")(x, silu=True)
     h = nn.Conv(self.channels, (3, 3), dtype=dt, name="conv1")(h)
     # Time conditioning as a per-channel scale and shift (FiLM) after the second norm.
     scale_shift = nn.Dense(2 * self.channels, dtype=dt, name="time_proj")(nn.swish(temb))
-    scale, shift = jnp.split(scale_shift[:, None, None, :], 2, axis=-1)
-    h = nn.GroupNorm(self.groups, dtype=dt, name="norm2")(h) * (1 + scale) + shift
-    h = nn.Dropout(self.dropout)(nn.swish(h), deterministic=deterministic)
+    film = jnp.split(scale_shift, 2, axis=-1)
+    h = GroupNorm(self.groups, dtype=dt, name="norm2")(h, film=film, silu=True)
+    h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
     h = nn.Conv(self.channels, (3, 3), dtype=dt, name="conv2",
                 kernel_init=nn.initializers.zeros_init())(h)
     if x.shape[-1] != self.channels:
@@ -48,7 +50,7 @@ class SelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
-    y = nn.GroupNorm(self.groups, dtype=self.dtype, name="norm")(x).reshape(b, h * w, c)
+    y = GroupNorm(self.groups, dtype=self.dtype, name="norm")(x).reshape(b, h * w, c)
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype, name="attn",
         out_kernel_init=nn.initializers.zeros_init())(y, y)
@@ -116,7 +118,7 @@ class UNet(nn.Module):
         h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest upsample
         h = nn.Conv(c, (3, 3), dtype=dt, name=f"up_{level}_upsample")(h)
 
-    h = nn.swish(nn.GroupNorm(self.groups, dtype=dt, name="norm_out")(h))
+    h = GroupNorm(self.groups, dtype=dt, name="norm_out")(h, silu=True)
     h = nn.Conv(self.out_channels * p * p, (3, 3), dtype=dt, name="conv_out",
                 kernel_init=nn.initializers.zeros_init())(h)
     return _depth_to_space(h, p).astype(jnp.float32)
