@@ -26,7 +26,7 @@ the small UNet, on a CPU:
 
 `:spread` (or `:local,spread`) swaps the paper's palette (Eq. 7) for the spread one, anchors as
 far apart as the colour cube allows, with the default config's perturbation
-(configs/real_data.py `use_spread_palette`).
+(`real_data.use_spread_palette`).
 """
 
 import ml_collections

@@ -25,7 +25,7 @@ semflow_jax.data.build coco_stuff --manual_dir=...`). `:local` is a minutes-long
 
 `:spread` (or `:local,spread`) swaps the paper's palette (Eq. 7) for the spread one, anchors as
 far apart as the colour cube allows, with the default config's perturbation
-(configs/real_data.py `use_spread_palette`).
+(`real_data.use_spread_palette`).
 """
 
 import ml_collections

@@ -78,7 +78,8 @@ def test_training_evaluates_with_one_evaluator_and_compiles_each_program_once(tr
   programs = evaluators[0].programs
   names = {(name, tuple(sorted(static.items()))) for name, static in programs.compiled()}
   assert names == {("segment", (("method", m), ("steps", 1))) for m in ("euler", "rk4")} | {
-                       ("synthesize", (("method", "euler"), ("steps", 2)))}
+                       ("synthesize", (("method", "euler"), ("steps", 2))),
+                       ("perturbed_anchors", ())}  # the first column of the synthesis grid
   # Two evaluations, real images and round-trip syntheses alike: one executable per program.
   assert {key: fn._cache_size() for key, fn in programs._cache.items()} == {
       key: 1 for key in programs._cache}

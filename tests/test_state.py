@@ -82,7 +82,7 @@ def test_sampling_restores_only_the_parameters_it_uses(tmp_path, monkeypatch):
   state = state.replace(ema_params=jax.tree.map(lambda x: x + 1.0, state.ema_params),
                         step=state.step + 3)
   manager = checkpoint.make_manager(str(tmp_path), 2, async_save=False)
-  checkpoint.save(manager, 3, state, {"position": 0})
+  checkpoint.save(manager, 3, state, {"position": 0}, model.checkpoint_record())
   manager.close()
 
   read = []
