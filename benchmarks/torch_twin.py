@@ -210,16 +210,18 @@ class TwinTrainer:
     self.optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=(0.9, 0.999),
                                        weight_decay=t.weight_decay)
     self.grad_clip = t.grad_clip
-    self.perturbation = config.model.perturbation
-    self.table = torch.from_numpy(anchors.colour_table()).float() / 127.5 - 1.0
+    # The config's palette; Eq. 14's amplitude is a fraction of half its anchor spacing.
+    palette = anchors.make_palette(config.model.get("palette", "paper"), config.data.num_classes)
+    self.amplitude = config.model.perturbation * palette.half_spacing
+    self.table = torch.from_numpy(np.asarray(palette.table(), np.float32))
     self.generator = torch.Generator().manual_seed(seed)
 
   def step(self, images_uint8, labels_uint8):
     """NHWC uint8 tensors, as the data pipeline delivers them."""
     z0 = images_uint8.permute(0, 3, 1, 2).float() / 127.5 - 1.0
     anchor = self.table[labels_uint8[..., 0].long()].permute(0, 3, 1, 2)
-    noise = torch.rand(anchor.shape, generator=self.generator) - 0.5
-    z1 = anchor + self.perturbation * noise
+    noise = 2.0 * torch.rand(anchor.shape, generator=self.generator) - 1.0
+    z1 = anchor + self.amplitude * noise
     t = torch.rand(z0.shape[0], generator=self.generator)
     zt = (1 - t[:, None, None, None]) * z0 + t[:, None, None, None] * z1
     self.optimizer.zero_grad(set_to_none=True)
