@@ -125,8 +125,8 @@ class Bench:
   def miou(self, truth, images, where=None):
     """One-step segmentation of uint8 `images` against `truth`, over `where` (else all)."""
     truth = truth if where is None else np.where(where, truth, 255)
-    return metrics.mean_iou(metrics.confusion_matrix(truth, self.segment(images, 1),
-                                                     self.num_classes))
+    return metrics.iou_from_confusion(metrics.confusion_matrix(
+        truth, self.segment(images, 1), self.num_classes))["miou"]
 
   # -- 1. editing -------------------------------------------------------------------------------
   def editing(self):
@@ -232,8 +232,8 @@ class Bench:
     for name, params in members.items():
       row = {"model": name}
       for n in (1, self.config.sample.seg_steps):
-        row[f"miou_{n}"] = metrics.mean_iou(metrics.confusion_matrix(
-            self.labels, self.segment(self.images, n, params), self.num_classes))
+        row[f"miou_{n}"] = metrics.iou_from_confusion(metrics.confusion_matrix(
+            self.labels, self.segment(self.images, n, params), self.num_classes))["miou"]
       synth = self.synthesize(self.labels, self.config.sample.seed, params)
       synth_u8 = self.uint8(synth)
       row["roundtrip_miou"] = metrics.mean_iou(metrics.confusion_matrix(

@@ -215,13 +215,15 @@ def plan(config: ml_collections.ConfigDict, topology: Topology, programs=PROGRAM
     h, w = model.image_size
     images = jax.ShapeDtypeStruct((b, h, w, 3), jnp.uint8, sharding=sharding)
     labels = jax.ShapeDtypeStruct((b, h, w, 1), jnp.uint8, sharding=sharding)
-    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=parallel.replicated(mesh))
+    # Evaluation keys the perturbation noise per example (evaluate._example_keys).
+    rng = jax.ShapeDtypeStruct((b, 2), jnp.uint32, sharding=sharding)
     e = config.eval
     compiled = programs_lib.Programs(model)
-    lowerings = {
-        "segment": lambda: compiled.segment(max(e.seg_steps), e.method).lower(params, images),
-        "synthesize": lambda: compiled.synthesize(e.synth_steps, e.method).lower(params, labels,
-                                                                                 rng),
+    lowerings = {  # the evaluator's main samplers (evaluate.Evaluator)
+        "segment": lambda: compiled.segment(max(e.seg_steps), e.seg_methods[0]).lower(params,
+                                                                                      images),
+        "synthesize": lambda: compiled.synthesize(e.synth_steps, e.synth_method).lower(
+            params, labels, rng),
     }
     for name in inference:
       logging.info("compiling %s for %s (%d devices, batch %d)", name, topology.name, n, b)
