@@ -236,8 +236,8 @@ class Bench:
             self.labels, self.segment(self.images, n, params), self.num_classes))["miou"]
       synth = self.synthesize(self.labels, self.config.sample.seed, params)
       synth_u8 = self.uint8(synth)
-      row["roundtrip_miou"] = metrics.mean_iou(metrics.confusion_matrix(
-          self.labels, self.segment(synth_u8, 1, params), self.num_classes))
+      row["roundtrip_miou"] = metrics.iou_from_confusion(metrics.confusion_matrix(
+          self.labels, self.segment(synth_u8, 1, params), self.num_classes))["miou"]
       row["diversity"] = metrics.mean_abs_difference(
           synth, self.synthesize(self.labels, self.config.sample.seed + 1, params))
       rows.append(row)
