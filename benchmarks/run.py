@@ -213,7 +213,6 @@ def _sampler_worker(conn, batch_size, rounds, step_counts, seed):
   import semflow_jax  # noqa: F401
   import jax
   import jax.numpy as jnp
-  from semflow_jax import anchors
   from semflow_jax.semflow import SemFlow
   config = _default_config()
   model = SemFlow.from_config(config)
@@ -226,7 +225,7 @@ def _sampler_worker(conn, batch_size, rounds, step_counts, seed):
   key = jax.random.PRNGKey(seed + 1)
   velocity = jax.jit(model.velocity)
   encode_image, encode_labels = jax.jit(model.encode_image), jax.jit(model.encode_labels)
-  to_labels = jax.jit(lambda p, z: anchors.decode(model.decode(p, z), model.num_classes))
+  to_labels = jax.jit(lambda p, z: model.decode_anchors(model.decode(p, z)))
   to_image = jax.jit(lambda p, z: jnp.clip(model.decode(p, z), -1.0, 1.0))
   whole_segment = jax.jit(model.segment, static_argnums=(2,))
   whole_synthesize = jax.jit(model.synthesize, static_argnums=(3,))
