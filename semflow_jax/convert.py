@@ -23,7 +23,6 @@ unexpected or mis-shaped keys are refused by name and nothing is written.
 
 import io
 import json
-import os
 import re
 import sys
 from typing import Dict, Optional, Tuple
@@ -76,32 +75,32 @@ def _read_file(path: str) -> Dict[str, np.ndarray]:
 
 def read_state_dict(path: str) -> Dict[str, np.ndarray]:
   """float32 numpy arrays by PyTorch key, from a weights file or a diffusers model folder
-  (local, or gs://: read from a local copy)."""
-  with storage.local_copy(path) as local:
-    return _read_local_state_dict(local)
-
-
-def _read_local_state_dict(path: str) -> Dict[str, np.ndarray]:
-  if os.path.isdir(path):
-    index = [f for f in os.listdir(path) if f.endswith(".index.json")]
+  (local or gs://; the folder is listed in place and only the weight files read are fetched)."""
+  if storage.is_dir(path):
+    names = storage.listdir(path)
+    index = [f for f in names if f.endswith(".index.json")]
     if index:  # sharded checkpoint: the index maps every key to its shard
-      with open(os.path.join(path, index[0])) as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
+      shards = sorted(set(storage.read_json(storage.join(path, index[0]))["weight_map"].values()))
       out = {}
       for shard in shards:
-        out.update(_read_file(os.path.join(path, shard)))
+        out.update(_read_weights(storage.join(path, shard)))
       return _clean(out)
     for name in _WEIGHT_NAMES:
-      if os.path.exists(os.path.join(path, name)):
-        return _clean(_read_file(os.path.join(path, name)))
-    variants = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".bin")))
+      if name in names:
+        return _clean(_read_weights(storage.join(path, name)))
+    variants = [f for f in names if f.endswith((".safetensors", ".bin"))]
     if len(variants) == 1:  # e.g. diffusion_pytorch_model.fp16.safetensors
-      return _clean(_read_file(os.path.join(path, variants[0])))
+      return _clean(_read_weights(storage.join(path, variants[0])))
     raise ConversionError(f"{path}: no weights file (looked for {', '.join(_WEIGHT_NAMES)}; "
                           f"found {variants or 'none'})")
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise ConversionError(f"{path}: no such file")
-  return _clean(_read_file(path))
+  return _clean(_read_weights(path))
+
+
+def _read_weights(path: str) -> Dict[str, np.ndarray]:
+  with storage.local_copy(path) as local:  # the readers need a local file
+    return _read_file(local)
 
 
 def _clean(state_dict):
@@ -116,17 +115,11 @@ def _clean(state_dict):
 
 def read_config(path: str) -> dict:
   """A diffusers config.json, or the one in a model folder (local, or gs://)."""
-  with storage.local_copy(path) as local:
-    return _read_local_config(local)
-
-
-def _read_local_config(path: str) -> dict:
-  file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-  if not os.path.exists(file):
+  file = storage.join(path, "config.json") if storage.is_dir(path) else path
+  if not storage.exists(file):
     raise ConversionError(f"{file}: no such file (a diffusers model folder has a config.json)")
   try:
-    with open(file) as f:
-      return json.load(f)
+    return storage.read_json(file)
   except json.JSONDecodeError as e:
     raise ConversionError(f"{file}: not valid JSON ({e})") from e
 
