@@ -198,8 +198,12 @@ def main(argv):
   if not f.output:
     raise app.UsageError("--output is required")
   try:
+    # A bucket that cannot be used is reported now, as semflow_jax.convert does.
+    storage.check(f.output, "--output", write=True)
+    for name in ("inception", "lpips_alex", "lpips_heads"):
+      storage.check(getattr(f, name), f"--{name}")
     convert(f.output, f.inception, f.lpips_alex, f.lpips_heads, f.overwrite)
-  except (ConversionError, FileNotFoundError) as e:
+  except (ConversionError, FileNotFoundError, storage.StorageError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     raise SystemExit(2)
 
