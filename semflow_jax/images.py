@@ -8,6 +8,9 @@ from PIL import Image
 
 from semflow_jax import storage
 
+# Image files read as photos (folders of inputs, the folder dataset's images/).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
 
 def preview_palette(num_colours: int = 256) -> np.ndarray:
   """Distinct, bright colours for looking at label maps (the anchors are too dark to read)."""
@@ -18,9 +21,42 @@ def preview_palette(num_colours: int = 256) -> np.ndarray:
   return table
 
 
-def colourise(labels) -> np.ndarray:
-  """int labels (..., H, W) -> uint8 (..., H, W, 3) preview."""
-  return preview_palette()[np.asarray(labels).astype(np.int64) % 256]
+def colourise(labels, colours=None) -> np.ndarray:
+  """int labels (..., H, W) -> uint8 (..., H, W, 3) preview; `colours` (K, 3) replace the first
+  K preview colours (a dataset's own, e.g. a folder dataset's classes.json)."""
+  table = preview_palette()
+  if colours is not None:
+    table[:len(colours)] = np.asarray(colours, np.uint8)
+  return table[np.asarray(labels).astype(np.int64) % 256]
+
+
+def preview_with_legend(labels, names, colours=None, min_side: int = 160) -> np.ndarray:
+  """A label map (H, W) as a preview a person can read: the colourised map (enlarged by an
+  integer factor to at least `min_side` pixels on its shorter side) beside a legend of the
+  classes it contains, '<id> <name>' on each class's colour (255: 'ignore')."""
+  from PIL import ImageDraw, ImageFont
+  labels = np.asarray(labels)
+  scale = max(1, -(-min_side // max(1, min(labels.shape))))
+  picture = colourise(labels, colours).repeat(scale, 0).repeat(scale, 1)
+  present = [int(v) for v in np.unique(labels)]
+  entries = [(v, f"{v} {names[v] if v < len(names) else 'ignore' if v == 255 else '?'}")
+             for v in present]
+  font = ImageFont.load_default(size=12)
+  line, pad, swatch = 16, 6, 12
+  width = pad * 3 + swatch + max(int(font.getlength(text)) for _, text in entries)
+  height = max(picture.shape[0], pad * 2 + line * len(entries))
+  legend = Image.new("RGB", (width, height), (255, 255, 255))
+  draw = ImageDraw.Draw(legend)
+  table = colourise(np.asarray(present), colours)
+  for i, ((_, text), colour) in enumerate(zip(entries, table)):
+    y = pad + i * line
+    draw.rectangle([pad, y, pad + swatch - 1, y + swatch - 1], fill=tuple(int(c) for c in colour),
+                   outline=(0, 0, 0))
+    draw.text((pad * 2 + swatch, y - 1), text, fill=(0, 0, 0), font=font)
+  out = np.full((height, picture.shape[1] + width, 3), 255, np.uint8)
+  out[:picture.shape[0], :picture.shape[1]] = picture
+  out[:, picture.shape[1]:] = np.asarray(legend)
+  return out
 
 
 def grid(columns, pad: int = 1) -> np.ndarray:

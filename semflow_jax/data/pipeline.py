@@ -91,9 +91,13 @@ def get_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   """The tfds builder named by config.data.
 
   The synthetic dataset is generated on first use. A manual-download dataset that is not built
-  yet is built from `config.data.manual_dir` when that is set (single-process runs only).
+  yet is built from `config.data.manual_dir` when that is set, a folder dataset from
+  `config.data.folder` (single-process runs only).
   """
   data_dir = data.tfds_data_dir or None
+  if data.name == "folder_dataset":  # your own folder: config.data.folder (data/folder.py)
+    from semflow_jax.data import folder
+    return folder.get_builder(data)
   if data.name == "synthetic_scenes":
     defaults = (data.num_train, data.num_validation, data.seed) == (5000, 500, 0)
     name = f"{data.image_size}" if defaults else \
