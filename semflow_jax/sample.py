@@ -535,12 +535,13 @@ class _Progress:
   def __init__(self, what: str, unit: str, total: int, skipped: int):
     self.what, self.unit, self.total, self.skipped = what, unit, total, skipped
     self.done, self.start, self.last = 0, time.time(), time.time()
+    self.logged = None
 
   def add(self, n: int, force: bool = False):
     self.done += n
     now = time.time()
-    if force or now - self.last >= PROGRESS_EVERY_S:
-      self.last = now
+    if (force and self.logged != self.done) or now - self.last >= PROGRESS_EVERY_S:
+      self.last, self.logged = now, self.done
       rate = self.done / max(now - self.start, 1e-9)
       left = (self.total - self.done) / rate if rate > 0 else float("nan")
       logging.info("%s: %d of %d %s written%s, %.1f %s/s, about %.0f s left", self.what,

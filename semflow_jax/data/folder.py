@@ -12,8 +12,9 @@ or, with the split made by hand, the same two folders under train/ and validatio
   <folder>/train/images/ ...  <folder>/train/labels/ ...
   <folder>/validation/images/ ...  <folder>/validation/labels/ ...
 
-Without train/ and validation/, `config.data.validation_fraction` of the examples form the
-validation split: those whose names hash lowest (a file keeps its split when others are added).
+Without train/ and validation/, `config.data.validation_fraction` of the examples (rounded, at
+least one) form the validation split: those whose names hash lowest, so the split depends on the
+names only.
 
 classes.json (only "classes" is required):
 
