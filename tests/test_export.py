@@ -25,9 +25,9 @@ def _checkpointed_run(workdir, config):
   model = SemFlow.from_config(config, mesh)
   tx = state_lib.make_optimizer(config)
   train_state = state_lib.create(model, tx, config, mesh)
-  keys = iter(jax.random.split(jax.random.PRNGKey(1), 1000))
+  rng = np.random.default_rng(1)
   noisy = lambda tree, scale: jax.tree.map(  # noqa: E731  (every weight non-trivial)
-      lambda p: p + scale * jax.random.normal(next(keys), p.shape, p.dtype), tree)
+      lambda p: np.asarray(p) + scale * rng.normal(size=p.shape).astype(np.float32), tree)
   params = {**train_state.params, "unet": noisy(train_state.params["unet"], 0.05),
             "context": noisy(train_state.params["context"], 1.0)}
   ema = {**params, "unet": noisy(params["unet"], 0.05)}
