@@ -31,8 +31,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from semflow_jax import anchors, colour, controls, images, metrics, parallel, state  # noqa: E402
-from semflow_jax import storage  # noqa: E402
+from semflow_jax import colour, controls, images, metrics, parallel, state, storage  # noqa: E402
 from semflow_jax.data import pipeline  # noqa: E402
 from semflow_jax.programs import Programs  # noqa: E402
 from semflow_jax.semflow import SemFlow  # noqa: E402
@@ -166,7 +165,7 @@ class Bench:
                             params=params, steps=self.steps, method=self.method)
 
   def uint8(self, x):
-    return anchors.from_unit_range(np.asarray(x))
+    return batched(self.programs.to_uint8, x, batch=self.batch)
 
   def segment(self, images, steps, params=None):
     return self.run("segment", images, params=params, steps=steps, method=self.method)

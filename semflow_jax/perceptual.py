@@ -142,7 +142,10 @@ def write_statistics(path: str, mu: np.ndarray, sigma: np.ndarray, num_images: i
 def read_statistics(path: str, description: Optional[dict] = None):
   """(mu, sigma) from an .npz with pytorch-fid's keys; refuses one that describes other data."""
   try:
-    with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as f:
+    f = np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False)
+    if not isinstance(f, np.lib.npyio.NpzFile):
+      raise ValueError(f"an .npy array {getattr(f, 'shape', '')}, not an .npz archive")
+    with f:
       mu, sigma = np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64)
       stored = json.loads(str(f["description"])) if "description" in f.files else None
   except (KeyError, ValueError, OSError) as e:

@@ -21,7 +21,7 @@ from typing import Callable
 import jax
 from absl import logging
 
-from semflow_jax import controls
+from semflow_jax import anchors, controls
 from semflow_jax.semflow import SemFlow
 
 
@@ -127,3 +127,8 @@ class Programs:
   def resample(self, steps: int, method: str, blend: bool = False) -> Program:
     """(params, labels, bool region, rng, new_rng) -> images in [-1, 1], re-sampled in region."""
     return self.get("resample", steps=int(steps), method=method, blend=bool(blend))
+
+  @functools.cached_property
+  def to_uint8(self) -> Program:
+    """Images in [-1, 1] -> uint8, on the device (as a saved image would be quantised)."""
+    return Program(anchors.from_unit_range, name="to_uint8")

@@ -160,7 +160,7 @@ def test_compiled_ahead_of_time_runs_those_executables_and_stops_on_request(trai
 def _design_example() -> str:
   with open(os.path.join(REPO, "docs", "DESIGN.md")) as f:
     text = f.read()
-  section = text[text.index("### Adding a metric"):]
+  section = text[text.index("## Adding a metric"):]
   return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
