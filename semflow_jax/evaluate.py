@@ -44,7 +44,7 @@ Sampler = common.Sampler
 PROGRESS_EVERY_S = 10.0
 
 
-def batch_size(config: ml_collections.ConfigDict, mesh) -> int:
+def eval_batch_size(config: ml_collections.ConfigDict, mesh) -> int:
   """The global evaluation batch: config.eval.batch_size rounded up to a multiple of the
   mesh's devices."""
   n = mesh.devices.size
@@ -97,7 +97,7 @@ class Evaluator:
         config=config, model=model, programs=programs, builder=builder, mesh=mesh,
         seg_samplers=seg, synth_samplers=synth,
         num_examples=min(split, e.num_examples) if e.num_examples > 0 else split,
-        batch_size=batch_size(config, mesh),
+        batch_size=eval_batch_size(config, mesh),
         class_names=pipeline.class_names(builder, model.num_classes),
         has_alt="image_alt" in builder.info.features,
         preprocess=pipeline.Preprocess.from_config(config.data))
@@ -116,14 +116,6 @@ class Evaluator:
     # images and on syntheses (the round trip's segmentation) share one executable.
     self._to_uint8 = Program(anchors.from_unit_range, name="to_uint8",
                              out_shardings=parallel.batch_sharding(mesh))
-
-  @property
-  def num_examples(self) -> int:
-    return self.run.num_examples
-
-  @property
-  def batch_size(self) -> int:
-    return self.run.batch_size
 
   def network_evaluations(self) -> dict:
     """{metric: UNet evaluations per example} for every metric this evaluator reports."""

@@ -1,4 +1,4 @@
-"""Images for people: label previews, the evaluation's sample grids, PNG writing (local or gs://)."""
+"""Images for people: label previews, the evaluation's sample grids, PNG files (local or gs://)."""
 
 import colorsys
 import io

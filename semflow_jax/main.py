@@ -24,9 +24,6 @@ import os
 import re
 import sys
 
-# Before TensorFlow loads: keep its C++ INFO chatter off the console.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -118,11 +115,13 @@ def _check_storage(config) -> None:
 
 class _QuietLibraries(py_logging.Filter):
   """Orbax and tfds log every file they touch at INFO; keep their warnings and errors, except
-  two that alarm without cause: every read-only checkpoint manager (sampling, --mode=eval) says
-  "Given directory is read only", which reads like a permissions problem, and checkpoint.py's
-  choice of array writer says it overrides Orbax's default."""
+  those that alarm without cause: every read-only checkpoint manager (sampling, --mode=eval)
+  says "Given directory is read only" (which reads like a permissions problem) and that it
+  changes options it does not use, and checkpoint.py's choice of array writer says it
+  overrides Orbax's default."""
 
-  MISLEADING = ("Given directory is read only", "Type handler registry type")
+  MISLEADING = ("Given directory is read only", "CheckpointManagerOptions.read_only=True",
+                "Type handler registry type")
 
   def filter(self, record):
     noisy = any(part in record.pathname for part in ("/orbax/", "/tensorflow_datasets/"))
@@ -212,4 +211,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Before TensorFlow loads (flag parsing loads the config): keep its C++ INFO chatter and its
+  # oneDNN notice off the console (oneDNN speeds up matrix products and convolutions, which the
+  # input pipeline does not run: its batches are identical without it).
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   app.run(main, flags_parser=_parse_flags)

@@ -7,6 +7,8 @@ for synthesised colours. `config.eval.colour_only=False` turns it off (the real 
 costs host time and means little there).
 """
 
+from absl import logging
+
 from semflow_jax import metrics
 from semflow_jax.data import pipeline
 from semflow_jax.evaluators import common
@@ -32,6 +34,8 @@ class Metric(common.Confusions):
     super().reset()
     if self.classifier is None and self._confusion:  # fitted at the first evaluation only
       run = self.run
+      logging.info("fitting the colour-only classifier on %d training images",
+                   run.config.eval.colour_fit_examples)
       train = pipeline.load_arrays(run.builder, "train", run.config.eval.colour_fit_examples,
                                    preprocess=run.preprocess)
       self.classifier = metrics.ColourClassifier.fit(train["image"], train["label"],

@@ -334,8 +334,8 @@ def sum_over_processes(x: np.ndarray) -> np.ndarray:
   magnitude on any process) to 62-bit fixed point, so the sum does not depend on the order of
   the processes and, besides its rounding to float64, is off by at most P^2 2^-63 of the
   largest magnitude for P processes (2^-61 for two; a float64 sum of the same values can be
-  2^10 times further off); a non-finite value on any process makes that element NaN. Memory per process: a few times the
-  array, whatever the number of processes.
+  2^10 times further off); a non-finite value on any process makes that element NaN. Memory
+  per process: a few times the array, whatever the number of processes.
   """
   x = np.asarray(x)
   integer = np.issubdtype(x.dtype, np.integer) or x.dtype == bool

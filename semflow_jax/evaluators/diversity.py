@@ -10,25 +10,30 @@ from semflow_jax.evaluators import common
 
 class Metric(common.PerExample):
   uses = (common.SYNTHESIS,)
+  NAME, REAL_NAME = "diversity", "diversity_real"
 
   def __init__(self, run):
     super().__init__(run)
     if not run.has_alt:
-      self.skipped["diversity_real"] = "the dataset has one rendering per mask (no image_alt)"
+      self.skipped[self.REAL_NAME] = "the dataset has one rendering per mask (no image_alt)"
+
+  @staticmethod
+  def difference(a, b):
+    """(N,) per-example difference of two image batches in [-1, 1]."""
+    return metrics.per_example_mean_abs_difference(a, b)
 
   def names(self):
-    return [f"diversity{s}" for s in self.run.suffixes] + ["diversity_real"]
+    return [f"{self.NAME}{s}" for s in self.run.suffixes] + [self.REAL_NAME]
 
   def network_evaluations(self):
-    return common.synthesis_network_evaluations(self.run, ["diversity"])
+    return common.synthesis_network_evaluations(self.run, [self.NAME])
 
   def values(self, batch, own):
     m, shared = batch.mask, batch.shared
-    out = {f"diversity{s}": metrics.per_example_mean_abs_difference(
-        shared[common.synthesis_key("a", s)][m], shared[common.synthesis_key("b", s)][m])
+    out = {f"{self.NAME}{s}": self.difference(shared[common.synthesis_key("a", s)][m],
+                                              shared[common.synthesis_key("b", s)][m])
            for s in self.run.suffixes}
     if self.run.has_alt:
-      out["diversity_real"] = metrics.per_example_mean_abs_difference(
-          anchors.to_unit_range(batch.data["image"][m]),
-          anchors.to_unit_range(batch.data["image_alt"][m]))
+      out[self.REAL_NAME] = self.difference(anchors.to_unit_range(batch.data["image"][m]),
+                                            anchors.to_unit_range(batch.data["image_alt"][m]))
     return out

@@ -11,9 +11,9 @@ per run and cached as an .npz (`config.eval.fid_reference`, default
 whether the cache exists, so every process takes the same collective path).
 """
 
-from absl import logging
 import jax
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 
 from semflow_jax import metrics, storage
@@ -95,7 +95,7 @@ class Metric(common.Metric):
         batches = pipeline.eval_batches(run.builder, "validation",
                                         run.batch_size // jax.process_count(),
                                         run.num_examples, ("image",), run.preprocess)
-        mu, sigma, count = perceptual.statistics_of(batches, self.features,
+        mu, sigma, count = perceptual.statistics_of(batches, self.features, log_every_s=10.0,
                                                     what="the reference split",
                                                     between_batches=run.check_stop)
         if cache and jax.process_index() == 0:
