@@ -13,9 +13,9 @@ the folder changes); a multi-process run needs it built beforehand:
   python -m semflow_jax.data.build folder_dataset --manual_dir=/data/my_dataset \
       --data_dir=/data/tfds
 
-The default is the SD-1.5 recipe's layout (configs/real_data.py): 512x512 random square crops,
-the SD-1.5 UNet and VAE from converted weights, AdamW 2e-5 with a linear schedule, global batch
-128 with FSDP over all chips (the layout planned for 16 chips, as the dataset recipes):
+The default is the SD-1.5 recipe's layout (real_data.recipe, as for the dataset recipes):
+512x512 random square crops, the SD-1.5 UNet and VAE from converted weights, AdamW 2e-5 with a
+linear schedule, global batch 128 with FSDP over all chips (the layout planned for 16 chips):
 
   python -m semflow_jax.main --config=configs/folder.py --workdir=runs/my_data_sd \
       --config.data.folder=gs://my-bucket/my_dataset --config.data.num_classes=5 \
