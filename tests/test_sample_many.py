@@ -16,12 +16,6 @@ from semflow_jax.semflow import SemFlow
 from tests import dataset_fixtures as fx
 
 
-def _compilations(program) -> int:
-  """How many executables a jitted program holds (one per input shape and layout)."""
-  return program.num_executables if hasattr(program, "num_executables") else \
-      program._cache_size()
-
-
 @pytest.fixture(scope="module")
 def model_and_params(tmp_path_factory):
   """The tiny config's model with random weights: segmentation then follows the photo's colours
@@ -61,7 +55,7 @@ def test_a_folder_gives_the_labels_of_single_images_with_one_compilation(model_a
                                predictor=batched)
   assert result == {"written": 20, "skipped": 0, "output": str(tmp_path / "out")}
   segment = batched.programs.segment(config.sample.seg_steps, config.sample.method)
-  assert _compilations(segment) == 1  # 20 images, 5 sizes, 2 batches: one program
+  assert segment.num_executables == 1  # 20 images, 5 sizes, 2 batches: one program
 
   one_at_a_time = sample.Predictor(config, model, params)  # its own programs
   for name, path in photos.items():
@@ -83,7 +77,7 @@ def test_a_folder_gives_the_labels_of_single_images_with_one_compilation(model_a
   np.testing.assert_array_equal(
       np.asarray(Image.open(tmp_path / "out" / "labels" / "photo_05.png")),
       one_at_a_time.segment(sample.read_image(photos["photo_05"])))
-  assert _compilations(segment) == 2  # one more batch shape: 1 row per device
+  assert segment.num_executables == 2  # one more batch shape: 1 row per device
 
 
 def test_a_glob_and_an_unreadable_file(model_and_params, tmp_path):
