@@ -8,11 +8,11 @@ model's size (`segment_rows`, `synthesize_rows`: sharded over every device of ev
 The `*_file` functions read and write one file around it; `segment_many` / `synthesize_many` a
 whole folder (or glob) or a split of the config's dataset in one process, compiled once, in
 batches, resumable (inputs whose outputs exist are skipped). Inputs of any size are resized to
-the model's resolution (bicubic for images, nearest for label maps) and outputs come back at the
-input's size (label maps by nearest neighbour at pixel centres, exactly as evaluation scores
-them). Sample i of a seed is drawn with its own key (`example_keys`), so it does not depend on
-how many samples are asked for. Bad input raises `InputError`, whose one-line message names the
-file and the problem.
+the model's resolution as the input pipeline resizes a dataset's examples (antialiased bicubic
+for images, nearest for label maps) and outputs come back at the input's size (label maps by
+nearest neighbour at pixel centres, exactly as evaluation scores them). Sample i of a seed is
+drawn with its own key (`example_keys`), so it does not depend on how many samples are asked
+for. Bad input raises `InputError`, whose one-line message names the file and the problem.
 """
 
 import concurrent.futures
@@ -108,8 +108,9 @@ def _resize(array: np.ndarray, size, resample) -> np.ndarray:
 
 
 def image_to_size(image: np.ndarray, size) -> np.ndarray:
-  """uint8 (H, W, 3) -> (size[0], size[1], 3), bicubic (images into and out of the model)."""
-  return _resize(np.asarray(image, np.uint8), tuple(size), Image.BICUBIC)
+  """uint8 (H, W, 3) -> (size[0], size[1], 3), antialiased bicubic as the input pipeline resizes
+  (images.resize_image): into the model and out of it."""
+  return images.resize_image(np.asarray(image, np.uint8), tuple(size))
 
 
 def labels_to_size(labels: np.ndarray, size) -> np.ndarray:

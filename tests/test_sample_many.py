@@ -220,3 +220,22 @@ def test_preview_legend_names_the_classes_in_the_mask():
   for value in (0, 2, 255):  # each class in the mask has its swatch, the others none
     assert tuple(images.colourise(np.array([value]))[0]) in present, value
   assert tuple(images.colourise(np.array([1]))[0]) not in present
+
+
+def test_files_reach_the_model_resized_as_the_input_pipeline_resizes_a_dataset():
+  """A photo given to --mode=segment and the same photo in a dataset (--mode=eval, --split)
+  become the same model input: the pipeline's own tf.image resize is the reference."""
+  import tensorflow as tf
+  rng = np.random.default_rng(5)
+  for (h, w), size in [((64, 48), (32, 32)), ((20, 28), (32, 32)), ((480, 640), (32, 48)),
+                       ((5, 3), (16, 16)), ((32, 32), (32, 32))]:
+    photo = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    labels = rng.integers(0, 20, (h, w), dtype=np.uint8)
+    theirs = pipeline._resize(tf.constant(photo), size, nearest=False).numpy().astype(int)
+    ours = sample.image_to_size(photo, size).astype(int)
+    assert ours.shape == (*size, 3)
+    # float32 sums in another order: a value may round the other way, very rarely
+    assert np.abs(ours - theirs).max() <= 1 and (ours != theirs).mean() < 1e-3, (h, w)
+    np.testing.assert_array_equal(
+        sample.labels_to_size(labels, size),
+        pipeline._resize(tf.constant(labels[..., None]), size, nearest=True).numpy()[..., 0])
