@@ -491,22 +491,22 @@ def list_inputs(input_spec: str, extensions: Sequence[str]) -> List[Item]:
     fixed = input_spec[:min(wildcards)]
     base = fixed[:fixed.rfind("/") + 1] if "/" in fixed else "."
     root = storage.as_path(base)
-    paths = [p for p in root.glob(input_spec[len(base):] if base != "." else input_spec)
+    found = [(os.fspath(p.relative_to(root)).replace(os.sep, "/"), os.fspath(p))
+             for p in root.glob(input_spec[len(base):] if base != "." else input_spec)
              if p.is_file()]
   else:
     if not storage.is_dir(input_spec):
       raise InputError(f"{input_spec}: no such folder")
-    root = storage.as_path(input_spec)
-    paths = [dirpath / name for dirpath, _, names in root.walk() for name in names
-             if posixpath.splitext(name)[1].lower() in extensions and not name.startswith(".")]
+    found = [(relative, path) for relative, path in storage.files_under(input_spec)
+             if posixpath.splitext(relative)[1].lower() in extensions
+             and not posixpath.basename(relative).startswith(".")]
   items = {}
-  for path in paths:
-    relative = os.fspath(path.relative_to(root)).replace(os.sep, "/")
+  for relative, path in found:
     name = posixpath.splitext(relative)[0]
     if name in items:
       raise InputError(f"{path}: {items[name].path} has the same name; their outputs would "
                        "overwrite each other")
-    items[name] = Item(name, os.fspath(path))
+    items[name] = Item(name, path)
   if not items:
     raise InputError(f"--input={input_spec}: no input files" + (
         "" if wildcards else f" (looked for {', '.join(extensions)})"))
@@ -519,12 +519,9 @@ class _Existing:
 
   def __init__(self, root: str):
     self.root = root
-    path = storage.as_path(root)
     self.files = set()
-    if path.is_dir():
-      for dirpath, _, names in path.walk():
-        relative = os.fspath(dirpath.relative_to(path)).replace(os.sep, "/")
-        self.files.update(posixpath.normpath(posixpath.join(relative, n)) for n in names)
+    if storage.is_dir(root):
+      self.files.update(relative for relative, _ in storage.files_under(root))
 
   def all_there(self, relatives) -> bool:
     return all(r in self.files for r in relatives)

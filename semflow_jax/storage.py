@@ -24,7 +24,7 @@ import os
 import tempfile
 import threading
 import uuid
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, List, Tuple, Union
 
 from etils import epath
 
@@ -152,6 +152,14 @@ def _files(root: epath.Path) -> Iterator[epath.Path]:
       yield from _files(child)
     else:
       yield child
+
+
+def files_under(path: PathLike) -> List[Tuple[str, str]]:
+  """Every file below directory `path`, as (its path under `path` with '/', its full path),
+  sorted. Built on iterdir: epath's walk() on a bucket through fsspec yields directories
+  without their scheme, which relative_to cannot place under `path`."""
+  root = as_path(path)
+  return sorted((f.relative_to(root).as_posix(), os.fspath(f)) for f in _files(root))
 
 
 def move_tree(source: PathLike, destination: PathLike) -> None:

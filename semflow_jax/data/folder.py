@@ -198,19 +198,14 @@ def check_config(data) -> ClassTable:
 # -- the files -------------------------------------------------------------------------------
 def _walk(directory: str, extensions) -> Dict[str, str]:
   """{path under `directory` without extension (posix): path} of the files with `extensions`."""
-  root = storage.as_path(directory)
   found = {}
-  for dirpath, _, filenames in root.walk():
-    for name in filenames:
-      stem, ext = posixpath.splitext(name)
-      if ext.lower() not in extensions or name.startswith("."):
-        continue
-      path = dirpath / name
-      key = posixpath.join(os.fspath(dirpath.relative_to(root)).replace(os.sep, "/"), stem)
-      key = key[2:] if key.startswith("./") else key
-      if key in found:
-        raise FolderError(f"{os.fspath(path)}: two files named {key} (with {found[key]})")
-      found[key] = os.fspath(path)
+  for relative, path in storage.files_under(directory):
+    key, ext = posixpath.splitext(relative)
+    if ext.lower() not in extensions or posixpath.basename(relative).startswith("."):
+      continue
+    if key in found:
+      raise FolderError(f"{path}: two files named {key} (with {found[key]})")
+    found[key] = path
   return found
 
 
@@ -253,14 +248,11 @@ def split_pairs(folder: str, validation_fraction: float) -> Dict[str, list]:
 def fingerprint(folder: str) -> str:
   """A hash of classes.json and of every file's path under the folder, and on a local disk of
   its size too (on a bucket that would be one request per file)."""
-  root = storage.as_path(folder)
   sizes = not storage.is_url(folder)
   h = hashlib.sha256()
-  for dirpath, _, filenames in sorted(root.walk(), key=lambda w: os.fspath(w[0])):
-    for name in sorted(filenames):
-      path = dirpath / name
-      size = os.path.getsize(os.fspath(path)) if sizes else ""
-      h.update(f"{os.fspath(path.relative_to(root))}\0{size}\n".encode())
+  for relative, path in storage.files_under(folder):
+    size = os.path.getsize(path) if sizes else ""
+    h.update(f"{relative}\0{size}\n".encode())
   h.update(storage.read_bytes(storage.join(folder, CLASSES_FILE)))
   return h.hexdigest()[:16]
 
