@@ -1,23 +1,40 @@
-"""tf.data input pipelines: per-process split, epoch-seeded shuffle, crop, resize, flip, batches.
+"""Input pipelines by random access: global example order, per-process rows, crop, resize, flip.
 
-The training stream is a pure function of (seed, position): epoch e is shuffled with a seed
-derived from (seed, e) and every crop and flip draws from a stateless seed of (seed, e, index),
-so the iterator's whole state is the number of batches it has handed out. `TrainIterator.state()`
-is that number (with the global batch size and seed it refers to); it goes into every
-checkpoint, and a resumed run rebuilds the stream at the next unseen batch. The stream of global
-batches does not depend on the number of processes: every process walks the same shuffled order
-of (still encoded) examples and decodes, crops and resizes only its own rows of each global
-batch, so a run on 2 hosts sees exactly the batches a run on 1 host sees. Evaluation reads a
-disjoint part of the split per process and pads the last batch with masked examples so every
-example counts once on any number of processes; it never crops (the whole image is resized to
-the model's input, as the literature evaluates) and can deliver each label at its native size
-besides, for scoring at the label's own resolution.
+Datasets are stored as ArrayRecord (`records.py`) and read by index. The training stream is a
+pure function of (seed, position):
 
-Examples are cached and shuffled still encoded (the JPEG/PNG bytes tfds stores) and decoded,
-cropped and resized after the shuffle, in parallel. Every process therefore holds the training
-split in memory at its encoded size (COCO-Stuff train: about 19 GB, Cityscapes 7 GB,
-CelebAMask-HQ 2 GB; a TPU VM host has 100+ GB), and skipping to a resume position decodes
-nothing.
+- Example order: epoch e of a split of N examples is the permutation
+  `r -> tf.random.experimental.index_shuffle(r, [seed, e], N - 1)` (`epoch_order`); the epochs
+  are laid end to end and cut into global batches of B x P examples (B per process, P
+  processes), so batches run across epoch boundaries.
+- Rows: process p owns rows [p B, (p + 1) B) of every global batch and reads exactly those
+  records (nothing else: each process reads 1/P of each epoch), so the global batches are the
+  same for any number of processes.
+- Randomness: the crop window and the flip of example k in epoch e draw from the stateless seed
+  (seed * 1_000_003 + e, k) (`augmentation`), whoever reads it.
+
+So the iterator's whole state is the number of global batches it has handed out:
+`TrainIterator.state()` is that number (with the global batch size and seed it refers to); it
+goes into every checkpoint, and a resumed run computes the indices of the next unseen batch and
+reads from there (nothing is read to skip). Nothing holds the split in memory; a process's first
+batch costs B reads, whatever the split's size.
+
+The work runs in one tf.data graph: computing indices, reading records (batched, through
+`tfds`' ArrayRecord data source), then, on tf.data's thread pool (C++ threads, no extra
+processes), parsing, decoding, cropping, resizing and flipping each example, then batching with
+a prefetch that autotunes its depth. Images are resized bicubic with antialiasing, labels
+nearest (`resize_image` / `resize_label` are the same operations on numpy arrays, for callers
+outside the pipeline).
+
+Adding a second per-example source (e.g. cached image latents keyed by the same example index):
+read it beside the record in `_read_records` (same indices), and transform its arrays in
+`_prepare` with the same `Augmentation` (the window scaled to that array's resolution, the same
+flip), so both always describe the same pixels.
+
+Evaluation reads a disjoint, contiguous part of the split per process and pads the last batch
+with masked examples so every example counts once on any number of processes; it never crops
+(the whole image is resized to the model's input, as the literature evaluates) and can deliver
+each label at its native size besides, for scoring at the label's own resolution.
 
 `Preprocess` (from config.data) says how stored examples become model-sized; the default
 (`crop='none'`) passes them through unchanged, which the synthetic dataset relies on.
@@ -25,19 +42,21 @@ nothing.
 
 import dataclasses
 import math
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, NamedTuple, Optional, Tuple
 
 import jax
 import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
-from semflow_jax.data import synthetic
+from semflow_jax.data import records, synthetic
 
 CROPS = ("none", "random", "center", "full")
 LABEL_KEY = "label"
 IMAGE_KEYS = ("image", "image_alt")  # resized bicubic; the label nearest; anything else as is
+_SHUFFLE_SEED_STRIDE = 1_000_003     # epoch e of seed s draws augmentations from s * this + e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,10 +107,12 @@ class Preprocess:
 
 
 def get_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-  """The tfds builder named by config.data.
+  """The prepared tfds builder named by config.data, stored for random access.
 
-  The synthetic dataset is generated on first use. A manual-download dataset that is not built
-  yet is built from `config.data.manual_dir` when that is set (single-process runs only).
+  The synthetic dataset is generated on first use, by one process when several start at once
+  (the others wait). A manual-download dataset that is not built yet is built from
+  `config.data.manual_dir` when that is set (single-process runs only). A dataset built in the
+  old TFRecord format is an error naming the command that rewrites it.
   """
   data_dir = data.tfds_data_dir or None
   if data.name == "synthetic_scenes":
@@ -103,14 +124,25 @@ def get_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
         name=name, image_size=data.image_size, num_train=data.num_train,
         num_validation=data.num_validation, seed=data.seed)
     builder = synthetic.SyntheticScenes(config=builder_config, data_dir=data_dir)
-    builder.download_and_prepare()
+    if not builder.is_prepared():
+      old = records.stored_versions(builder)
+      if old:
+        logging.info("synthetic_scenes %s: version %s is in the old TFRecord format; "
+                     "generating version %s beside it", name, ", ".join(old), builder.version)
+      builder = records.prepare(builder, builds=jax.process_index() == 0)
     return builder
   import semflow_jax.data  # noqa: F401  (registers the manual-download builders)
   builder = tfds.builder(data.name, data_dir=data_dir)
+  command = (f"python -m semflow_jax.data.build {data.name} --manual_dir=<dir> "
+             f"--data_dir={builder.data_dir_root}")
   if not builder.is_prepared():
     manual_dir = data.get("manual_dir")
-    command = (f"python -m semflow_jax.data.build {data.name} --manual_dir=<dir> "
-               f"--data_dir={builder.data_dir_root}")
+    old = records.stored_versions(builder)
+    if old and not manual_dir:
+      raise FileNotFoundError(
+          f"dataset {data.name} in {builder.data_dir_root} is stored in the old TFRecord format "
+          f"(version {', '.join(old)}); rewrite it for random access: `{command}` (<dir>: the "
+          "unpacked download)")
     if not manual_dir:
       raise FileNotFoundError(
           f"dataset {data.name} is not built in {builder.data_dir_root}; build it with "
@@ -119,8 +151,12 @@ def get_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
       raise FileNotFoundError(
           f"dataset {data.name} is not built in {builder.data_dir_root}; build it once before "
           f"a multi-process run: `{command}`")
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    builder = records.prepare(builder, manual_dir)
+  if not records.is_array_record(builder):
+    raise FileNotFoundError(
+        f"dataset {data.name} in {builder.data_path} is stored as {builder.info.file_format.value}"
+        f", not ArrayRecord; rewrite it for random access: `{command}` (<dir>: the unpacked "
+        "download)")
   return builder
 
 
@@ -137,33 +173,46 @@ def class_names(builder, num_classes: int) -> list:
   return [names[i] if i < len(names) else f"class_{i}" for i in range(num_classes)]
 
 
-def _image_keys(builder, keys):
-  return [k for k in keys if isinstance(builder.info.features[k], tfds.features.Image)]
+def open_split(builder, split: str):
+  """The split's serialized examples by index: `len(source)`, `source.__getitems__(indices)`.
+
+  Reads only the records asked for (tfds' ArrayRecord data source; gs:// paths are read by
+  ArrayRecord's own GCS client).
+  """
+  if not records.is_array_record(builder):
+    raise FileNotFoundError(
+        f"dataset {builder.name} in {builder.data_path} is stored as "
+        f"{builder.info.file_format.value}, not ArrayRecord; rebuild it with "
+        f"`python -m semflow_jax.data.build {builder.name} ...` (see its module docstring)")
+  return builder.as_data_source(split,
+                                deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
 
 
-def _load(builder, split: str, keys, decode: bool = True) -> tf.data.Dataset:
-  decoders = None if decode else {k: tfds.decode.SkipDecoding()
-                                  for k in _image_keys(builder, keys)}
-  ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders,
-                          read_config=tfds.ReadConfig(add_tfds_id=False))
-  return ds.map(lambda ex: {k: ex[k] for k in keys}, num_parallel_calls=tf.data.AUTOTUNE)
+def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+  """Example indices of epoch `epoch` of the training stream, in the order they are used."""
+  return _shuffled(tf.range(num_examples, dtype=tf.int64), seed, epoch, num_examples).numpy()
 
 
-def _decoder(builder, keys):
-  """Decodes the image features that `_load(..., decode=False)` left as bytes."""
-  encoded = _image_keys(builder, keys)
+def _shuffled(r, seed, epoch, num_examples):
+  """Positions r (int64 [n]) of epochs `epoch` ([n] or scalar) -> example indices.
 
-  def decode(example):
-    return {k: builder.info.features[k].decode_example(v) if k in encoded else v
-            for k, v in example.items()}
-  return decode
+  `tf.random.experimental.index_shuffle(r, [seed, epoch], num_examples - 1)` per element: the
+  raw op, because the wrapper pads a matrix of seeds along the wrong axis (TF 2.21); the first
+  seed word is the wrapper's own constant.
+  """
+  shape = tf.shape(r)
+  seeds = tf.stack([tf.fill(shape, tf.constant(498247692, tf.int64)),
+                    tf.fill(shape, tf.cast(seed, tf.int64)),
+                    tf.broadcast_to(tf.cast(epoch, tf.int64), shape)], axis=-1)
+  return tf.raw_ops.RandomIndexShuffle(index=r, seed=seeds,
+                                       max_index=tf.cast(num_examples - 1, tf.int64), rounds=4)
 
 
 def _window(shape, out_size, crop: str, crop_scale, seed):
   """(top, left, height, width) of the crop window in an image of `shape`."""
   height, width = shape[0], shape[1]
-  if crop == "full":
-    return 0, 0, height, width
+  if crop in ("full", "none"):
+    return tf.constant(0), tf.constant(0), height, width
   aspect = out_size[1] / out_size[0]
   h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
   side = tf.minimum(h, w / aspect)  # height of the largest window with the output's aspect
@@ -192,22 +241,81 @@ def _resize(x, size, nearest: bool):
   return tf.ensure_shape(tf.cond(same, lambda: x, resize), (*size, x.shape[-1]))
 
 
-def _transform(example, seed, preprocess: Preprocess, flip: bool):
+def resize_image(image: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+  """uint8 (H, W, C) -> (size[0], size[1], C): the pipeline's image resize (bicubic with
+  antialiasing, rounded), for callers outside the pipeline."""
+  return _resize(tf.convert_to_tensor(image), tuple(size), nearest=False).numpy()
+
+
+def resize_label(label: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+  """uint8 (H, W) or (H, W, 1) -> the same rank at `size`: the pipeline's label resize (nearest
+  neighbour with half-pixel centres)."""
+  label = np.asarray(label)
+  out = _resize(tf.convert_to_tensor(label.reshape(*label.shape[:2], -1)), tuple(size),
+                nearest=True).numpy()
+  return out.reshape(*size) if label.ndim == 2 else out
+
+
+class Augmentation(NamedTuple):
+  """Where an example's arrays come from in the stored frame, and whether they are mirrored."""
+  top: tf.Tensor     # crop window in stored pixels (the whole frame for crop 'none' / 'full')
+  left: tf.Tensor
+  height: tf.Tensor
+  width: tf.Tensor
+  flip: tf.Tensor    # bool: mirror left-right after resizing
+
+
+def augmentation(seed, stored_shape, preprocess: "Preprocess", flip: bool) -> Augmentation:
+  """The crop window and flip of one example, a pure function of its stateless `seed`."""
+  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  size = tuple(preprocess.image_size) if preprocess.image_size else None
+  window = _window(stored_shape, size, preprocess.crop, preprocess.crop_scale, crop_seed)
+  do_flip = (tf.random.stateless_uniform([], flip_seed) < 0.5) if flip else tf.constant(False)
+  return Augmentation(*window, do_flip)
+
+
+def augment(x, aug: Augmentation, preprocess: "Preprocess", nearest: bool):
+  """One spatial array (H, W, C) of the example: crop, resize to the model's size, flip."""
+  if preprocess.crop != "none":
+    x = x[aug.top:aug.top + aug.height, aug.left:aug.left + aug.width]
+    x = _resize(x, tuple(preprocess.image_size), nearest=nearest)
+  return tf.cond(aug.flip, lambda: tf.reverse(x, axis=[1]), lambda: x)
+
+
+def _transform(example, seed, preprocess: "Preprocess", flip: bool):
   """The same crop, resize and flip for every image and the label of one example."""
   spatial = [k for k in example if k == LABEL_KEY or k in IMAGE_KEYS]
-  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
   out = dict(example)
-  if preprocess.crop != "none":
-    size = tuple(preprocess.image_size)
-    top, left, ch, cw = _window(tf.shape(example[spatial[0]]), size, preprocess.crop,
-                                preprocess.crop_scale, crop_seed)
-    for k in spatial:
-      out[k] = _resize(out[k][top:top + ch, left:left + cw], size, nearest=k == LABEL_KEY)
-  if flip:
-    do_flip = tf.random.stateless_uniform([], flip_seed) < 0.5
-    for k in spatial:
-      out[k] = tf.cond(do_flip, lambda v=out[k]: tf.reverse(v, axis=[1]), lambda v=out[k]: v)
+  if not spatial:
+    return out
+  aug = augmentation(seed, tf.shape(example[spatial[0]]), preprocess, flip)
+  for k in spatial:
+    out[k] = augment(example[k], aug, preprocess, nearest=k == LABEL_KEY)
   return out
+
+
+def _parser(builder, keys):
+  """serialized tf.train.Example -> {key: tensor} for `keys` (other images stay undecoded)."""
+  features = builder.info.features
+  skip = {k: tfds.decode.SkipDecoding() for k, f in features.items()
+          if k not in keys and isinstance(f, tfds.features.Image)}
+
+  def parse(serialized):
+    example = features.deserialize_example(serialized, decoders=skip)
+    return {k: example[k] for k in keys}
+  return parse
+
+
+def _read_records(source):
+  """indices (int64 [n]) -> serialized examples (string [n]), read from `source` in one call."""
+  def read(indices):
+    return np.array(source.__getitems__(indices.tolist()), dtype=object)
+
+  def read_tensor(indices):
+    out = tf.numpy_function(read, [indices], tf.string, stateful=False)
+    out.set_shape(indices.shape)
+    return out
+  return read_tensor
 
 
 class TrainIterator:
@@ -215,14 +323,17 @@ class TrainIterator:
 
   `batch_size` is this process's share; the global batch is batch_size x process count.
   `preprocess` crops and resizes (default: stored size); `keys` picks the features returned.
+  `source` (default `open_split(builder, 'train')`) is where records are read by index.
   """
 
   def __init__(self, builder, batch_size: int, seed: int, position: int = 0, flip: bool = True,
-               *, preprocess: Optional[Preprocess] = None, keys=("image", "label")):
+               *, preprocess: Optional[Preprocess] = None, keys=("image", "label"),
+               source=None):
     self.batch_size, self.seed, self.position = batch_size, seed, position
     self.global_batch_size = batch_size * jax.process_count()
-    self._dataset = _train_dataset(builder, batch_size, seed, position, flip,
-                                   preprocess or Preprocess(), tuple(keys))
+    self._dataset = _train_dataset(builder, source or open_split(builder, "train"), batch_size,
+                                   seed, position, flip, preprocess or Preprocess(),
+                                   tuple(keys))
     self._batches = None  # started on the first next(): nothing is read before it is needed
 
   @property
@@ -260,73 +371,61 @@ class TrainIterator:
     return cls(builder, batch_size, seed, state["position"], flip, **kwargs)
 
 
-def train_iterator(builder, batch_size: int, seed: int, start_step: int = 0,
-                   flip: bool = True, **kwargs) -> TrainIterator:
-  """Batches from batch `start_step` on (a fresh run: 0)."""
-  return TrainIterator(builder, batch_size, seed, start_step, flip, **kwargs)
+def _locate(rows, seed, num_examples, batch_size, process_count, process_index):
+  global_batch = batch_size * process_count
+  position = (rows // batch_size) * global_batch + process_index * batch_size + rows % batch_size
+  epoch, r = position // num_examples, position % num_examples
+  return epoch, _shuffled(r, seed, epoch, num_examples)
 
 
-def process_split(split: str) -> str:
-  """This process's part of `split`: disjoint across processes, together all of it (evaluation
-  and statistics; the training stream instead splits every global batch, see the docstring)."""
-  return tfds.split_for_jax_process(split, process_index=jax.process_index(),
-                                    process_count=jax.process_count(), drop_remainder=False)
-
-
-def _train_dataset(builder, batch_size: int, seed: int, position: int, flip: bool,
+def _train_dataset(builder, source, batch_size: int, seed: int, position: int, flip: bool,
                    preprocess: Preprocess, keys):
   process, processes = jax.process_index(), jax.process_count()
-  global_batch = batch_size * processes
-  base = _load(builder, "train", keys, decode=False).cache()
-  num_examples = int(base.cardinality())
-  if num_examples < global_batch:
+  num_examples = len(source)
+  if num_examples < batch_size * processes:
     raise ValueError(f"train split has {num_examples} examples, fewer than the global batch "
-                     f"{global_batch}")
-  epoch, offset = divmod(position * global_batch, num_examples)
+                     f"{batch_size * processes}")
+  parse = _parser(builder, keys)
+  read = _read_records(source)
 
-  def one_epoch(e):
-    shuffled = base.shuffle(num_examples, seed=seed * 1_000_003 + e,
-                            reshuffle_each_iteration=False)
-    return shuffled.enumerate().map(lambda i, ex: (e, i, ex))
+  def indices(rows):  # one per-process batch of rows -> (epochs, example indices, records)
+    epoch, index = _locate(rows, seed, num_examples, batch_size, processes, process)
+    return epoch, index, read(index)
 
-  ds = tf.data.Dataset.range(epoch, np.iinfo(np.int64).max).flat_map(one_epoch).skip(offset)
-  if processes > 1:
-    # Global batches start at a multiple of global_batch (offset is one), so example j of the
-    # stream is row j % global_batch; this process owns rows [process, process + 1) x batch.
-    ds = ds.enumerate().filter(
-        lambda j, item: (j // batch_size) % processes == process).map(lambda j, item: item)
+  def prepare(epoch, index, record):
+    # Seeds depend on the example and its epoch only: any process count, the same batches.
+    example_seed = tf.stack([tf.cast(seed, tf.int64) * _SHUFFLE_SEED_STRIDE + epoch, index])
+    return _transform(parse(record), example_seed, preprocess, flip)
 
-  decode = _decoder(builder, keys)
-
-  def prepare(e, i, ex):
-    # Crop and flip seeds depend on the example's place in the global stream only, so every
-    # process count produces the same global batches.
-    example_seed = tf.stack([tf.cast(seed, tf.int64) * 1_000_003 + e, i])
-    return _transform(decode(ex), example_seed, preprocess, flip)
-
+  first_row = position * batch_size  # this process's rows of the batches already handed out
+  ds = tf.data.Dataset.range(first_row, np.iinfo(np.int64).max).batch(batch_size)
+  ds = ds.map(indices, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)  # ordered: deterministic
   return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
 NATIVE_LABEL_KEY = "label_native"  # evaluation: the label at its stored size, padded with 255
 NATIVE_SIZE_KEY = "label_size"     # evaluation: that label's (height, width)
+_EVAL_READ = 16                    # records per read in evaluation
 
 
-def _eval_dataset(builder, split: str, keys, preprocess: Optional[Preprocess],
-                  native_labels: bool = False):
+def _eval_dataset(builder, source, start: int, stop: int, keys,
+                  preprocess: Optional[Preprocess], native_labels: bool = False):
+  """Examples [start, stop) of a split (its `source`), in order, whole frames."""
   preprocess = (preprocess or Preprocess()).for_eval()
-  decode = _decoder(builder, keys)
+  parse = _parser(builder, keys)
+  read = _read_records(source)
   no_seed = tf.constant([0, 0], tf.int64)  # evaluation never crops or flips at random
 
-  def prepare(example):
-    example = decode(example)
+  def prepare(record):
+    example = parse(record)
     out = _transform(example, no_seed, preprocess, flip=False)
     if native_labels:
       out[NATIVE_LABEL_KEY] = example[LABEL_KEY]
       out[NATIVE_SIZE_KEY] = tf.shape(example[LABEL_KEY], out_type=tf.int32)[:2]
     return out
-  return _load(builder, split, keys, decode=False).map(prepare,
-                                                       num_parallel_calls=tf.data.AUTOTUNE)
+  ds = tf.data.Dataset.range(start, stop).batch(_EVAL_READ).map(read).unbatch()
+  return ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def _padded_batches(ds: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
@@ -345,30 +444,31 @@ def eval_batches(builder, split: str, batch_size: int, num_examples: int = -1,
   """Per-process numpy batches of `split` with a 0/1 'mask' and each example's 'index' in the
   split (what its randomness is keyed by); padding examples have mask 0 (and index -1).
 
-  Every process yields the same number of batches, so collective steps stay in lock-step. Any
-  crop in `preprocess` becomes 'full': the whole image at the model's size. With
-  `native_labels`, each batch also holds 'label_native', every label at its stored size padded
-  with 255 to the largest in the batch (host memory: batch x that size bytes, e.g. 64 Cityscapes
-  labels = 128 MiB), and 'label_size' (B, 2), each one's (height, width).
+  Process p reads examples [p n, (p + 1) n) of the split (n = ceil(total / processes)). Every
+  process yields the same number of batches, so collective steps stay in lock-step. Any crop in
+  `preprocess` becomes 'full': the whole image at the model's size. With `native_labels`, each
+  batch also holds 'label_native', every label at its stored size padded with 255 to the largest
+  in the batch (host memory: batch x that size bytes, e.g. 64 Cityscapes labels = 128 MiB), and
+  'label_size' (B, 2), each one's (height, width).
   """
-  total = builder.info.splits[split].num_examples
+  source = open_split(builder, split)
+  total = len(source)
   if num_examples > 0:
     total = min(total, num_examples)
   per_process = math.ceil(total / jax.process_count())
   start = jax.process_index() * per_process
   stop = min(total, start + per_process)
   num_batches = math.ceil(per_process / batch_size)
-  ds = _eval_dataset(builder, f"{split}[{start}:{stop}]", keys, preprocess, native_labels) \
-      if stop > start else None
   # Two batches ahead: enough to overlap decoding with the model, bounded for native labels.
-  batches = _padded_batches(ds, batch_size).prefetch(2).as_numpy_iterator() \
-      if ds is not None else iter(())
+  batches = _padded_batches(
+      _eval_dataset(builder, source, start, stop, keys, preprocess, native_labels),
+      batch_size).prefetch(2).as_numpy_iterator() if stop > start else iter(())
   template = None
   for b in range(num_batches):
     batch = next(batches, None)
     if batch is None:  # this process ran out: a fully masked batch shaped like the template
       if template is None:
-        template = _empty_batch(builder, keys, preprocess, native_labels)
+        template = _empty_batch(builder, source, keys, preprocess, native_labels)
       batch = {k: np.zeros_like(v[:0]) for k, v in template.items()}
     template = template or batch
     real = len(batch[keys[0]])
@@ -382,16 +482,16 @@ def eval_batches(builder, split: str, batch_size: int, num_examples: int = -1,
     yield batch
 
 
-def _empty_batch(builder, keys, preprocess, native_labels=False):
+def _empty_batch(builder, source, keys, preprocess, native_labels=False):
   """A zero-length batch with the shapes evaluation batches have (for a process with none)."""
-  one = _eval_dataset(builder, f"{next(iter(builder.info.splits))}[:1]", keys, preprocess,
-                      native_labels)
+  one = _eval_dataset(builder, source, 0, 1, keys, preprocess, native_labels)
   return {k: v[:0] for k, v in next(one.batch(1).as_numpy_iterator()).items()}
 
 
 def load_arrays(builder, split: str, num_examples: int, keys=("image", "label"),
                 preprocess: Optional[Preprocess] = None) -> dict:
   """The first `num_examples` (at most the whole split) of a split as numpy arrays."""
-  num_examples = min(num_examples, builder.info.splits[split].num_examples)
-  ds = _eval_dataset(builder, f"{split}[:{num_examples}]", keys, preprocess)
+  source = open_split(builder, split)
+  num_examples = min(num_examples, len(source))
+  ds = _eval_dataset(builder, source, 0, num_examples, keys, preprocess)
   return next(ds.batch(num_examples).as_numpy_iterator())
