@@ -12,21 +12,21 @@ def _take(it, n):
 def test_train_stream_is_reproducible_and_resumes_at_the_next_unseen_batch(tiny_config):
   builder = pipeline.get_builder(tiny_config.data)
   # 64 examples / batch 16 = 4 batches per epoch; 7 batches cross an epoch boundary.
-  full = _take(pipeline.train_iterator(builder, 16, seed=3), 7)
-  again = _take(pipeline.train_iterator(builder, 16, seed=3), 7)
+  full = _take(pipeline.TrainIterator(builder, 16, seed=3), 7)
+  again = _take(pipeline.TrainIterator(builder, 16, seed=3), 7)
   for a, b in zip(full, again):
     np.testing.assert_array_equal(a["image"], b["image"])
-  resumed = _take(pipeline.train_iterator(builder, 16, seed=3, start_step=5), 2)
+  resumed = _take(pipeline.TrainIterator(builder, 16, seed=3, position=5), 2)
   for a, b in zip(full[5:], resumed):
     np.testing.assert_array_equal(a["image"], b["image"])
     np.testing.assert_array_equal(a["label"], b["label"])
-  other_seed = _take(pipeline.train_iterator(builder, 16, seed=4), 1)
+  other_seed = _take(pipeline.TrainIterator(builder, 16, seed=4), 1)
   assert not np.array_equal(full[0]["image"], other_seed[0]["image"])
 
 
 def test_one_epoch_visits_every_example_once_and_epochs_are_reshuffled(tiny_config):
   builder = pipeline.get_builder(tiny_config.data)
-  batches = _take(pipeline.train_iterator(builder, 16, seed=0, flip=False), 8)
+  batches = _take(pipeline.TrainIterator(builder, 16, seed=0, flip=False), 8)
   keys = [b["label"].reshape(16, -1).tobytes() for b in batches]
   epoch0 = {bytes(r) for b in batches[:4] for r in b["label"].reshape(16, -1)}
   epoch1 = {bytes(r) for b in batches[4:] for r in b["label"].reshape(16, -1)}
@@ -36,8 +36,8 @@ def test_one_epoch_visits_every_example_once_and_epochs_are_reshuffled(tiny_conf
 
 def test_flip_applies_the_same_flip_to_image_and_label(tiny_config):
   builder = pipeline.get_builder(tiny_config.data)
-  plain = _take(pipeline.train_iterator(builder, 64, seed=0, flip=False), 1)[0]
-  flipped = _take(pipeline.train_iterator(builder, 64, seed=0, flip=True), 1)[0]
+  plain = _take(pipeline.TrainIterator(builder, 64, seed=0, flip=False), 1)[0]
+  flipped = _take(pipeline.TrainIterator(builder, 64, seed=0, flip=True), 1)[0]
   # Same order (same shuffle seed); each example is either unchanged or mirrored, consistently.
   n_flipped = 0
   for i in range(64):

@@ -1,13 +1,22 @@
-"""Build a manual-download dataset (the `tfds build` CLI of tfds 4.9.10 needs apache_beam).
+"""Build a manual-download dataset as ArrayRecord files, in parallel shards.
 
   python -m semflow_jax.data.build cityscapes_semantic --manual_dir=/data/cityscapes \
-      --data_dir=/data/tfds
+      --data_dir=/data/tfds --processes=8
+
+The examples are written in shards of --examples_per_shard, by --processes local processes and,
+optionally, by several machines sharing the work: run the same command on each with
+--num_workers=N --worker_index=i (every machine needs the unpacked download at --manual_dir;
+`launch/tpu.sh build-data` does this on every TPU worker). Each shard goes into a staging
+directory beside the dataset; worker 0 waits for all of them and then makes the dataset visible
+at once (records.py). An interrupted build leaves no dataset that looks complete: run the same
+command again and only the missing shards are written.
 
 Bad files stop the build with one line naming the file; nothing is left in --data_dir.
 --data_dir may be a bucket (`gs://bucket/tfds`: build once, every TPU worker reads it);
 --manual_dir is a local directory (the unpacked download).
 """
 
+import os
 import sys
 
 from absl import app, flags
@@ -15,6 +24,13 @@ from absl import app, flags
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "The unpacked download.", required=True)
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data directory, local or gs:// "
                                 "(default: tfds').")
+_PROCESSES = flags.DEFINE_integer("processes", 1, "Local processes writing shards at once.")
+_NUM_WORKERS = flags.DEFINE_integer("num_workers", 1, "Machines sharing the build (each runs "
+                                    "this command with its --worker_index).")
+_WORKER_INDEX = flags.DEFINE_integer("worker_index", 0, "This machine's index in [0, "
+                                     "num_workers); worker 0 commits the dataset.")
+_EXAMPLES_PER_SHARD = flags.DEFINE_integer("examples_per_shard", 1000,
+                                           "Examples per ArrayRecord file (at most).")
 
 NAMES = ("coco_stuff", "cityscapes_semantic", "celebamask_hq")
 
@@ -22,6 +38,11 @@ NAMES = ("coco_stuff", "cityscapes_semantic", "celebamask_hq")
 def main(argv):
   if len(argv) != 2 or argv[1] not in NAMES:
     raise app.UsageError(f"expected one dataset name, one of {', '.join(NAMES)}")
+  if not 0 <= _WORKER_INDEX.value < _NUM_WORKERS.value:
+    raise app.UsageError(f"--worker_index={_WORKER_INDEX.value} is not in [0, --num_workers="
+                         f"{_NUM_WORKERS.value})")
+  if _PROCESSES.value < 1 or _EXAMPLES_PER_SHARD.value < 1:
+    raise app.UsageError("--processes and --examples_per_shard must be at least 1")
   from semflow_jax import storage
   data_dir = _DATA_DIR.value and storage.resolve(_DATA_DIR.value)
   try:
@@ -36,20 +57,25 @@ def main(argv):
   tf.config.set_visible_devices([], "GPU")
   import tensorflow_datasets as tfds
 
-  from semflow_jax.data import manual  # also registers the builders
+  from semflow_jax.data import manual, records  # also registers the builders
   builder = tfds.builder(argv[1], data_dir=data_dir)
+  if builder.is_prepared():
+    print(f"{argv[1]} is already built in {builder.data_path}")
+    return
   try:
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(
-            manual_dir=storage.resolve(_MANUAL_DIR.value)))
+    built = records.build(
+        builder, os.path.abspath(_MANUAL_DIR.value), processes=_PROCESSES.value,
+        num_workers=_NUM_WORKERS.value, worker_index=_WORKER_INDEX.value,
+        examples_per_shard=_EXAMPLES_PER_SHARD.value, log=print)
   except manual.DataError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  except AssertionError as e:  # tfds: the manual directory is missing or empty
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  print(f"{argv[1]} built in {builder.data_dir}: "
-        + ", ".join(f"{k} {v.num_examples}" for k, v in builder.info.splits.items()))
+  if built is None:
+    print(f"{argv[1]}: worker {_WORKER_INDEX.value} of {_NUM_WORKERS.value} wrote its shards; "
+          "worker 0 makes the dataset visible when all are written")
+    return
+  print(f"{argv[1]} built in {built.data_path}: "
+        + ", ".join(f"{k} {v.num_examples}" for k, v in built.info.splits.items()))
 
 
 if __name__ == "__main__":

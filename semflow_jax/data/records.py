@@ -252,14 +252,17 @@ def _write_shards(builder, shards: List[Shard], items, staging, processes: int) 
   import multiprocessing
   # Spawned, not forked: the parent has TensorFlow's threads running.
   context = multiprocessing.get_context("spawn")
-  with concurrent.futures.ProcessPoolExecutor(min(processes, len(shards)),
-                                              mp_context=context) as pool:
+  pool = concurrent.futures.ProcessPoolExecutor(min(processes, len(shards)), mp_context=context)
+  try:
     futures = [pool.submit(_write_shard_in_child, type(builder), builder.builder_config,
                            os.fspath(builder.data_dir_root), shard,
-                           list(items[shard.split][shard.start:shard.stop]), staging)
+                           list(items[shard.split][shard.start:shard.stop]), os.fspath(staging))
                for shard in shards]
     for future in futures:
       future.result()  # the first error (e.g. manual.DataError) is raised here
+  finally:
+    # On an error: no new shards; the running ones finish before the caller cleans up.
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _wait_for_shards(builder, staging, shards, wait_s, log) -> Dict[str, dict]:
