@@ -55,7 +55,11 @@ class RandomAccessBuilder(tfds.core.GeneratorBasedBuilder):
   LOAD_IN_THREADS = True
 
   def __init__(self, *, file_format=None, **kwargs):
-    super().__init__(file_format=file_format or FILE_FORMAT, **kwargs)
+    super().__init__(file_format=file_format, **kwargs)
+    # A dataset already in the data dir keeps the format it was written in (an old TFRecord
+    # build is then refused by name, pipeline.get_builder); a new one is ArrayRecord.
+    if file_format is None and not (epath.Path(self.data_path) / "dataset_info.json").exists():
+      self.info.set_file_format(FILE_FORMAT, override=True)
 
   def split_items(self, manual_dir: Optional[str]) -> Dict[str, Sequence]:
     """{split: items}; example i of the split is `load_example(items[i])`."""
