@@ -40,8 +40,12 @@ each label at its native size besides, for scoring at the label's own resolution
 (`crop='none'`) passes them through unchanged, which the synthetic dataset relies on.
 """
 
+import contextlib
 import dataclasses
+import itertools
 import math
+import threading
+import weakref
 from typing import Iterator, NamedTuple, Optional, Tuple
 
 import jax
@@ -173,19 +177,18 @@ def class_names(builder, num_classes: int) -> list:
   return [names[i] if i < len(names) else f"class_{i}" for i in range(num_classes)]
 
 
-def open_split(builder, split: str):
+def open_split(builder, split: str) -> records.Records:
   """The split's serialized examples by index: `len(source)`, `source.__getitems__(indices)`.
 
-  Reads only the records asked for (tfds' ArrayRecord data source; gs:// paths are read by
-  ArrayRecord's own GCS client).
+  Reads only the records asked for (ArrayRecord files; gs:// paths through ArrayRecord's own
+  GCS client).
   """
   if not records.is_array_record(builder):
     raise FileNotFoundError(
         f"dataset {builder.name} in {builder.data_path} is stored as "
         f"{builder.info.file_format.value}, not ArrayRecord; rebuild it with "
         f"`python -m semflow_jax.data.build {builder.name} ...` (see its module docstring)")
-  return builder.as_data_source(split,
-                                deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+  return records.Records(builder, split)
 
 
 def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
@@ -235,7 +238,9 @@ def _resize(x, size, nearest: bool):
   def resize():
     if nearest:
       return tf.image.resize(x, size, method="nearest")
-    y = tf.image.resize(tf.cast(x, tf.float32), size, method="bicubic", antialias=True)
+    # uint8 straight in: the kernel computes in float32 all the same (identical results) and
+    # the cast of a whole frame is saved.
+    y = tf.image.resize(x, size, method="bicubic", antialias=True)
     return tf.cast(tf.clip_by_value(tf.round(y), 0, 255), x.dtype)
   same = tf.reduce_all(tf.equal(tf.shape(x)[:2], size))
   return tf.ensure_shape(tf.cond(same, lambda: x, resize), (*size, x.shape[-1]))
@@ -306,16 +311,97 @@ def _parser(builder, keys):
   return parse
 
 
-def _read_records(source):
-  """indices (int64 [n]) -> serialized examples (string [n]), read from `source` in one call."""
-  def read(indices):
-    return np.array(source.__getitems__(indices.tolist()), dtype=object)
+class _Feed:
+  """Records for a tf.data graph, read on a Python thread and handed over through a TF queue.
 
-  def read_tensor(indices):
-    out = tf.numpy_function(read, [indices], tf.string, stateful=False)
-    out.set_shape(indices.shape)
-    return out
-  return read_tensor
+  No Python runs inside tf.data's threads: a tf.data iterator destroyed while a Python callback
+  of its (`tf.numpy_function`) waits for the interpreter lock deadlocks, e.g. at interpreter
+  exit. Here the graph only dequeues (a TF op), the thread reads and enqueues in order, and
+  `close` (called before the graph's iterator goes, and at exit) ends both sides.
+
+  `index_batches` yields (epochs, example indices) arrays; each becomes one read of the source.
+  """
+
+  def __init__(self, source, index_batches: Iterator, capacity: int):
+    self.queue = tf.queue.FIFOQueue(capacity, [tf.int64, tf.int64, tf.string],
+                                    shapes=[[], [], []])
+    self._args = (self.queue, source, index_batches)
+    self._errors = []  # what stopped the thread, raised again to the consumer
+    self._thread = None
+    self._closer = weakref.finalize(self, _close_queue, self.queue)  # also runs at exit
+
+  def dequeue(self, _=None):
+    """(epoch, example index, serialized example): the next record, in the feed's order."""
+    return self.queue.dequeue()
+
+  def start(self) -> None:
+    if self._thread is None:
+      self._thread = threading.Thread(target=_feed, args=(*self._args, self._errors),
+                                      name="semflow_jax records", daemon=True)
+      self._thread.start()
+
+  def check(self) -> None:
+    """Raise what stopped the thread, if anything did."""
+    if self._errors:
+      raise self._errors[0]
+
+  def close(self) -> None:
+    self._closer()
+    if self._thread is not None:
+      self._thread.join(timeout=10)
+
+
+def _feed(queue, source, index_batches, errors) -> None:
+  try:
+    for epochs, indices in index_batches:
+      records = np.array(source.__getitems__(indices.tolist()), dtype=object)
+      queue.enqueue_many([epochs, indices, records])
+  except tf.errors.CancelledError:  # closed: the consumer is gone
+    pass
+  except Exception as e:  # noqa: BLE001  (handed to the consumer)
+    errors.append(e)
+    _close_queue(queue)
+
+
+def _close_queue(queue) -> None:
+  try:
+    queue.close(cancel_pending_enqueues=True)
+  except Exception:  # noqa: BLE001  (interpreter shutting down: nothing left to unblock)
+    pass
+
+
+def _train_index_batches(seed: int, num_examples: int, batch_size: int, process_count: int,
+                         process_index: int, first_batch: int) -> Iterator:
+  """(epochs, example indices) of this process's rows of global batches first_batch, ...
+
+  Row r of process p in global batch b is position b G + p B + r of the stream (G = B P), which
+  is example `epoch_order(seed, e)[i]` for e, i = divmod(position, num_examples).
+  """
+  global_batch = batch_size * process_count
+  orders = {}
+  for b in itertools.count(first_batch):
+    positions = b * global_batch + process_index * batch_size + np.arange(batch_size)
+    epochs, offsets = np.divmod(positions, num_examples)
+    for e in np.unique(epochs):
+      if e not in orders:
+        orders = {k: v for k, v in orders.items() if k > e - 2}  # at most two epochs held
+        orders[e] = epoch_order(seed, int(e), num_examples)
+    indices = np.array([orders[e][i] for e, i in zip(epochs, offsets)], np.int64)
+    yield epochs.astype(np.int64), indices
+
+
+def _train_dataset(builder, feed: _Feed, batch_size: int, seed: int, flip: bool,
+                   preprocess: Preprocess, keys):
+  parse = _parser(builder, keys)
+
+  def prepare(epoch, index, record):
+    # Seeds depend on the example and its epoch only: any process count, the same batches.
+    example_seed = tf.stack([tf.cast(seed, tf.int64) * _SHUFFLE_SEED_STRIDE + epoch, index])
+    return _transform(parse(record), example_seed, preprocess, flip)
+
+  ds = tf.data.Dataset.range(np.iinfo(np.int64).max).map(feed.dequeue)  # in order
+  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)  # ordered: deterministic
+  return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
 class TrainIterator:
@@ -324,16 +410,25 @@ class TrainIterator:
   `batch_size` is this process's share; the global batch is batch_size x process count.
   `preprocess` crops and resizes (default: stored size); `keys` picks the features returned.
   `source` (default `open_split(builder, 'train')`) is where records are read by index.
+  Reading starts at the first `next()`; `close()` stops it (also done when the iterator is
+  garbage collected and at interpreter exit).
   """
 
   def __init__(self, builder, batch_size: int, seed: int, position: int = 0, flip: bool = True,
                *, preprocess: Optional[Preprocess] = None, keys=("image", "label"),
                source=None):
     self.batch_size, self.seed, self.position = batch_size, seed, position
-    self.global_batch_size = batch_size * jax.process_count()
-    self._dataset = _train_dataset(builder, source or open_split(builder, "train"), batch_size,
-                                   seed, position, flip, preprocess or Preprocess(),
-                                   tuple(keys))
+    processes = jax.process_count()
+    self.global_batch_size = batch_size * processes
+    source = source or open_split(builder, "train")
+    if len(source) < self.global_batch_size:
+      raise ValueError(f"train split has {len(source)} examples, fewer than the global batch "
+                       f"{self.global_batch_size}")
+    self._feed = _Feed(source, _train_index_batches(
+        seed, len(source), batch_size, processes, jax.process_index(), position),
+        capacity=2 * batch_size)
+    self._dataset = _train_dataset(builder, self._feed, batch_size, seed, flip,
+                                   preprocess or Preprocess(), tuple(keys))
     self._batches = None  # started on the first next(): nothing is read before it is needed
 
   @property
@@ -347,10 +442,25 @@ class TrainIterator:
 
   def __next__(self) -> dict:
     if self._batches is None:
+      self._feed.start()
       self._batches = self._dataset.as_numpy_iterator()
-    batch = next(self._batches)
+    try:
+      batch = next(self._batches)
+    except tf.errors.OpError:
+      self._feed.check()  # the reader's own error, if it stopped the stream
+      raise
     self.position += 1
     return batch
+
+  def close(self) -> None:
+    """Stop reading (the queue first, so that nothing waits on it), then drop the graph."""
+    self._feed.close()
+    self._batches = None
+
+  def __del__(self):
+    feed = getattr(self, "_feed", None)
+    if feed is not None:
+      feed.close()
 
   def state(self) -> dict:
     """JSON-able; `position` counts the (global) batches this iterator has returned."""
@@ -371,61 +481,50 @@ class TrainIterator:
     return cls(builder, batch_size, seed, state["position"], flip, **kwargs)
 
 
-def _locate(rows, seed, num_examples, batch_size, process_count, process_index):
-  global_batch = batch_size * process_count
-  position = (rows // batch_size) * global_batch + process_index * batch_size + rows % batch_size
-  epoch, r = position // num_examples, position % num_examples
-  return epoch, _shuffled(r, seed, epoch, num_examples)
-
-
-def _train_dataset(builder, source, batch_size: int, seed: int, position: int, flip: bool,
-                   preprocess: Preprocess, keys):
-  process, processes = jax.process_index(), jax.process_count()
-  num_examples = len(source)
-  if num_examples < batch_size * processes:
-    raise ValueError(f"train split has {num_examples} examples, fewer than the global batch "
-                     f"{batch_size * processes}")
-  parse = _parser(builder, keys)
-  read = _read_records(source)
-
-  def indices(rows):  # one per-process batch of rows -> (epochs, example indices, records)
-    epoch, index = _locate(rows, seed, num_examples, batch_size, processes, process)
-    return epoch, index, read(index)
-
-  def prepare(epoch, index, record):
-    # Seeds depend on the example and its epoch only: any process count, the same batches.
-    example_seed = tf.stack([tf.cast(seed, tf.int64) * _SHUFFLE_SEED_STRIDE + epoch, index])
-    return _transform(parse(record), example_seed, preprocess, flip)
-
-  first_row = position * batch_size  # this process's rows of the batches already handed out
-  ds = tf.data.Dataset.range(first_row, np.iinfo(np.int64).max).batch(batch_size)
-  ds = ds.map(indices, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
-  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)  # ordered: deterministic
-  return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-
-
 NATIVE_LABEL_KEY = "label_native"  # evaluation: the label at its stored size, padded with 255
 NATIVE_SIZE_KEY = "label_size"     # evaluation: that label's (height, width)
 _EVAL_READ = 16                    # records per read in evaluation
 
 
-def _eval_dataset(builder, source, start: int, stop: int, keys,
-                  preprocess: Optional[Preprocess], native_labels: bool = False):
-  """Examples [start, stop) of a split (its `source`), in order, whole frames."""
+def _eval_feed(source, start: int, stop: int) -> _Feed:
+  def index_batches():
+    for first in range(start, stop, _EVAL_READ):
+      indices = np.arange(first, min(stop, first + _EVAL_READ), dtype=np.int64)
+      yield np.zeros_like(indices), indices
+  return _Feed(source, index_batches(), capacity=2 * _EVAL_READ)
+
+
+def _eval_dataset(builder, feed: _Feed, count: int, keys, preprocess: Optional[Preprocess],
+                  native_labels: bool = False):
+  """The `count` examples `feed` delivers, in order, whole frames."""
   preprocess = (preprocess or Preprocess()).for_eval()
   parse = _parser(builder, keys)
-  read = _read_records(source)
   no_seed = tf.constant([0, 0], tf.int64)  # evaluation never crops or flips at random
 
-  def prepare(record):
+  def prepare(epoch, index, record):
+    del epoch, index
     example = parse(record)
     out = _transform(example, no_seed, preprocess, flip=False)
     if native_labels:
       out[NATIVE_LABEL_KEY] = example[LABEL_KEY]
       out[NATIVE_SIZE_KEY] = tf.shape(example[LABEL_KEY], out_type=tf.int32)[:2]
     return out
-  ds = tf.data.Dataset.range(start, stop).batch(_EVAL_READ).map(read).unbatch()
+  ds = tf.data.Dataset.range(count).map(feed.dequeue)
   return ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+@contextlib.contextmanager
+def _examples(builder, source, start: int, stop: int, keys, preprocess, native_labels=False,
+              batch_size: Optional[int] = None, prefetch: int = 0):
+  """Numpy batches (padded, see `_padded_batches`) of examples [start, stop) of a split."""
+  feed = _eval_feed(source, start, stop)
+  ds = _padded_batches(_eval_dataset(builder, feed, stop - start, keys, preprocess,
+                                     native_labels), batch_size or max(1, stop - start))
+  feed.start()
+  try:
+    yield ds.prefetch(prefetch).as_numpy_iterator() if prefetch else ds.as_numpy_iterator()
+  finally:
+    feed.close()
 
 
 def _padded_batches(ds: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
@@ -459,33 +558,34 @@ def eval_batches(builder, split: str, batch_size: int, num_examples: int = -1,
   start = jax.process_index() * per_process
   stop = min(total, start + per_process)
   num_batches = math.ceil(per_process / batch_size)
-  # Two batches ahead: enough to overlap decoding with the model, bounded for native labels.
-  batches = _padded_batches(
-      _eval_dataset(builder, source, start, stop, keys, preprocess, native_labels),
-      batch_size).prefetch(2).as_numpy_iterator() if stop > start else iter(())
-  template = None
-  for b in range(num_batches):
-    batch = next(batches, None)
-    if batch is None:  # this process ran out: a fully masked batch shaped like the template
-      if template is None:
-        template = _empty_batch(builder, source, keys, preprocess, native_labels)
-      batch = {k: np.zeros_like(v[:0]) for k, v in template.items()}
-    template = template or batch
-    real = len(batch[keys[0]])
-    pad = batch_size - real
-    batch = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) if pad else v
-             for k, v in batch.items()}
-    batch["mask"] = (np.arange(batch_size) < real).astype(np.float32)
-    first = start + b * batch_size
-    batch["index"] = np.where(batch["mask"] > 0, first + np.arange(batch_size), -1).astype(
-        np.int32)
-    yield batch
+  with contextlib.ExitStack() as stack:
+    # Two batches ahead: enough to overlap decoding with the model, bounded for native labels.
+    batches = stack.enter_context(_examples(builder, source, start, stop, keys, preprocess,
+                                            native_labels, batch_size, prefetch=2)) \
+        if stop > start else iter(())
+    template = None
+    for b in range(num_batches):
+      batch = next(batches, None)
+      if batch is None:  # this process ran out: a fully masked batch shaped like the template
+        if template is None:
+          template = _empty_batch(builder, source, keys, preprocess, native_labels)
+        batch = {k: np.zeros_like(v[:0]) for k, v in template.items()}
+      template = template or batch
+      real = len(batch[keys[0]])
+      pad = batch_size - real
+      batch = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) if pad else v
+               for k, v in batch.items()}
+      batch["mask"] = (np.arange(batch_size) < real).astype(np.float32)
+      first = start + b * batch_size
+      batch["index"] = np.where(batch["mask"] > 0, first + np.arange(batch_size), -1).astype(
+          np.int32)
+      yield batch
 
 
 def _empty_batch(builder, source, keys, preprocess, native_labels=False):
   """A zero-length batch with the shapes evaluation batches have (for a process with none)."""
-  one = _eval_dataset(builder, source, 0, 1, keys, preprocess, native_labels)
-  return {k: v[:0] for k, v in next(one.batch(1).as_numpy_iterator()).items()}
+  with _examples(builder, source, 0, 1, keys, preprocess, native_labels) as one:
+    return {k: v[:0] for k, v in next(one).items()}
 
 
 def load_arrays(builder, split: str, num_examples: int, keys=("image", "label"),
@@ -493,5 +593,5 @@ def load_arrays(builder, split: str, num_examples: int, keys=("image", "label"),
   """The first `num_examples` (at most the whole split) of a split as numpy arrays."""
   source = open_split(builder, split)
   num_examples = min(num_examples, len(source))
-  ds = _eval_dataset(builder, source, 0, num_examples, keys, preprocess)
-  return next(ds.batch(num_examples).as_numpy_iterator())
+  with _examples(builder, source, 0, num_examples, keys, preprocess) as batches:
+    return next(batches)
