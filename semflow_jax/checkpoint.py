@@ -93,9 +93,9 @@ def check_model_record(manager: ocp.CheckpointManager, step: int, wanted: dict) 
   """Raise IncompatibleCheckpointError if the checkpoint was trained with another palette,
   naming both."""
   where = f"{manager.directory}/{step}"
-  if "model" in manager.item_metadata(step):
+  try:  # the small JSON item read directly: item_metadata() would read every array's metadata
     saved = manager.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore()))["model"]
-  else:
+  except KeyError:  # 'Item "model" was not found': written before palettes were recorded
     saved = _RECORD_BEFORE_PALETTES
   same_name = saved.get("palette") == wanted.get("palette")
   if same_name and saved.get("anchors", wanted.get("anchors")) == wanted.get("anchors"):

@@ -8,6 +8,39 @@ from PIL import Image
 
 from semflow_jax import storage
 
+# Image files read as photos (folders of inputs, the folder dataset's images/).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def _cubic_weights(size_in: int, size_out: int) -> np.ndarray:
+  """float32 (size_in, size_out): the weights along one axis of an antialiased bicubic resize
+  (Keys' kernel, a = -0.5, widened by the reduction factor when shrinking), normalised per
+  output pixel, as TensorFlow's scale_and_translate (and jax.image.resize) computes them."""
+  scale = np.float32(size_out / size_in)
+  sample = (np.arange(size_out, dtype=np.float32) + 0.5) / scale - 0.5
+  x = np.abs(sample[None, :] - np.arange(size_in, dtype=np.float32)[:, None])
+  x = x / max(np.float32(1.0) / scale, np.float32(1.0))
+  near = ((1.5 * x - 2.5) * x) * x + 1.0
+  far = ((-0.5 * x + 2.5) * x - 4.0) * x + 2.0
+  weights = np.where(x >= 2.0, 0.0, np.where(x >= 1.0, far, near)).astype(np.float32)
+  total = weights.sum(0, keepdims=True)
+  return np.where(np.abs(total) > 1000 * np.finfo(np.float32).eps,
+                  weights / np.where(total != 0, total, 1), 0).astype(np.float32)
+
+
+def resize_image(image: np.ndarray, size) -> np.ndarray:
+  """uint8 (H, W, C) -> uint8 (size[0], size[1], C), the input pipeline's resize
+  (`tf.image.resize(method='bicubic', antialias=True)`, rounded) in numpy, so a photo given to
+  --mode=segment reaches the model as the same photo in a dataset does."""
+  image = np.asarray(image)
+  height, width = int(size[0]), int(size[1])
+  if image.shape[:2] == (height, width):
+    return image
+  rows = _cubic_weights(image.shape[0], height)
+  cols = _cubic_weights(image.shape[1], width)
+  out = np.einsum("hwc,hy,wx->yxc", image.astype(np.float32), rows, cols, optimize=True)
+  return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
 
 def preview_palette(num_colours: int = 256) -> np.ndarray:
   """Distinct, bright colours for looking at label maps (the anchors are too dark to read)."""
@@ -18,9 +51,42 @@ def preview_palette(num_colours: int = 256) -> np.ndarray:
   return table
 
 
-def colourise(labels) -> np.ndarray:
-  """int labels (..., H, W) -> uint8 (..., H, W, 3) preview."""
-  return preview_palette()[np.asarray(labels).astype(np.int64) % 256]
+def colourise(labels, colours=None) -> np.ndarray:
+  """int labels (..., H, W) -> uint8 (..., H, W, 3) preview; `colours` (K, 3) replace the first
+  K preview colours (a dataset's own, e.g. a folder dataset's classes.json)."""
+  table = preview_palette()
+  if colours is not None:
+    table[:len(colours)] = np.asarray(colours, np.uint8)
+  return table[np.asarray(labels).astype(np.int64) % 256]
+
+
+def preview_with_legend(labels, names, colours=None, min_side: int = 160) -> np.ndarray:
+  """A label map (H, W) as a preview a person can read: the colourised map (enlarged by an
+  integer factor to at least `min_side` pixels on its shorter side) beside a legend of the
+  classes it contains, '<id> <name>' on each class's colour (255: 'ignore')."""
+  from PIL import ImageDraw, ImageFont
+  labels = np.asarray(labels)
+  scale = max(1, -(-min_side // max(1, min(labels.shape))))
+  picture = colourise(labels, colours).repeat(scale, 0).repeat(scale, 1)
+  present = [int(v) for v in np.unique(labels)]
+  entries = [(v, f"{v} {names[v] if v < len(names) else 'ignore' if v == 255 else '?'}")
+             for v in present]
+  font = ImageFont.load_default(size=12)
+  line, pad, swatch = 16, 6, 12
+  width = pad * 3 + swatch + max(int(font.getlength(text)) for _, text in entries)
+  height = max(picture.shape[0], pad * 2 + line * len(entries))
+  legend = Image.new("RGB", (width, height), (255, 255, 255))
+  draw = ImageDraw.Draw(legend)
+  table = colourise(np.asarray(present), colours)
+  for i, ((_, text), colour) in enumerate(zip(entries, table)):
+    y = pad + i * line
+    draw.rectangle([pad, y, pad + swatch - 1, y + swatch - 1], fill=tuple(int(c) for c in colour),
+                   outline=(0, 0, 0))
+    draw.text((pad * 2 + swatch, y - 1), text, fill=(0, 0, 0), font=font)
+  out = np.full((height, picture.shape[1] + width, 3), 255, np.uint8)
+  out[:picture.shape[0], :picture.shape[1]] = picture
+  out[:, picture.shape[1]:] = np.asarray(legend)
+  return out
 
 
 def grid(columns, pad: int = 1) -> np.ndarray:

@@ -8,6 +8,10 @@
       --mode=synthesize --input=mask.png --num_samples=4 --output=samples_dir
   python -m semflow_jax.main --config=configs/synthetic.py --workdir=runs/synthetic \
       --mode=edit --input=photo.png --labels=edited_mask.png --output=edited.png
+  python -m semflow_jax.main --config=configs/synthetic.py --workdir=runs/synthetic \
+      --mode=segment --input=photos/ --output=predictions/      # a folder (or a glob)
+  python -m semflow_jax.main --config=configs/synthetic.py --workdir=runs/synthetic \
+      --mode=segment --split=validation --output=predictions/   # the config's dataset
   ... --mode=synthesize --input=mask.png --style=reference.png --style_strength=0.7 --output=dir
   ... --mode=synthesize --input=mask.png --resample_classes=3,5 --output=dir
   ... --ensemble=runs/seed1,runs/seed2   (segment, synthesize, edit: mean velocity)
@@ -34,10 +38,15 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard logs, 
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "segment", "synthesize", "edit"],
                           "train (then evaluate), eval, segment, synthesize or edit.")
 _INPUT = flags.DEFINE_string("input", None, "segment, edit: an image; synthesize: a label map "
-                             "PNG.")
-_OUTPUT = flags.DEFINE_string("output", None, "segment: the label map PNG to write; "
-                              "synthesize: the directory to write samples into; edit: the "
-                              "edited image PNG to write.")
+                             "PNG. segment, synthesize: or a folder (every image / PNG below "
+                             "it) or a glob ('photos/*.jpg'), all in one run.")
+_OUTPUT = flags.DEFINE_string("output", None, "segment of one image: the label map PNG to "
+                              "write (not a directory); synthesize of one label map: the "
+                              "directory for sample_<i>.png (not a file); edit: the edited "
+                              "image PNG; a folder, glob or --split: the directory for the "
+                              "outputs of every input (labels/<name>.png, <name>_<i>.png).")
+_SPLIT = flags.DEFINE_string("split", None, "segment, synthesize: every example of this split "
+                             "of the config's dataset (e.g. validation) instead of --input.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 4, "synthesize: how many images.")
 _LABELS = flags.DEFINE_string("labels", None, "edit: the --input photo's label map (as "
                               "--mode=segment wrote it) with some labels changed; 255 = keep.")
@@ -96,6 +105,17 @@ def _initialize_distributed():
   jax.distributed.initialize(*explicit)
 
 
+def _use_compilation_cache(jax) -> None:
+  """Sampling compiles the same few programs on every call: keep them in JAX's persistent
+  compilation cache (~/.cache/semflow_jax/jax, or JAX_COMPILATION_CACHE_DIR), so a second call
+  loads them instead of compiling (benchmarks/RESULTS.md, "Segmenting files")."""
+  if jax.config.jax_compilation_cache_dir:  # the user's (JAX_COMPILATION_CACHE_DIR) wins
+    return
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  jax.config.update("jax_compilation_cache_dir", os.path.join(base, "semflow_jax", "jax"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
 def _check_storage(config) -> None:
   """Bucket paths this run will use are checked before anything is compiled or written: missing
   credentials, a missing bucket or no answer stop the run with one line naming the path."""
@@ -108,9 +128,26 @@ def _check_storage(config) -> None:
     storage.check(config.model.get("init_from"), "config.model.init_from")
   if mode in ("segment", "synthesize"):
     storage.check(_INPUT.value, "--input")
-    if _OUTPUT.value:  # segment writes a file, synthesize a directory of them
-      output = storage.parent(_OUTPUT.value) if mode == "segment" else _OUTPUT.value
+    if _SPLIT.value:
+      storage.check(config.data.get("tfds_data_dir"), "config.data.tfds_data_dir")
+    if _OUTPUT.value:  # segment of one image writes a file, the others a directory of them
+      from semflow_jax import sample
+      one_file = mode == "segment" and not sample.is_many(_INPUT.value, _SPLIT.value)
+      output = storage.parent(_OUTPUT.value) if one_file else _OUTPUT.value
       storage.check(output, "--output", write=True)
+
+
+def _check_dataset(config):
+  """A folder dataset's config against its classes.json (the folder exists, num_classes is the
+  number of classes listed), before anything is loaded; the problem in one line, or None."""
+  if config.data.name != "folder_dataset":
+    return None
+  from semflow_jax.data import folder
+  try:
+    folder.check_config(config.data)
+  except folder.FolderError as e:
+    return str(e)
+  return None
 
 
 class _QuietLibraries(py_logging.Filter):
@@ -168,26 +205,50 @@ def main(argv):
   except storage.StorageError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  # TF is only the input pipeline: keep it off any accelerator JAX should own.
-  import tensorflow as tf
-  tf.config.set_visible_devices([], "GPU")
+  problem = _check_dataset(config)
+  if problem:
+    print(f"error: {problem}", file=sys.stderr)
+    sys.exit(2)
+  mode = _MODE.value
+  if mode in ("train", "eval") or _SPLIT.value:
+    # TF is only the input pipeline (loaded only by the modes that read a dataset: a few
+    # seconds less for segmenting files): keep it off any accelerator JAX should own.
+    import tensorflow as tf
+    tf.config.set_visible_devices([], "GPU")
   import jax
+  if mode in ("segment", "synthesize", "edit"):
+    _use_compilation_cache(jax)
   _initialize_distributed()
 
-  from semflow_jax import checkpoint, sample, evaluate, train
+  from semflow_jax import checkpoint, sample
+  from semflow_jax.data import manual
   logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(),
                jax.process_count(), jax.devices())
   try:
-    if _ENSEMBLE.value and _MODE.value in ("train", "eval"):
+    if _ENSEMBLE.value and mode in ("train", "eval"):
       raise sample.InputError(f"--ensemble is for segment, synthesize and edit, not "
-                              f"--mode={_MODE.value} (benchmarks/controls.py measures ensembles)")
-    if _MODE.value == "train":
+                              f"--mode={mode} (benchmarks/controls.py measures ensembles)")
+    if _SPLIT.value and mode not in ("segment", "synthesize"):
+      raise sample.InputError(f"--split is for segment and synthesize, not --mode={mode}")
+    many = mode in ("segment", "synthesize") and sample.is_many(_INPUT.value, _SPLIT.value)
+    if many and (_STYLE.value or _RESAMPLE_CLASSES.value or _RESAMPLE_MASK.value):
+      raise sample.InputError("--style and --resample_* are for one --input label map, not a "
+                              "folder, glob or --split")
+    if mode == "train":
+      from semflow_jax import train
       train.train_and_evaluate(config, _WORKDIR.value)
-    elif _MODE.value == "eval":
+    elif mode == "eval":
+      from semflow_jax import evaluate
       evaluate.evaluate(config, _WORKDIR.value)
-    elif _MODE.value == "segment":
+    elif mode == "segment" and many:
+      sample.segment_many(config, _WORKDIR.value, _INPUT.value, _OUTPUT.value, _ENSEMBLE.value,
+                          _SPLIT.value)
+    elif mode == "synthesize" and many:
+      sample.synthesize_many(config, _WORKDIR.value, _INPUT.value, _OUTPUT.value,
+                             _NUM_SAMPLES.value, _ENSEMBLE.value, _SPLIT.value)
+    elif mode == "segment":
       sample.segment_file(config, _WORKDIR.value, _INPUT.value, _OUTPUT.value, _ENSEMBLE.value)
-    elif _MODE.value == "edit":
+    elif mode == "edit":
       sample.edit_file(config, _WORKDIR.value, _INPUT.value, _LABELS.value, _OUTPUT.value,
                        _EDIT_METHOD.value, _ENSEMBLE.value)
     else:
@@ -198,6 +259,7 @@ def main(argv):
           resample_classes=_RESAMPLE_CLASSES.value, resample_mask=_RESAMPLE_MASK.value,
           resample_seed=_RESAMPLE_SEED.value)
   except (sample.InputError, FileNotFoundError,  # bad input file, or no checkpoint yet
+          manual.DataError,  # a dataset file (or a folder dataset's classes.json) is bad
           checkpoint.IncompatibleCheckpointError, checkpoint.ConversionError,
           storage.StorageError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -109,17 +109,21 @@ def abstract(model, tx, config, mesh) -> TrainState:
                       parallel.state_shardings(shapes, mesh, config))
 
 
-def load_params(config, workdir: str, mesh: Mesh):
-  """(params, step) from the latest checkpoint in `workdir`: the EMA params when kept, else the
-  params (each with the frozen VAE and text embedding). Nothing else is read: the optimiser
-  state and the other parameter copy are Orbax placeholders in the restore target."""
+def load_params(config, workdir: str, mesh: Mesh, use_ema: bool = True):
+  """(params, step) from the latest checkpoint in `workdir`: the EMA params when kept (and
+  `use_ema`), else the params (each with the frozen VAE and text embedding). Nothing else is
+  read: the optimiser state and the other parameter copy are Orbax placeholders in the restore
+  target."""
   model = SemFlow.from_config(config, mesh)
   tx = make_optimizer(config)
   target = abstract(model, tx, config, mesh)
-  use_ema = target.ema_params is not None
+  use_ema = use_ema and target.ema_params is not None
   skip = checkpoint.not_read
-  target = target.replace(opt_state=skip(target.opt_state),
-                          params=skip(target.params) if use_ema else target.params)
+  target = target.replace(
+      opt_state=skip(target.opt_state),
+      params=skip(target.params) if use_ema else target.params,
+      ema_params=target.ema_params if use_ema or target.ema_params is None else skip(
+          target.ema_params))
   restored = None
   workdir = storage.resolve(workdir)
   if storage.is_dir(storage.join(workdir, "checkpoints")):  # reading must not create it

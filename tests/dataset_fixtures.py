@@ -162,3 +162,42 @@ def examples(builder, split):
   """{file name: example} of a split, decoded to numpy (tfds' own random-access reader)."""
   source = builder.as_data_source(split)
   return {ex["file_name"].decode(): ex for ex in (source[i] for i in range(len(source)))}
+
+
+
+# A folder dataset (semflow_jax/data/folder.py): train/ and validation/ with images/ and labels/,
+# a classes.json; class c is painted in blocks, and the image's red channel is 40 x the class
+# (so a model can learn it), with an ignore (255) region in every label map.
+FOLDER_CLASSES = ("background", "road", "car", "tree", "sky")
+FOLDER_SIZES = ((40, 48), (36, 36), (48, 40))  # (H, W), cycled
+
+
+def write_folder_dataset(root, splits=(("train", 8), ("validation", 4)), seed=0,
+                         classes=FOLDER_CLASSES, extra=None):
+  """{split: [(name, image path, label path, label)]}; `extra` is merged into classes.json.
+  With splits=(("", n),) the examples go straight into images/ and labels/."""
+  import json
+  rng = np.random.default_rng(seed)
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, "classes.json"), "w") as f:
+    json.dump({"classes": list(classes), **(extra or {})}, f)
+  out = {}
+  n = 0
+  for split, count in splits:
+    out[split] = []
+    for _ in range(count):
+      h, w = FOLDER_SIZES[n % len(FOLDER_SIZES)]
+      block = 6
+      ids = rng.integers(0, len(classes), (h // block + 1, w // block + 1))
+      label = np.kron(ids, np.ones((block, block), np.int64))[:h, :w].astype(np.uint8)
+      label[:5, :7] = 255  # the ignore region
+      image = np.stack([40 * np.minimum(label, 5) + 20, rng.integers(0, 255, (h, w)),
+                        np.full((h, w), 90)], -1).astype(np.uint8)
+      name = f"scene_{n:03d}"
+      ext = ".jpg" if n % 3 == 2 else ".png"  # JPEGs and PNGs side by side
+      image_path = _save(os.path.join(root, split, "images", name + ext), image,
+                         **({"quality": 95} if ext == ".jpg" else {}))
+      label_path = _save(os.path.join(root, split, "labels", name + ".png"), label)
+      out[split].append((name, image_path, label_path, label))
+      n += 1
+  return out

@@ -4,12 +4,15 @@ Resume after SIGTERM and kill -9 is tested in test_resilience.py."""
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from semflow_jax import checkpoint, evaluate, sample, train
+from semflow_jax import checkpoint, evaluate, images, sample, train
+from tests.conftest import REPO, free_port, run_together
 
 REQUIRED_KEYS = {"step", "miou_euler_1", "miou_euler_25", "roundtrip_miou", "diversity",
                  "diversity_real", "colour_only_miou", "colour_only_miou_synth"}
@@ -86,8 +89,10 @@ def test_segmentation_is_deterministic_and_returns_the_input_size(trained, tmp_p
   assert written.shape == (24, 20) and written.dtype == np.uint8
   np.testing.assert_array_equal(written, first)
   assert written.max() < config.data.num_classes
+  # The preview: the colourised map enlarged 8x (to >= 160 pixels) beside a legend.
   preview = np.asarray(Image.open(tmp_path / "a" / "mask_preview.png"))
-  assert preview.shape == (24, 20, 3)
+  assert preview.shape[0] == 24 * 8 and preview.shape[1] > 20 * 8
+  np.testing.assert_array_equal(preview[:24 * 8:8, :20 * 8:8], images.colourise(first))
   with open(tmp_path / "a" / "mask.png", "rb") as f1, open(tmp_path / "b" / "mask.png", "rb") as f2:
     assert f1.read() == f2.read()
 
@@ -151,6 +156,11 @@ def test_an_ensemble_of_a_run_and_its_copy_segments_like_the_run(trained, tmp_pa
   alone = sample.segment_file(config, workdir, photo, str(tmp_path / "a.png"))
   pair = sample.segment_file(config, workdir, photo, str(tmp_path / "b.png"), ensemble=[copy])
   np.testing.assert_array_equal(alone, pair)  # (v + v) / 2 == v exactly
+  # One run named twice is one member: `run/` and `run` are the same directory.
+  same = sample.Predictor.load(config, workdir, ensemble=[workdir + "/", workdir + "/."])
+  assert isinstance(same.params["unet"], dict)
+  two = sample.Predictor.load(config, workdir, ensemble=[copy + "/"])
+  assert isinstance(two.params["unet"], tuple) and len(two.params["unet"]) == 2
 
 
 def test_a_checkpoint_of_one_palette_is_refused_by_a_config_of_the_other(trained, tmp_path):
@@ -174,3 +184,32 @@ def _png(tmp_path):
   path = str(tmp_path / "in.png")
   Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(path)
   return path
+
+
+def test_two_processes_segment_a_folder_each_its_own_files(trained, tmp_path):
+  """The CLI on a folder, as a two-host job runs it (2 processes x 2 devices on localhost):
+  each process reads and writes its own share of the files, every output is what one process
+  computes for that image alone."""
+  config, workdir, _ = trained
+  rng = np.random.default_rng(4)
+  os.makedirs(tmp_path / "photos")
+  sizes = ((16, 16), (20, 28), (12, 9), (16, 40), (30, 18))
+  for i, (h, w) in enumerate(sizes):  # 5 files: 3 for process 0, 2 for process 1
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
+        tmp_path / "photos" / f"p{i}.png")
+  address = f"127.0.0.1:{free_port()}"
+  command = [sys.executable, "-m", "semflow_jax.main", "--config=configs/synthetic.py:tiny",
+             f"--workdir={workdir}", "--mode=segment", f"--input={tmp_path / 'photos'}",
+             f"--output={tmp_path / 'out'}", f"--coordinator_address={address}",
+             "--num_processes=2"]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  ran = run_together([command + [f"--process_id={i}"] for i in range(2)], [env] * 2, tmp_path,
+                     timeout=300)
+  for (proc, output), mine in zip(ran, (3, 2)):
+    assert proc.returncode == 0, output[-3000:]
+    assert f"segment: {mine} of {mine} images written" in output  # each its own progress line
+  predictor = sample.Predictor.load(config, workdir)
+  for i in range(len(sizes)):
+    photo = sample.read_image(str(tmp_path / "photos" / f"p{i}.png"))
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(tmp_path / "out" / "labels" / f"p{i}.png")), predictor.segment(photo))

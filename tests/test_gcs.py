@@ -183,7 +183,8 @@ def test_eval_segment_and_synthesize_read_and_write_the_bucket(trained, tmp_path
              "--output=gs://semflow-test/outputs/labels.png"), env, cwd)
   segmented = bucket.png("outputs/labels.png")
   assert segmented.shape == (24, 20) and segmented.max() < 7
-  assert bucket.png("outputs/labels_preview.png").shape == (24, 20, 3)
+  preview = bucket.png("outputs/labels_preview.png")  # enlarged 8x, a legend on the right
+  assert preview.shape[0] == 24 * 8 and preview.shape[1] > 20 * 8 and preview.shape[2] == 3
 
   _run(_main(workdir, "--mode=synthesize", "--input=gs://semflow-test/inputs/mask.png",
              "--output=gs://semflow-test/outputs/samples", "--num_samples=2"), env, cwd)
@@ -192,6 +193,23 @@ def test_eval_segment_and_synthesize_read_and_write_the_bucket(trained, tmp_path
   samples = [bucket.png(f"outputs/samples/sample_{i}.png") for i in range(2)]
   assert all(s.shape == (20, 28, 3) for s in samples)
   assert not np.array_equal(samples[0], samples[1])
+
+  # A folder in the bucket, into the bucket; the second run finds every output there.
+  for i, (h, w) in enumerate(((16, 16), (20, 28), (12, 9))):
+    data = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(data, format="PNG")
+    bucket.write(f"inputs/photos/sub/p{i}.png" if i == 2 else f"inputs/photos/p{i}.png",
+                 data.getvalue())
+  folder = (workdir, "--mode=segment", "--input=gs://semflow-test/inputs/photos",
+            "--output=gs://semflow-test/outputs/folder")
+  log = _run(_main(*folder), env, cwd)
+  assert "segment: 3 of 3 images written" in log
+  assert bucket.names("outputs/folder/") == [
+      "outputs/folder/labels/p0.png", "outputs/folder/labels/p1.png",
+      "outputs/folder/labels/sub/p2.png"]
+  assert bucket.png("outputs/folder/labels/p1.png").shape == (20, 28)
+  assert "wrote the outputs of 0 inputs, skipped 3 already there" in _run(_main(*folder), env,
+                                                                         cwd)
 
 
 def test_convert_into_the_bucket_and_train_from_it(gcs, tfds_dir, tmp_path):
@@ -219,6 +237,30 @@ def test_convert_into_the_bucket_and_train_from_it(gcs, tfds_dir, tmp_path):
                    config="configs/sd15.py:tiny"), env, cwd)
   assert "initialised context, unet, vae from gs://semflow-test/sd15_flax" in log
   assert _complete_steps(bucket, "sd_run/") == [3, 6]
+
+
+def test_a_folder_dataset_in_the_bucket_builds(gcs, tmp_path):
+  """classes.json, images/ and labels/ read from gs:// (the tfds directory stays local: TF's
+  own GCS client has no emulator endpoint)."""
+  import tensorflow_datasets as tfds
+  from tests import dataset_fixtures as dfx
+  bucket, env, cwd = gcs
+  written = dfx.write_folder_dataset(str(tmp_path / "d"), splits=(("", 6),))[""]
+  for dirpath, _, files in os.walk(tmp_path / "d"):
+    for name in files:
+      path = os.path.join(dirpath, name)
+      with open(path, "rb") as f:
+        bucket.write("my_data/" + os.path.relpath(path, tmp_path / "d"), f.read())
+  _run([sys.executable, "-m", "semflow_jax.data.build", "folder_dataset",
+        "--manual_dir=gs://semflow-test/my_data", "--validation_fraction=0.34",
+        f"--data_dir={tmp_path / 'tfds'}"], env, cwd)
+  (built,) = [d for d, _, files in os.walk(tmp_path / "tfds") if "dataset_info.json" in files]
+  builder = tfds.builder_from_directory(built)
+  assert builder.info.splits["train"].num_examples == 4
+  stored = {**dfx.examples(builder, "train"), **dfx.examples(builder, "validation")}
+  assert sorted(stored) == [name for name, *_ in written]
+  for name, _, _, label in written:
+    np.testing.assert_array_equal(stored[name]["label"][..., 0], label)
 
 
 def _one_error_line(cmd, env, cwd):

@@ -16,7 +16,7 @@ import json, os
 import clu.metric_writers, flax, jax, optax, orbax.checkpoint, tensorflow, tensorflow_datasets
 before = dict(os.environ)
 import semflow_jax.evaluate, semflow_jax.train, semflow_jax.sample, semflow_jax.checkpoint
-import semflow_jax.convert_eval_nets, semflow_jax.main
+import semflow_jax.convert_eval_nets, semflow_jax.main, semflow_jax.export, semflow_jax.data
 changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))
 print(json.dumps({"changed": changed, "orbax_registered": semflow_jax.checkpoint._replica_zero_writes}))
 """

@@ -11,9 +11,14 @@ directory beside the dataset; worker 0 waits for all of them and then makes the 
 at once (records.py). An interrupted build leaves no dataset that looks complete: run the same
 command again and only the missing shards are written.
 
+  python -m semflow_jax.data.build folder_dataset --manual_dir=/data/my_dataset \
+      --validation_fraction=0.1 --data_dir=/data/tfds
+
 Bad files stop the build with one line naming the file; nothing is left in --data_dir.
 --data_dir may be a bucket (`gs://bucket/tfds`: build once, every TPU worker reads it);
---manual_dir is a local directory (the unpacked download).
+--manual_dir is a local directory (the unpacked download), or for `folder_dataset` your folder
+(local or gs://; semflow_jax/data/folder.py), whose --validation_fraction must be the
+config's `data.validation_fraction`.
 """
 
 import os
@@ -31,8 +36,10 @@ _WORKER_INDEX = flags.DEFINE_integer("worker_index", 0, "This machine's index in
                                      "num_workers); worker 0 commits the dataset.")
 _EXAMPLES_PER_SHARD = flags.DEFINE_integer("examples_per_shard", 1000,
                                            "Examples per ArrayRecord file (at most).")
+_VALIDATION_FRACTION = flags.DEFINE_float("validation_fraction", 0.1, "folder_dataset without "
+                                          "train/ and validation/: the validation share.")
 
-NAMES = ("coco_stuff", "cityscapes_semantic", "celebamask_hq")
+NAMES = ("coco_stuff", "cityscapes_semantic", "celebamask_hq", "folder_dataset")
 
 
 def main(argv):
@@ -46,7 +53,7 @@ def main(argv):
   from semflow_jax import storage
   data_dir = _DATA_DIR.value and storage.resolve(_DATA_DIR.value)
   try:
-    if storage.is_url(_MANUAL_DIR.value):
+    if storage.is_url(_MANUAL_DIR.value) and argv[1] != "folder_dataset":
       raise storage.StorageError(f"--manual_dir={_MANUAL_DIR.value}: must be a local directory "
                                  "(unpack the download on this machine's disk)")
     storage.check(data_dir, "--data_dir", write=True)
@@ -57,16 +64,20 @@ def main(argv):
   tf.config.set_visible_devices([], "GPU")
   import tensorflow_datasets as tfds
 
-  from semflow_jax.data import manual, records  # also registers the builders
-  builder = tfds.builder(argv[1], data_dir=data_dir)
-  if builder.is_prepared():
-    print(f"{argv[1]} is already built in {builder.data_path}")
-    return
+  from semflow_jax.data import folder, manual, records  # also registers the builders
+  options = dict(processes=_PROCESSES.value, num_workers=_NUM_WORKERS.value,
+                 worker_index=_WORKER_INDEX.value,
+                 examples_per_shard=_EXAMPLES_PER_SHARD.value, log=print)
   try:
-    built = records.build(
-        builder, os.path.abspath(_MANUAL_DIR.value), processes=_PROCESSES.value,
-        num_workers=_NUM_WORKERS.value, worker_index=_WORKER_INDEX.value,
-        examples_per_shard=_EXAMPLES_PER_SHARD.value, log=print)
+    if argv[1] == folder.NAME:
+      built = folder.prepare(folder.builder(_MANUAL_DIR.value, _VALIDATION_FRACTION.value,
+                                            data_dir), **options)
+    else:
+      builder = tfds.builder(argv[1], data_dir=data_dir)
+      if builder.is_prepared():
+        print(f"{argv[1]} is already built in {builder.data_path}")
+        return
+      built = records.build(builder, os.path.abspath(_MANUAL_DIR.value), **options)
   except manual.DataError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

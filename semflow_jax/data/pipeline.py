@@ -115,10 +115,14 @@ def get_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
 
   The synthetic dataset is generated on first use, by one process when several start at once
   (the others wait). A manual-download dataset that is not built yet is built from
-  `config.data.manual_dir` when that is set (single-process runs only). A dataset built in the
-  old TFRecord format is an error naming the command that rewrites it.
+  `config.data.manual_dir` when that is set, a folder dataset from `config.data.folder`
+  (single-process runs only). A dataset built in the old TFRecord format is an error naming
+  the command that rewrites it.
   """
   data_dir = data.tfds_data_dir or None
+  if data.name == "folder_dataset":  # your own folder: config.data.folder (data/folder.py)
+    from semflow_jax.data import folder
+    return folder.get_builder(data)
   if data.name == "synthetic_scenes":
     defaults = (data.num_train, data.num_validation, data.seed) == (5000, 500, 0)
     name = f"{data.image_size}" if defaults else \
