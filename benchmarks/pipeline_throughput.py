@@ -2,12 +2,14 @@
 
   taskset -c 0 python benchmarks/pipeline_throughput.py      # one CPU core
   python benchmarks/pipeline_throughput.py --datasets=cityscapes_semantic --batches=20
+  python benchmarks/pipeline_throughput.py --pipeline=legacy   # the pipeline before issue 18
 
 Writes small trees in the official layouts with images of the real dimensions (COCO 640x480
 JPEG, Cityscapes 2048x1024 PNG, CelebA-HQ 1024x1024 JPEG with 512x512 part masks), builds them
-with the real builders, then times the real training iterator with each dataset config's
-preprocessing (512x512 square crops; 512x1024 full frames for Cityscapes), batch 16, flips on,
-after one warm-up epoch (which fills the encoded cache, as on a long run). Examples per
+with the real builders (ArrayRecord; TFRecord for --pipeline=legacy), then times the training
+iterator with each dataset config's preprocessing (512x512 square crops; 512x1024 full frames
+for Cityscapes), batch 16, flips on, after one warm-up epoch (the legacy pipeline's fills its
+encoded cache, as on a long run; the page cache holds the files for both). Examples per
 CPU-second (process CPU time, all threads) is the per-core rate and does not depend on what
 else runs on the machine; wall-clock examples/s does. The images are
 smooth colour fields with region colours and pixel noise, so their encoded sizes (printed) are
@@ -16,17 +18,20 @@ close to the real ones and decoding costs about the same.
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 
 import numpy as np
+import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from configs import celebamask_hq as celeba_config
-from configs import cityscapes as cityscapes_config
-from configs import coco_stuff as coco_config
-from semflow_jax.data import celebamask_hq, pipeline
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import celebamask_hq as celeba_config  # noqa: E402
+from configs import cityscapes as cityscapes_config  # noqa: E402
+from configs import coco_stuff as coco_config  # noqa: E402
+from semflow_jax.data import celebamask_hq, pipeline, records  # noqa: E402
 
 CONFIGS = {"coco_stuff": coco_config, "cityscapes_semantic": cityscapes_config,
            "celebamask_hq": celeba_config}
@@ -90,31 +95,64 @@ WRITERS = {"coco_stuff": write_coco, "cityscapes_semantic": write_cityscapes,
            "celebamask_hq": write_celeba}
 
 
-def measure(name, workdir, num_examples, batches, batch_size=16):
+PIPELINES = ("random_access", "legacy")
+
+
+def prepare(name, workdir, num_examples, pipeline_name="random_access"):
+  """The built dataset (written and built once per workdir): ArrayRecord, or TFRecord for the
+  legacy pipeline."""
   manual_dir = os.path.join(workdir, "manual", name)
   if not os.path.isdir(manual_dir):
     WRITERS[name](manual_dir, num_examples, np.random.default_rng(0))
-  builder = tfds.builder(name, data_dir=os.path.join(workdir, "tfds"))
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-  stored = tfds.as_numpy(builder.as_dataset(split="train", decoders={
-      "image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()}))
-  sizes = [(len(ex["image"]), len(ex["label"])) for ex in stored]
+  if pipeline_name == "legacy":
+    builder = tfds.builder(name, data_dir=os.path.join(workdir, "tfds_tfrecord"),
+                           file_format="tfrecord")
+    if not builder.is_prepared():
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    return builder
+  return records.prepare(tfds.builder(name, data_dir=os.path.join(workdir, "tfds")), manual_dir)
+
+
+def stored_sizes(builder):
+  """(mean image KB, mean label KB) as stored."""
+  if records.is_array_record(builder):
+    raw = builder.as_data_source("train",
+                                 deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+    features = [tf.train.Example.FromString(r).features.feature for r in raw]
+    sizes = [(len(f["image"].bytes_list.value[0]), len(f["label"].bytes_list.value[0]))
+             for f in features]
+  else:
+    stored = tfds.as_numpy(builder.as_dataset(split="train", decoders={
+        "image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()}))
+    sizes = [(len(ex["image"]), len(ex["label"])) for ex in stored]
+  return tuple(np.mean(sizes, axis=0) / 1024)
+
+
+def iterator(builder, pipeline_name, batch_size, preprocess):
+  if pipeline_name == "legacy":
+    from benchmarks import legacy_pipeline
+    return legacy_pipeline.train_batches(builder, batch_size, seed=0, preprocess=preprocess)
+  return pipeline.TrainIterator(builder, batch_size, seed=0, preprocess=preprocess)
+
+
+def measure(name, workdir, num_examples, batches, batch_size=16, pipeline_name="random_access"):
+  builder = prepare(name, workdir, num_examples, pipeline_name)
+  image_kb, label_kb = stored_sizes(builder)
   preprocess = pipeline.Preprocess.from_config(CONFIGS[name].get_config().data)
-  it = pipeline.TrainIterator(builder, batch_size, seed=0, preprocess=preprocess)
+  it = iterator(builder, pipeline_name, batch_size, preprocess)
   per_epoch = builder.info.splits["train"].num_examples // batch_size
-  for _ in range(per_epoch):  # warm-up: fills the cache, starts the threads
+  for _ in range(per_epoch):  # warm-up: fills caches, starts the threads
     next(it)
   start, cpu_start = time.perf_counter(), time.process_time()
   for _ in range(batches):
     batch = next(it)
   seconds = time.perf_counter() - start
   cpu_seconds = time.process_time() - cpu_start  # all threads; robust to other load
-  return {"dataset": name, "output": batch["image"].shape[1:3],
+  return {"dataset": name, "pipeline": pipeline_name, "output": batch["image"].shape[1:3],
           "examples_per_s": batches * batch_size / seconds,
           "examples_per_cpu_s": batches * batch_size / cpu_seconds,
-          "image_kb": np.mean([s[0] for s in sizes]) / 1024,
-          "label_kb": np.mean([s[1] for s in sizes]) / 1024}
+          "image_kb": image_kb, "label_kb": label_kb}
 
 
 def main():
@@ -123,6 +161,7 @@ def main():
   parser.add_argument("--examples", type=int, default=64, help="training examples written")
   parser.add_argument("--batches", type=int, default=12, help="timed batches of 16")
   parser.add_argument("--workdir", default=None, help="reuse written and built data here")
+  parser.add_argument("--pipeline", default="random_access", choices=PIPELINES)
   args = parser.parse_args()
   workdir = args.workdir or tempfile.mkdtemp(prefix="pipeline_bench_")
   cores = len(os.sched_getaffinity(0))
@@ -131,7 +170,7 @@ def main():
         "examples per CPU-second |")
   print("| --- | --- | --- | --- | --- | --- |")
   for name in args.datasets.split(","):
-    r = measure(name, workdir, args.examples, args.batches)
+    r = measure(name, workdir, args.examples, args.batches, pipeline_name=args.pipeline)
     print(f"| {name} | {r['output'][0]}x{r['output'][1]} | {r['image_kb']:.0f} | "
           f"{r['label_kb']:.0f} | {r['examples_per_s']:.1f} | "
           f"{r['examples_per_cpu_s']:.1f} |", flush=True)

@@ -4,7 +4,7 @@
 #   launch/tpu.sh create     --name=semflow --zone=us-central2-b --accelerator=v4-32 [--spot]
 #   launch/tpu.sh setup      --name=semflow --zone=us-central2-b
 #   launch/tpu.sh build-data --name=semflow --zone=us-central2-b -- \
-#       cityscapes_semantic --manual_dir=/data/cityscapes --data_dir=gs://my-bucket/tfds
+#       cityscapes_semantic --manual_dir=/data/cityscapes --data_dir=gs://my-bucket/tfds --processes=8
 #   launch/tpu.sh train      --name=semflow --zone=us-central2-b -- \
 #       --config=configs/cityscapes.py --workdir=gs://my-bucket/runs/cityscapes \
 #       --config.data.tfds_data_dir=gs://my-bucket/tfds --config.model.init_from=gs://my-bucket/sd15
@@ -14,7 +14,8 @@
 #
 # Options: --name, --zone (or $TPU_NAME, $ZONE), --accelerator (create; e.g. v5litepod-16, v4-32),
 # --version (the TPU software version; default for the accelerator's generation), --project,
-# --spot (a spot queued resource; `train` re-creates it if it was preempted), --worker (logs),
+# --spot (a spot queued resource; `train` re-creates it if it was preempted), --worker (logs: which
+# worker's; build-data: build on that worker alone instead of on all of them),
 # --dry_run (print every gcloud command instead of running it). Everything after `--` reaches
 # `python -m semflow_jax.main` (train) or `python -m semflow_jax.data.build` (build-data) on the
 # workers unchanged: each argument is quoted for the remote shell, so spaces and quotes survive.
@@ -49,7 +50,7 @@ VERSION=""
 PROJECT=${PROJECT:-}
 SPOT=false
 DRY_RUN=false
-WORKER=0
+WORKER=""
 PASSTHROUGH=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -206,8 +207,18 @@ echo \$! > $REMOTE_PID"
 
 build_data() {
   [ ${#PASSTHROUGH[@]} -gt 0 ] || { echo "launch/tpu.sh: build-data needs '-- <dataset> --manual_dir=... --data_dir=gs://...'" >&2; exit 2; }
-  # Once, on worker 0: every worker then reads the tfds data dir in the bucket.
-  ssh_workers 0 "cd $REMOTE_DIR && $REMOTE_VENV/bin/python -m semflow_jax.data.build$(quoted_passthrough)"
+  if [ -n "$WORKER" ]; then  # one worker builds everything
+    ssh_workers "$WORKER" "cd $REMOTE_DIR && $REMOTE_VENV/bin/python -m semflow_jax.data.build$(quoted_passthrough)"
+    return
+  fi
+  # Every worker writes its share of the shards into the bucket (each needs the unpacked download
+  # at --manual_dir); worker 0 makes the dataset visible once all are written. A worker's index
+  # and the number of workers come from the TPU metadata server, as jax.distributed finds them.
+  ssh_workers all "cd $REMOTE_DIR || exit 1
+META=http://metadata.google.internal/computeMetadata/v1/instance/attributes
+INDEX=\$(curl -sf -H Metadata-Flavor:Google \$META/agent-worker-number) || exit 1
+COUNT=\$(curl -sf -H Metadata-Flavor:Google \$META/worker-network-endpoints | tr , '\\n' | wc -l) || exit 1
+$REMOTE_VENV/bin/python -m semflow_jax.data.build$(quoted_passthrough) --num_workers=\$COUNT --worker_index=\$INDEX"
 }
 
 delete() {
@@ -223,7 +234,7 @@ case "$COMMAND" in
   setup) setup ;;
   build-data) build_data ;;
   train) train ;;
-  logs) ssh_workers "$WORKER" "tail -n 200 -F $REMOTE_LOG" ;;
+  logs) ssh_workers "${WORKER:-0}" "tail -n 200 -F $REMOTE_LOG" ;;
   stop) ssh_workers all "[ -f $REMOTE_PID ] && kill -TERM \$(cat $REMOTE_PID) || echo 'no run started here'" ;;
   delete) delete ;;
 esac

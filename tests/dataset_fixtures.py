@@ -151,19 +151,18 @@ WRITERS = {"coco_stuff": write_coco_stuff, "cityscapes_semantic": write_cityscap
            "celebamask_hq": write_celebamask_hq}
 
 
-def build(name, manual_dir, data_dir):
-  """The prepared tfds builder of `name` built from `manual_dir`."""
-  import semflow_jax.data  # noqa: F401  (registers the builders)
+def build(name, manual_dir, data_dir, **kwargs):
+  """The prepared tfds builder of `name` built from `manual_dir` (as the build command does)."""
+  from semflow_jax.data import records  # also registers the builders
   builder = tfds.builder(name, data_dir=str(data_dir))
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
-  return builder
+  return records.build(builder, str(manual_dir), **kwargs)
 
 
 def examples(builder, split):
-  """{file name: example} of a split, decoded to numpy."""
-  ds = builder.as_dataset(split=split, shuffle_files=False)
-  return {ex["file_name"].decode(): ex for ex in tfds.as_numpy(ds)}
+  """{file name: example} of a split, decoded to numpy (tfds' own random-access reader)."""
+  source = builder.as_data_source(split)
+  return {ex["file_name"].decode(): ex for ex in (source[i] for i in range(len(source)))}
+
 
 
 # A folder dataset (semflow_jax/data/folder.py): train/ and validation/ with images/ and labels/,

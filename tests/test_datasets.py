@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 from cityscapesscripts.helpers import labels as cs_labels
 from PIL import Image
@@ -58,12 +59,13 @@ def test_coco_stuff_maps_raw_ids_to_171_contiguous_classes(built):
       np.testing.assert_array_equal(ex["label"][..., 0], expected)
       assert ex["image"].shape == raw.shape + (3,)
   # JPEGs are stored byte for byte (no re-encoding).
-  stored = tfds.as_numpy(builder.as_dataset(
-      split="train", decoders={"image": tfds.decode.SkipDecoding()}))
-  for ex in stored:
-    stem = ex["file_name"].decode()[:-4]
+  stored = builder.as_data_source("train",
+                                  deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+  for record in stored:
+    feature = tf.train.Example.FromString(record).features.feature
+    stem = feature["file_name"].bytes_list.value[0].decode()[:-4]
     with open(_coco_image_path(written, stem), "rb") as f:
-      assert ex["image"] == f.read()
+      assert feature["image"].bytes_list.value[0] == f.read()
 
 
 def _coco_image_path(written, stem):
@@ -220,7 +222,7 @@ def test_unknown_coco_thing_id_is_rejected(tmp_path):
 @pytest.mark.parametrize("name", NAMES)
 def test_missing_manual_dir_prints_the_instructions(name, tmp_path):
   missing = tmp_path / "not_downloaded"
-  with pytest.raises(AssertionError) as e:
+  with pytest.raises(manual.DataError) as e:
     fx.build(name, missing, tmp_path / "tfds")
   message = str(e.value)
   assert str(missing) in message and "Download" in message and "manual_dir" in message
@@ -259,3 +261,104 @@ def test_celebamask_hq_image_that_is_not_a_multiple_of_the_masks_is_rejected(tmp
   Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(image)  # masks are 16x16
   with pytest.raises(manual.DataError, match=f"^{image}: image is 20x20 but its label"):
     fx.build("celebamask_hq", tmp_path / "m", tmp_path / "tfds")
+
+
+# -- building in parallel shards, interrupted and resumed ----------------------------------------
+
+def _records(builder):
+  """{split: [tf.train.Example]}: what a reader gets, every feature byte for byte (parsed: the
+  order of a proto map's entries in the serialized bytes may differ between processes)."""
+  return {split: [tf.train.Example.FromString(r) for r in builder.as_data_source(
+      split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)]
+      for split in builder.info.splits}
+
+
+def test_killed_build_is_invisible_and_a_rerun_on_two_workers_completes_it(tmp_path):
+  import signal
+  import time
+  from semflow_jax.data import records
+  from semflow_jax.data import pipeline
+  from configs import cityscapes as cityscapes_config
+  manual_dir = tmp_path / "m"
+  fx.write_cityscapes(str(manual_dir), size=(192, 384))  # big enough to take a moment each
+  reference = _records(fx.build("cityscapes_semantic", manual_dir, tmp_path / "reference"))
+  data_dir = tmp_path / "tfds"
+  cmd = [sys.executable, "-m", "semflow_jax.data.build", "cityscapes_semantic",
+         f"--manual_dir={manual_dir}", f"--data_dir={data_dir}", "--examples_per_shard=1"]
+  env = {**os.environ, "XLA_FLAGS": ""}
+  staging = data_dir / "cityscapes_semantic" / "incomplete.shards_1.1.0" / ".shards_done"
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while proc.poll() is None and time.time() < deadline:
+    if staging.is_dir() and len(os.listdir(staging)) >= 2:  # 11 shards of one example
+      proc.send_signal(signal.SIGKILL)
+      break
+    time.sleep(0.005)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, "the build ended before it could be killed"
+  written = len(os.listdir(staging))
+  assert 2 <= written < 11
+  # A reader sees no dataset, only the instructions to build one.
+  builder = tfds.builder("cityscapes_semantic", data_dir=str(data_dir))
+  assert not builder.is_prepared()
+  config = cityscapes_config.get_config("local")
+  config.data.tfds_data_dir = str(data_dir)
+  with pytest.raises(FileNotFoundError, match="is not built in"):
+    pipeline.get_builder(config.data)
+  # The same build on two workers (one with two processes) writes only the missing shards.
+  runs = [subprocess.Popen(cmd + ["--num_workers=2", f"--worker_index={i}"]
+                           + (["--processes=2"] if i == 1 else []),
+                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True) for i in (1, 0)]
+  outputs = [p.communicate(timeout=300) for p in runs]
+  for p, (out, err) in zip(runs, outputs):
+    assert p.returncode == 0, err[-2000:]
+  worker1, worker0 = (out for out, _ in outputs)
+  assert "wrote its shards" in worker1 and "train 8, validation 3" in worker0
+  shards_written = sum(int(line.split("writing ")[1].split(" of")[0])
+                       for out in (worker0, worker1) for line in out.splitlines()
+                       if line.startswith("cityscapes_semantic: writing"))
+  assert shards_written == 11 - written
+  built = tfds.builder("cityscapes_semantic", data_dir=str(data_dir))
+  assert built.is_prepared() and records.is_array_record(built)
+  assert _records(built) == reference  # the same bytes as one uninterrupted build
+  assert sorted(os.listdir(data_dir / "cityscapes_semantic")) == ["1.1.0"]  # staging gone
+
+
+def test_old_tfrecord_dataset_gets_one_line_with_the_command(tmp_path):
+  from semflow_jax.data import pipeline
+  from configs import coco_stuff as coco_config
+  old = tmp_path / "tfds" / "coco_stuff" / "1.0.0"
+  old.mkdir(parents=True)
+  (old / "dataset_info.json").write_text("{}")
+  (old / "features.json").write_text("{}")
+  config = coco_config.get_config("local")
+  config.data.tfds_data_dir = str(tmp_path / "tfds")
+  with pytest.raises(FileNotFoundError) as e:
+    pipeline.get_builder(config.data)
+  message = str(e.value)
+  assert "\n" not in message and "old TFRecord format (version 1.0.0)" in message
+  assert f"python -m semflow_jax.data.build coco_stuff --manual_dir=<dir> --data_dir=" \
+         f"{tmp_path / 'tfds'}" in message
+
+
+def test_a_tfrecord_build_is_refused_by_name(tmp_path):
+  from semflow_jax.data import pipeline
+  from configs import coco_stuff as coco_config
+  fx.write_coco_stuff(str(tmp_path / "m"))
+  builder = tfds.builder("coco_stuff", data_dir=str(tmp_path / "tfds"), file_format="tfrecord")
+  builder.download_and_prepare(  # tfds' own writer, in the format every build had before
+      download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / "m")))
+  config = coco_config.get_config("local")
+  config.data.tfds_data_dir = str(tmp_path / "tfds")
+  with pytest.raises(FileNotFoundError, match="stored as tfrecord, not ArrayRecord; rewrite it "
+                     "for random access: `python -m semflow_jax.data.build coco_stuff"):
+    pipeline.get_builder(config.data)
+  # tfds' own writer (ArrayRecord now) and the sharded build store the same records in order.
+  native = tfds.builder("coco_stuff", data_dir=str(tmp_path / "native"))
+  native.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / "m")))
+  sharded = fx.build("coco_stuff", tmp_path / "m", tmp_path / "sharded", examples_per_shard=2)
+  assert sharded.info.splits["train"].num_shards == 2
+  assert _records(native) == _records(sharded)

@@ -164,13 +164,36 @@ def test_train_starts_detached_on_every_worker_with_the_arguments_intact(tmp_pat
   _wait_for(home / "terminated")
 
 
-def test_build_data_on_worker_0_logs_and_delete():
-  (build,) = _commands(_tpu("build-data", *BASE, "--", "cityscapes_semantic",
-                            "--manual_dir=/data/city scapes", "--data_dir=gs://b/tfds"))
+def test_build_data_on_every_worker_or_one_logs_and_delete(tmp_path):
+  args = ["--", "cityscapes_semantic", "--manual_dir=/data/city scapes", "--data_dir=gs://b/tfds"]
+  (build,) = _commands(_tpu("build-data", *BASE, "--worker=0", *args))  # one worker builds
   assert _option(build, "worker") == "0"
   assert _argv(_option(build, "command").split("&& ", 1)[1])[-4:] == [
       "semflow_jax.data.build", "cityscapes_semantic", "--manual_dir=/data/city scapes",
       "--data_dir=gs://b/tfds"]
+  (build,) = _commands(_tpu("build-data", *BASE, *args))  # every worker writes its shards
+  assert _option(build, "worker") == "all"
+  # Run the worker's command here with a stand-in metadata server (curl) and python: worker 3
+  # of a 4-host slice passes its index and the count through.
+  bin_dir, home = tmp_path / "bin", tmp_path / "home"
+  for d in (bin_dir, home / "semflow_jax", home / "semflow_jax_venv" / "bin"):
+    d.mkdir(parents=True)
+  _executable(bin_dir / "curl", """#!/usr/bin/env bash
+case "${@: -1}" in
+  */agent-worker-number) echo 3 ;;
+  */worker-network-endpoints) echo 'w-0:u:10.0.0.1,w-1:u:10.0.0.2,w-2:u:10.0.0.3,w-3:u:10.0.0.4' ;;
+  *) exit 22 ;;
+esac
+""")
+  _executable(home / "semflow_jax_venv" / "bin" / "python", f"""#!{sys.executable}
+import json, sys
+json.dump(sys.argv[1:], open("{home}/argv.json", "w"))
+""")
+  env = {**os.environ, "HOME": str(home), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+  subprocess.run(["bash", "-c", _option(build, "command")], env=env, check=True, timeout=30)
+  assert json.loads((home / "argv.json").read_text()) == [
+      "-m", "semflow_jax.data.build", "cityscapes_semantic", "--manual_dir=/data/city scapes",
+      "--data_dir=gs://b/tfds", "--num_workers=4", "--worker_index=3"]
   (logs,) = _commands(_tpu("logs", *BASE, "--worker=3"))
   assert _option(logs, "worker") == "3" and "semflow_jax.log" in _option(logs, "command")
   (delete,) = _commands(_tpu("delete", *BASE))

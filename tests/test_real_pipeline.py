@@ -50,7 +50,7 @@ def test_random_crop_and_flip_are_the_same_for_image_and_label(fixtures):
   h, w = fx.CITYSCAPES_SIZE
   # Square crops of the 32x64 frames at 32x32: no resizing, so pixels can be traced back.
   preprocess = pipeline.Preprocess(crop="random", image_size=(h, h))
-  batches = _take(pipeline.train_iterator(builder, 6, seed=1, preprocess=preprocess), 4)
+  batches = _take(pipeline.TrainIterator(builder, 6, seed=1, preprocess=preprocess), 4)
   lefts, flips = set(), 0
   for batch in batches:
     assert batch["image"].shape == (6, h, h, 3) and batch["label"].shape == (6, h, h, 1)
@@ -70,7 +70,7 @@ def test_full_frame_resize_is_bicubic_for_images_and_nearest_for_labels(fixtures
   builder = fixtures["cityscapes_semantic"]
   raws = _cityscapes_raw(fixtures)
   preprocess = pipeline.Preprocess(crop="full", image_size=(16, 32))
-  batch = _take(pipeline.train_iterator(builder, 6, seed=0, flip=False, preprocess=preprocess,
+  batch = _take(pipeline.TrainIterator(builder, 6, seed=0, flip=False, preprocess=preprocess,
                                         keys=("image", "label", "file_name")), 1)[0]
   for image, label, name in zip(batch["image"], batch["label"], batch["file_name"]):
     raw = raws[name.decode()]
@@ -85,7 +85,7 @@ def test_full_frame_resize_is_bicubic_for_images_and_nearest_for_labels(fixtures
 def test_square_crops_of_coco_never_invent_classes(fixtures):
   builder = fixtures["coco_stuff"]
   preprocess = pipeline.Preprocess(crop="random", image_size=(24, 24), crop_scale=(0.6, 1.0))
-  batch = _take(pipeline.train_iterator(builder, 4, seed=0, preprocess=preprocess), 1)[0]
+  batch = _take(pipeline.TrainIterator(builder, 4, seed=0, preprocess=preprocess), 1)[0]
   assert batch["image"].shape == (4, 24, 24, 3) and batch["image"].dtype == np.uint8
   allowed = set(fx.COCO_RAW_TO_EXPECTED.values())
   assert set(np.unique(batch["label"])) <= allowed
@@ -95,7 +95,7 @@ def test_global_batches_over_8_devices_have_the_right_shape_and_sharding(fixture
   assert jax.device_count() == 8
   mesh = parallel.make_mesh(tiny_config)
   preprocess = pipeline.Preprocess(crop="full", image_size=(16, 32))
-  local = next(pipeline.train_iterator(fixtures["cityscapes_semantic"], 8, seed=0,
+  local = next(pipeline.TrainIterator(fixtures["cityscapes_semantic"], 8, seed=0,
                                        preprocess=preprocess))
   batch = parallel.to_global(local, mesh)
   assert batch["image"].shape == (8, 16, 32, 3) and batch["label"].shape == (8, 16, 32, 1)
@@ -107,21 +107,25 @@ def test_global_batches_over_8_devices_have_the_right_shape_and_sharding(fixture
 
 
 @pytest.mark.parametrize("process_count", [2, 4])
-def test_process_splits_are_disjoint_and_cover_the_train_split(fixtures, monkeypatch,
-                                                               process_count):
-  builder = fixtures["cityscapes_semantic"]
+def test_each_process_reads_its_rows_of_the_same_global_batches(fixtures, monkeypatch,
+                                                                process_count):
+  builder = fixtures["cityscapes_semantic"]  # 8 training examples
   total = builder.info.splits["train"].num_examples
-  seen = []
+  batches = 2 * total // process_count  # two epochs
+  keys = ("file_name", "image")
+  one = _take(pipeline.TrainIterator(builder, process_count, seed=0, keys=keys), batches)
   monkeypatch.setattr(jax, "process_count", lambda: process_count)
+  rows = []
   for index in range(process_count):
     monkeypatch.setattr(jax, "process_index", lambda index=index: index)
-    n = builder.info.splits[pipeline.process_split("train")].num_examples
-    it = pipeline.train_iterator(builder, 1, seed=0, flip=False, keys=("file_name",))
-    names = [b["file_name"][0].decode() for b in _take(it, n)]
-    assert len(set(names)) == n  # one epoch of this process: each of its examples once
-    seen.append(set(names))
-  assert sum(len(s) for s in seen) == total
-  assert set().union(*seen) == set(fx.examples(builder, "train"))
+    rows.append(_take(pipeline.TrainIterator(builder, 1, seed=0, keys=keys), batches))
+  for b, global_batch in enumerate(one):  # process p holds row p of every global batch
+    for key in keys:
+      np.testing.assert_array_equal(np.concatenate([r[b][key] for r in rows]), global_batch[key])
+  epochs = [[n.decode() for g in one[e * total // process_count:(e + 1) * total // process_count]
+             for n in g["file_name"]] for e in range(2)]
+  assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(fx.examples(builder, "train"))
+  assert epochs[0] != epochs[1]  # reshuffled
 
 
 @pytest.mark.parametrize("process_count", [1, 2, 4])

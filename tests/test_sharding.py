@@ -61,7 +61,7 @@ def setup(tfds_dir):
   config.mesh.fsdp_min_size = 1024
   config.model.channel_mult = (1,)  # one level: the same layer types, half the compile time
   builder = pipeline.get_builder(config.data)
-  batches = [b for _, b in zip(range(5), pipeline.train_iterator(builder, 16, seed=0))]
+  batches = [b for _, b in zip(range(5), pipeline.TrainIterator(builder, 16, seed=0))]
   config.mesh.data, config.mesh.fsdp = 4, 2
   mesh = parallel.make_mesh(config)
   initial = state_lib.create(SemFlow.from_config(config), state_lib.make_optimizer(config),

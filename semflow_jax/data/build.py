@@ -1,7 +1,15 @@
-"""Build a manual-download dataset (the `tfds build` CLI of tfds 4.9.10 needs apache_beam).
+"""Build a manual-download dataset as ArrayRecord files, in parallel shards.
 
   python -m semflow_jax.data.build cityscapes_semantic --manual_dir=/data/cityscapes \
-      --data_dir=/data/tfds
+      --data_dir=/data/tfds --processes=8
+
+The examples are written in shards of --examples_per_shard, by --processes local processes and,
+optionally, by several machines sharing the work: run the same command on each with
+--num_workers=N --worker_index=i (every machine needs the unpacked download at --manual_dir;
+`launch/tpu.sh build-data` does this on every TPU worker). Each shard goes into a staging
+directory beside the dataset; worker 0 waits for all of them and then makes the dataset visible
+at once (records.py). An interrupted build leaves no dataset that looks complete: run the same
+command again and only the missing shards are written.
 
   python -m semflow_jax.data.build folder_dataset --manual_dir=/data/my_dataset \
       --validation_fraction=0.1 --data_dir=/data/tfds
@@ -13,6 +21,7 @@ Bad files stop the build with one line naming the file; nothing is left in --dat
 config's `data.validation_fraction`.
 """
 
+import os
 import sys
 
 from absl import app, flags
@@ -20,6 +29,13 @@ from absl import app, flags
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "The unpacked download.", required=True)
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data directory, local or gs:// "
                                 "(default: tfds').")
+_PROCESSES = flags.DEFINE_integer("processes", 1, "Local processes writing shards at once.")
+_NUM_WORKERS = flags.DEFINE_integer("num_workers", 1, "Machines sharing the build (each runs "
+                                    "this command with its --worker_index).")
+_WORKER_INDEX = flags.DEFINE_integer("worker_index", 0, "This machine's index in [0, "
+                                     "num_workers); worker 0 commits the dataset.")
+_EXAMPLES_PER_SHARD = flags.DEFINE_integer("examples_per_shard", 1000,
+                                           "Examples per ArrayRecord file (at most).")
 _VALIDATION_FRACTION = flags.DEFINE_float("validation_fraction", 0.1, "folder_dataset without "
                                           "train/ and validation/: the validation share.")
 
@@ -29,6 +45,11 @@ NAMES = ("coco_stuff", "cityscapes_semantic", "celebamask_hq", "folder_dataset")
 def main(argv):
   if len(argv) != 2 or argv[1] not in NAMES:
     raise app.UsageError(f"expected one dataset name, one of {', '.join(NAMES)}")
+  if not 0 <= _WORKER_INDEX.value < _NUM_WORKERS.value:
+    raise app.UsageError(f"--worker_index={_WORKER_INDEX.value} is not in [0, --num_workers="
+                         f"{_NUM_WORKERS.value})")
+  if _PROCESSES.value < 1 or _EXAMPLES_PER_SHARD.value < 1:
+    raise app.UsageError("--processes and --examples_per_shard must be at least 1")
   from semflow_jax import storage
   data_dir = _DATA_DIR.value and storage.resolve(_DATA_DIR.value)
   try:
@@ -43,24 +64,29 @@ def main(argv):
   tf.config.set_visible_devices([], "GPU")
   import tensorflow_datasets as tfds
 
-  from semflow_jax.data import folder, manual  # also registers the builders
+  from semflow_jax.data import folder, manual, records  # also registers the builders
+  options = dict(processes=_PROCESSES.value, num_workers=_NUM_WORKERS.value,
+                 worker_index=_WORKER_INDEX.value,
+                 examples_per_shard=_EXAMPLES_PER_SHARD.value, log=print)
   try:
     if argv[1] == folder.NAME:
-      builder = folder.prepare(folder.builder(_MANUAL_DIR.value, _VALIDATION_FRACTION.value,
-                                              data_dir))
+      built = folder.prepare(folder.builder(_MANUAL_DIR.value, _VALIDATION_FRACTION.value,
+                                            data_dir), **options)
     else:
       builder = tfds.builder(argv[1], data_dir=data_dir)
-      builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(
-              manual_dir=storage.resolve(_MANUAL_DIR.value)))
+      if builder.is_prepared():
+        print(f"{argv[1]} is already built in {builder.data_path}")
+        return
+      built = records.build(builder, os.path.abspath(_MANUAL_DIR.value), **options)
   except manual.DataError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  except AssertionError as e:  # tfds: the manual directory is missing or empty
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  print(f"{argv[1]} built in {builder.data_dir}: "
-        + ", ".join(f"{k} {v.num_examples}" for k, v in builder.info.splits.items()))
+  if built is None:
+    print(f"{argv[1]}: worker {_WORKER_INDEX.value} of {_NUM_WORKERS.value} wrote its shards; "
+          "worker 0 makes the dataset visible when all are written")
+    return
+  print(f"{argv[1]} built in {built.data_path}: "
+        + ", ".join(f"{k} {v.num_examples}" for k, v in built.info.splits.items()))
 
 
 if __name__ == "__main__":

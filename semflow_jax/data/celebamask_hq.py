@@ -9,10 +9,10 @@ https://github.com/switchablenorms/CelebAMask-HQ, unpacked so that the manual di
   <manual_dir>/list_eval_partition.txt     (optional: CelebA's Eval/list_eval_partition.txt)
 
 Build:
-  python -m semflow_jax.data.build celebamask_hq --manual_dir=<manual_dir> --data_dir=<tfds dir>
-(or `tfds build celebamask_hq --imports=semflow_jax.data --manual_dir=...`, which with tfds 4.9.10
-needs apache_beam installed), or from Python with a DownloadConfig(manual_dir=...), as `pipeline.get_builder` does when
-`config.data.manual_dir` is set.
+  python -m semflow_jax.data.build celebamask_hq --manual_dir=<manual_dir> --data_dir=<tfds dir> \
+      [--processes=8]
+(in parallel shards, see build.py), or let `pipeline.get_builder` build it when
+`config.data.manual_dir` is set. Stored as ArrayRecord for random access, in image-index order.
 
 Each image's part masks `<iiiii>_<part>.png` (non-zero = part) are painted in the dataset's
 standard order (PARTS: skin, nose, eye_g, ..., cloth, as in the dataset's own g_mask.py), label
@@ -35,7 +35,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
 
-from semflow_jax.data import manual
+from semflow_jax.data import manual, records
 
 PARTS = ("skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear", "r_ear",
          "mouth", "u_lip", "l_lip", "hair", "hat", "ear_r", "neck_l", "neck", "cloth")
@@ -52,12 +52,13 @@ _PARTITION_SPLITS = {0: "train", 1: "validation", 2: "test"}
 # The download part of the module docstring, which tfds prints when the manual dir is missing.
 _INSTRUCTIONS = __doc__[__doc__.index("Download"):__doc__.index("Build:")]
 
-class CelebamaskHq(tfds.core.GeneratorBasedBuilder):
+class CelebamaskHq(records.RandomAccessBuilder):
   """CelebAMask-HQ: 30k CelebA-HQ faces with 19-class parsing maps."""
 
   name = "celebamask_hq"
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "1.1.0": "ArrayRecord (random access), examples in image-index order."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
 
   def _info(self):
@@ -67,10 +68,11 @@ class CelebamaskHq(tfds.core.GeneratorBasedBuilder):
         supervised_keys=("image", "label"),
         homepage="https://github.com/switchablenorms/CelebAMask-HQ",
         metadata=tfds.core.MetadataDict(class_names=list(CLASS_NAMES)),
+        disable_shuffling=True,  # stored in split_items order
     )
 
-  def _split_generators(self, dl_manager):
-    root = dl_manager.manual_dir
+  def split_items(self, manual_dir):
+    root = manual.require_manual_dir(manual_dir, self.MANUAL_DOWNLOAD_INSTRUCTIONS)
     image_dir = manual.require_dir(os.path.join(root, IMAGE_DIR),
                                    self.MANUAL_DOWNLOAD_INSTRUCTIONS)
     mask_dir = manual.require_dir(os.path.join(root, MASK_DIR), self.MANUAL_DOWNLOAD_INSTRUCTIONS)
@@ -88,11 +90,11 @@ class CelebamaskHq(tfds.core.GeneratorBasedBuilder):
     by_split = {}
     for pair in pairs:
       by_split.setdefault(split_of[int(pair[0])], []).append(pair)
-    return {split: self._generate_examples(by_split[split])
-            for split in ("train", "validation", "test") if by_split.get(split)}
+    return {split: by_split[split] for split in ("train", "validation", "test")
+            if by_split.get(split)}
 
-  def _generate_examples(self, pairs):
-    yield from manual.ordered_map(_load_example, pairs)
+  def load_example(self, item):
+    return _load_example(item)
 
 
 def _masks_by_index(mask_dir):

@@ -12,10 +12,10 @@ and unpack both into the manual directory, so that it holds
 (the other gtFine files, *_color.png, *_instanceIds.png, *_polygons.json, are not read).
 
 Build:
-  python -m semflow_jax.data.build cityscapes_semantic --manual_dir=<manual_dir> --data_dir=<tfds dir>
-(or `tfds build cityscapes_semantic --imports=semflow_jax.data --manual_dir=...`, which with tfds 4.9.10
-needs apache_beam installed), or from Python with a DownloadConfig(manual_dir=...), as `pipeline.get_builder` does when
-`config.data.manual_dir` is set.
+  python -m semflow_jax.data.build cityscapes_semantic --manual_dir=<manual_dir> \
+      --data_dir=<tfds dir> [--processes=8]
+(in parallel shards, see build.py), or let `pipeline.get_builder` build it when
+`config.data.manual_dir` is set. Stored as ArrayRecord for random access, in <city>/<frame> order.
 
 `*_gtFine_labelIds.png` holds the 34 label ids of the official table; they map to the 19
 evaluation train ids with every other id -> 255 (ignore), exactly as
@@ -29,7 +29,7 @@ import os
 
 import tensorflow_datasets as tfds
 
-from semflow_jax.data import manual
+from semflow_jax.data import manual, records
 
 # (name, label id, train id) of the official label table (cityscapesscripts.helpers.labels);
 # train id 255 or -1 means ignored in training and evaluation.
@@ -59,11 +59,12 @@ LABEL_SUFFIX = "_gtFine_labelIds.png"
 # The download part of the module docstring, which tfds prints when the manual dir is missing.
 _INSTRUCTIONS = __doc__[__doc__.index("Download"):__doc__.index("Build:")]
 
-class CityscapesSemantic(tfds.core.GeneratorBasedBuilder):
+class CityscapesSemantic(records.RandomAccessBuilder):
   """Cityscapes gtFine semantic labels (19 train ids) with the leftImg8bit images."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "1.1.0": "ArrayRecord (random access), examples in <city>/<frame> order."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
 
   def _info(self):
@@ -73,11 +74,12 @@ class CityscapesSemantic(tfds.core.GeneratorBasedBuilder):
         supervised_keys=("image", "label"),
         homepage="https://www.cityscapes-dataset.com/",
         metadata=tfds.core.MetadataDict(class_names=list(CLASS_NAMES)),
+        disable_shuffling=True,  # stored in split_items order
     )
 
-  def _split_generators(self, dl_manager):
-    root = dl_manager.manual_dir
-    generators = {}
+  def split_items(self, manual_dir):
+    root = manual.require_manual_dir(manual_dir, self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+    items = {}
     for split, folder in SPLITS.items():
       image_dir = manual.require_dir(os.path.join(root, "leftImg8bit", folder),
                                      self.MANUAL_DOWNLOAD_INSTRUCTIONS)
@@ -86,11 +88,11 @@ class CityscapesSemantic(tfds.core.GeneratorBasedBuilder):
       # Keys are <city>/<city>_<sequence>_<frame>, the part both file names share.
       images = _by_city(image_dir, IMAGE_SUFFIX)
       labels = _by_city(label_dir, LABEL_SUFFIX)
-      generators[split] = self._generate_examples(manual.pair_up(images, labels))
-    return generators
+      items[split] = manual.pair_up(images, labels)
+    return items
 
-  def _generate_examples(self, pairs):
-    yield from manual.ordered_map(_load_example, pairs)
+  def load_example(self, item):
+    return _load_example(item)
 
 
 def _by_city(directory, suffix):

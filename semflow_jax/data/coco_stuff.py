@@ -14,11 +14,10 @@ and unpack so that the manual directory holds
 (`unzip stuffthingmaps_trainval2017.zip -d <manual_dir>/stuffthingmaps_trainval2017`).
 
 Build:
-  python -m semflow_jax.data.build coco_stuff --manual_dir=<manual_dir> --data_dir=<tfds dir>
-(or `tfds build coco_stuff --imports=semflow_jax.data --manual_dir=...`, which with tfds 4.9.10
-needs apache_beam installed), or from Python: `tfds.builder("coco_stuff", data_dir=...)
-.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=...))`, which
-`pipeline.get_builder` does when `config.data.manual_dir` is set.
+  python -m semflow_jax.data.build coco_stuff --manual_dir=<manual_dir> --data_dir=<tfds dir> \
+      [--processes=8]
+(in parallel shards, see build.py), or let `pipeline.get_builder` build it when
+`config.data.manual_dir` is set. Stored as ArrayRecord for random access, in file-name order.
 
 Label maps hold the COCO category id minus one (0 = person ... 181 = wood) and 255 for
 unlabelled pixels. The 11 thing ids that COCO defines but never annotates drop out, leaving 171
@@ -31,7 +30,7 @@ import os
 
 import tensorflow_datasets as tfds
 
-from semflow_jax.data import manual
+from semflow_jax.data import manual, records
 
 # COCO category names by raw label value (category id - 1); None marks the 11 ids COCO
 # reserves but never annotates (street sign, hat, shoe, eye glasses, plate, mirror, window,
@@ -76,11 +75,12 @@ SPLITS = {"train": "train2017", "validation": "val2017"}
 # The download part of the module docstring, which tfds prints when the manual dir is missing.
 _INSTRUCTIONS = __doc__[__doc__.index("Download"):__doc__.index("Build:")]
 
-class CocoStuff(tfds.core.GeneratorBasedBuilder):
+class CocoStuff(records.RandomAccessBuilder):
   """COCO-Stuff-164k: COCO 2017 images with 171-class stuff+thing label maps."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "1.1.0": "ArrayRecord (random access), examples in file-name order."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
 
   def _info(self):
@@ -90,22 +90,22 @@ class CocoStuff(tfds.core.GeneratorBasedBuilder):
         supervised_keys=("image", "label"),
         homepage="https://github.com/nightrome/cocostuff",
         metadata=tfds.core.MetadataDict(class_names=list(CLASS_NAMES)),
+        disable_shuffling=True,  # stored in split_items order
     )
 
-  def _split_generators(self, dl_manager):
-    root = dl_manager.manual_dir
-    generators = {}
+  def split_items(self, manual_dir):
+    root = manual.require_manual_dir(manual_dir, self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+    items = {}
     for split, folder in SPLITS.items():
       image_dir = manual.require_dir(os.path.join(root, folder), self.MANUAL_DOWNLOAD_INSTRUCTIONS)
       label_dir = manual.require_dir(os.path.join(root, LABEL_DIR, folder),
                                      self.MANUAL_DOWNLOAD_INSTRUCTIONS)
-      pairs = manual.pair_up(manual.files_with_suffix(image_dir, ".jpg"),
-                             manual.files_with_suffix(label_dir, ".png"))
-      generators[split] = self._generate_examples(pairs)
-    return generators
+      items[split] = manual.pair_up(manual.files_with_suffix(image_dir, ".jpg"),
+                                    manual.files_with_suffix(label_dir, ".png"))
+    return items
 
-  def _generate_examples(self, pairs):
-    yield from manual.ordered_map(_load_example, pairs)
+  def load_example(self, item):
+    return _load_example(item)
 
 
 def _load_example(pair):

@@ -58,7 +58,7 @@ import tensorflow_datasets as tfds
 from PIL import Image, UnidentifiedImageError
 
 from semflow_jax import storage
-from semflow_jax.data import manual
+from semflow_jax.data import manual, records
 from semflow_jax.images import IMAGE_EXTENSIONS
 
 NAME = "folder_dataset"
@@ -307,8 +307,9 @@ class FolderConfig(tfds.core.BuilderConfig):
     self.validation_fraction = validation_fraction
 
 
-class FolderDataset(tfds.core.GeneratorBasedBuilder):
-  """Images and label maps from a folder with a classes.json; see the module docstring."""
+class FolderDataset(records.RandomAccessBuilder):
+  """Images and label maps from a folder with a classes.json; see the module docstring.
+  Stored as ArrayRecord like the other datasets (records.py), built in shards."""
 
   name = NAME
   VERSION = tfds.core.Version("1.0.0")
@@ -326,16 +327,15 @@ class FolderDataset(tfds.core.GeneratorBasedBuilder):
                                         fingerprint=getattr(cfg, "fingerprint", None)),
     )
 
-  def _split_generators(self, dl_manager):
-    del dl_manager  # the folder is in the config
+  def split_items(self, manual_dir):
+    del manual_dir  # the folder is in the config
     cfg = self.builder_config
     pairs = split_pairs(cfg.folder, cfg.validation_fraction)
-    return {split: self._generate_examples(pairs[split]) for split in SPLITS if pairs[split]}
+    return {split: pairs[split] for split in SPLITS if pairs[split]}
 
-  def _generate_examples(self, pairs):
-    table = self.builder_config.classes.lookup()
-    num_classes = self.builder_config.classes.num_classes
-    yield from manual.ordered_map(lambda pair: _load_example(pair, table, num_classes), pairs)
+  def load_example(self, item):
+    classes = self.builder_config.classes
+    return _load_example(item, classes.lookup(), classes.num_classes)
 
 
 def builder(folder: str, validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
@@ -369,9 +369,10 @@ def _is_current(b: FolderDataset) -> bool:
       b.builder_config.fingerprint
 
 
-def prepare(b: FolderDataset) -> FolderDataset:
+def prepare(b: FolderDataset, **build_options) -> Optional[FolderDataset]:
   """Build the dataset if it is not built, or if its folder changed since (a stale build is
-  removed first); returns the builder."""
+  removed first); returns the builder (None on a build worker other than 0).
+  `build_options`: records.build's processes, num_workers, worker_index, ..."""
   if b.is_prepared() and not _is_current(b):
     from absl import logging
     logging.info("%s changed since %s was built from it: building it again",
@@ -379,5 +380,5 @@ def prepare(b: FolderDataset) -> FolderDataset:
     storage.remove_tree(b.data_dir)
     b = FolderDataset(config=b.builder_config, data_dir=b.data_dir_root)
   if not b.is_prepared():
-    b.download_and_prepare()
+    return records.build(b, None, **build_options)
   return b

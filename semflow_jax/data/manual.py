@@ -2,8 +2,8 @@
 
 Every problem with the downloaded files raises `DataError` with a message that starts with the
 offending path, so a build over hundreds of thousands of files says which one to look at.
-tfds builds into a temporary directory and deletes it when generation raises, so a failed build
-leaves no half-written dataset behind.
+A build that raises it removes what it had written (`records.build`): no half-written dataset
+is left behind.
 """
 
 import concurrent.futures
@@ -29,6 +29,18 @@ def features(image_encoding: str) -> tfds.features.FeaturesDict:
       "label": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
       "file_name": tfds.features.Text(),
   })
+
+
+def require_manual_dir(path, instructions: str) -> str:
+  """The manual download directory if it exists; otherwise an error with the instructions."""
+  if not path:
+    raise DataError("no manual download directory given (--manual_dir or "
+                    f"config.data.manual_dir). Download and unpack:\n{instructions}")
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise DataError(f"{path}: the manual download directory (manual_dir) does not exist. "
+                    f"Download and unpack:\n{instructions}")
+  return path
 
 
 def require_dir(path: str, instructions: str) -> str:

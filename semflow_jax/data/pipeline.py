@@ -1,43 +1,66 @@
-"""tf.data input pipelines: per-process split, epoch-seeded shuffle, crop, resize, flip, batches.
+"""Input pipelines by random access: global example order, per-process rows, crop, resize, flip.
 
-The training stream is a pure function of (seed, position): epoch e is shuffled with a seed
-derived from (seed, e) and every crop and flip draws from a stateless seed of (seed, e, index),
-so the iterator's whole state is the number of batches it has handed out. `TrainIterator.state()`
-is that number (with the global batch size and seed it refers to); it goes into every
-checkpoint, and a resumed run rebuilds the stream at the next unseen batch. The stream of global
-batches does not depend on the number of processes: every process walks the same shuffled order
-of (still encoded) examples and decodes, crops and resizes only its own rows of each global
-batch, so a run on 2 hosts sees exactly the batches a run on 1 host sees. Evaluation reads a
-disjoint part of the split per process and pads the last batch with masked examples so every
-example counts once on any number of processes; it never crops (the whole image is resized to
-the model's input, as the literature evaluates) and can deliver each label at its native size
-besides, for scoring at the label's own resolution.
+Datasets are stored as ArrayRecord (`records.py`) and read by index. The training stream is a
+pure function of (seed, position):
 
-Examples are cached and shuffled still encoded (the JPEG/PNG bytes tfds stores) and decoded,
-cropped and resized after the shuffle, in parallel. Every process therefore holds the training
-split in memory at its encoded size (COCO-Stuff train: about 19 GB, Cityscapes 7 GB,
-CelebAMask-HQ 2 GB; a TPU VM host has 100+ GB), and skipping to a resume position decodes
-nothing.
+- Example order: epoch e of a split of N examples is the permutation
+  `r -> tf.random.experimental.index_shuffle(r, [seed, e], N - 1)` (`epoch_order`); the epochs
+  are laid end to end and cut into global batches of B x P examples (B per process, P
+  processes), so batches run across epoch boundaries.
+- Rows: process p owns rows [p B, (p + 1) B) of every global batch and reads exactly those
+  records (nothing else: each process reads 1/P of each epoch), so the global batches are the
+  same for any number of processes.
+- Randomness: the crop window and the flip of example k in epoch e draw from the stateless seed
+  (seed * 1_000_003 + e, k) (`augmentation`), whoever reads it.
+
+So the iterator's whole state is the number of global batches it has handed out:
+`TrainIterator.state()` is that number (with the global batch size and seed it refers to); it
+goes into every checkpoint, and a resumed run computes the indices of the next unseen batch and
+reads from there (nothing is read to skip). Nothing holds the split in memory; a process's first
+batch costs B reads, whatever the split's size.
+
+The work runs in one tf.data graph: computing indices, reading records (batched, through
+`tfds`' ArrayRecord data source), then, on tf.data's thread pool (C++ threads, no extra
+processes), parsing, decoding, cropping, resizing and flipping each example, then batching with
+a prefetch that autotunes its depth. Images are resized bicubic with antialiasing, labels
+nearest (`resize_image` / `resize_label` are the same operations on numpy arrays, for callers
+outside the pipeline).
+
+Adding a second per-example source (e.g. cached image latents keyed by the same example index):
+read it beside the record in `_read_records` (same indices), and transform its arrays in
+`_prepare` with the same `Augmentation` (the window scaled to that array's resolution, the same
+flip), so both always describe the same pixels.
+
+Evaluation reads a disjoint, contiguous part of the split per process and pads the last batch
+with masked examples so every example counts once on any number of processes; it never crops
+(the whole image is resized to the model's input, as the literature evaluates) and can deliver
+each label at its native size besides, for scoring at the label's own resolution.
 
 `Preprocess` (from config.data) says how stored examples become model-sized; the default
 (`crop='none'`) passes them through unchanged, which the synthetic dataset relies on.
 """
 
+import contextlib
 import dataclasses
+import itertools
 import math
-from typing import Iterator, Optional, Tuple
+import threading
+import weakref
+from typing import Iterator, NamedTuple, Optional, Tuple
 
 import jax
 import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
-from semflow_jax.data import synthetic
+from semflow_jax.data import records, synthetic
 
 CROPS = ("none", "random", "center", "full")
 LABEL_KEY = "label"
 IMAGE_KEYS = ("image", "image_alt")  # resized bicubic; the label nearest; anything else as is
+_SHUFFLE_SEED_STRIDE = 1_000_003     # epoch e of seed s draws augmentations from s * this + e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,11 +111,13 @@ class Preprocess:
 
 
 def get_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-  """The tfds builder named by config.data.
+  """The prepared tfds builder named by config.data, stored for random access.
 
-  The synthetic dataset is generated on first use. A manual-download dataset that is not built
-  yet is built from `config.data.manual_dir` when that is set, a folder dataset from
-  `config.data.folder` (single-process runs only).
+  The synthetic dataset is generated on first use, by one process when several start at once
+  (the others wait). A manual-download dataset that is not built yet is built from
+  `config.data.manual_dir` when that is set, a folder dataset from `config.data.folder`
+  (single-process runs only). A dataset built in the old TFRecord format is an error naming
+  the command that rewrites it.
   """
   data_dir = data.tfds_data_dir or None
   if data.name == "folder_dataset":  # your own folder: config.data.folder (data/folder.py)
@@ -107,14 +132,25 @@ def get_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
         name=name, image_size=data.image_size, num_train=data.num_train,
         num_validation=data.num_validation, seed=data.seed)
     builder = synthetic.SyntheticScenes(config=builder_config, data_dir=data_dir)
-    builder.download_and_prepare()
+    if not builder.is_prepared():
+      old = records.stored_versions(builder)
+      if old:
+        logging.info("synthetic_scenes %s: version %s is in the old TFRecord format; "
+                     "generating version %s beside it", name, ", ".join(old), builder.version)
+      builder = records.prepare(builder, builds=jax.process_index() == 0)
     return builder
   import semflow_jax.data  # noqa: F401  (registers the manual-download builders)
   builder = tfds.builder(data.name, data_dir=data_dir)
+  command = (f"python -m semflow_jax.data.build {data.name} --manual_dir=<dir> "
+             f"--data_dir={builder.data_dir_root}")
   if not builder.is_prepared():
     manual_dir = data.get("manual_dir")
-    command = (f"python -m semflow_jax.data.build {data.name} --manual_dir=<dir> "
-               f"--data_dir={builder.data_dir_root}")
+    old = records.stored_versions(builder)
+    if old and not manual_dir:
+      raise FileNotFoundError(
+          f"dataset {data.name} in {builder.data_dir_root} is stored in the old TFRecord format "
+          f"(version {', '.join(old)}); rewrite it for random access: `{command}` (<dir>: the "
+          "unpacked download)")
     if not manual_dir:
       raise FileNotFoundError(
           f"dataset {data.name} is not built in {builder.data_dir_root}; build it with "
@@ -123,8 +159,12 @@ def get_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
       raise FileNotFoundError(
           f"dataset {data.name} is not built in {builder.data_dir_root}; build it once before "
           f"a multi-process run: `{command}`")
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    builder = records.prepare(builder, manual_dir)
+  if not records.is_array_record(builder):
+    raise FileNotFoundError(
+        f"dataset {data.name} in {builder.data_path} is stored as {builder.info.file_format.value}"
+        f", not ArrayRecord; rewrite it for random access: `{command}` (<dir>: the unpacked "
+        "download)")
   return builder
 
 
@@ -141,33 +181,45 @@ def class_names(builder, num_classes: int) -> list:
   return [names[i] if i < len(names) else f"class_{i}" for i in range(num_classes)]
 
 
-def _image_keys(builder, keys):
-  return [k for k in keys if isinstance(builder.info.features[k], tfds.features.Image)]
+def open_split(builder, split: str) -> records.Records:
+  """The split's serialized examples by index: `len(source)`, `source.__getitems__(indices)`.
+
+  Reads only the records asked for (ArrayRecord files; gs:// paths through ArrayRecord's own
+  GCS client).
+  """
+  if not records.is_array_record(builder):
+    raise FileNotFoundError(
+        f"dataset {builder.name} in {builder.data_path} is stored as "
+        f"{builder.info.file_format.value}, not ArrayRecord; rebuild it with "
+        f"`python -m semflow_jax.data.build {builder.name} ...` (see its module docstring)")
+  return records.Records(builder, split)
 
 
-def _load(builder, split: str, keys, decode: bool = True) -> tf.data.Dataset:
-  decoders = None if decode else {k: tfds.decode.SkipDecoding()
-                                  for k in _image_keys(builder, keys)}
-  ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders,
-                          read_config=tfds.ReadConfig(add_tfds_id=False))
-  return ds.map(lambda ex: {k: ex[k] for k in keys}, num_parallel_calls=tf.data.AUTOTUNE)
+def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+  """Example indices of epoch `epoch` of the training stream, in the order they are used."""
+  return _shuffled(tf.range(num_examples, dtype=tf.int64), seed, epoch, num_examples).numpy()
 
 
-def _decoder(builder, keys):
-  """Decodes the image features that `_load(..., decode=False)` left as bytes."""
-  encoded = _image_keys(builder, keys)
+def _shuffled(r, seed, epoch, num_examples):
+  """Positions r (int64 [n]) of epochs `epoch` ([n] or scalar) -> example indices.
 
-  def decode(example):
-    return {k: builder.info.features[k].decode_example(v) if k in encoded else v
-            for k, v in example.items()}
-  return decode
+  `tf.random.experimental.index_shuffle(r, [seed, epoch], num_examples - 1)` per element: the
+  raw op, because the wrapper pads a matrix of seeds along the wrong axis (TF 2.21); the first
+  seed word is the wrapper's own constant.
+  """
+  shape = tf.shape(r)
+  seeds = tf.stack([tf.fill(shape, tf.constant(498247692, tf.int64)),
+                    tf.fill(shape, tf.cast(seed, tf.int64)),
+                    tf.broadcast_to(tf.cast(epoch, tf.int64), shape)], axis=-1)
+  return tf.raw_ops.RandomIndexShuffle(index=r, seed=seeds,
+                                       max_index=tf.cast(num_examples - 1, tf.int64), rounds=4)
 
 
 def _window(shape, out_size, crop: str, crop_scale, seed):
   """(top, left, height, width) of the crop window in an image of `shape`."""
   height, width = shape[0], shape[1]
-  if crop == "full":
-    return 0, 0, height, width
+  if crop in ("full", "none"):
+    return tf.constant(0), tf.constant(0), height, width
   aspect = out_size[1] / out_size[0]
   h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
   side = tf.minimum(h, w / aspect)  # height of the largest window with the output's aspect
@@ -190,28 +242,170 @@ def _resize(x, size, nearest: bool):
   def resize():
     if nearest:
       return tf.image.resize(x, size, method="nearest")
-    y = tf.image.resize(tf.cast(x, tf.float32), size, method="bicubic", antialias=True)
+    # uint8 straight in: the kernel computes in float32 all the same (identical results) and
+    # the cast of a whole frame is saved.
+    y = tf.image.resize(x, size, method="bicubic", antialias=True)
     return tf.cast(tf.clip_by_value(tf.round(y), 0, 255), x.dtype)
   same = tf.reduce_all(tf.equal(tf.shape(x)[:2], size))
   return tf.ensure_shape(tf.cond(same, lambda: x, resize), (*size, x.shape[-1]))
 
 
-def _transform(example, seed, preprocess: Preprocess, flip: bool):
+def resize_image(image: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+  """uint8 (H, W, C) -> (size[0], size[1], C): the pipeline's image resize (bicubic with
+  antialiasing, rounded), for callers outside the pipeline."""
+  return _resize(tf.convert_to_tensor(image), tuple(size), nearest=False).numpy()
+
+
+def resize_label(label: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+  """uint8 (H, W) or (H, W, 1) -> the same rank at `size`: the pipeline's label resize (nearest
+  neighbour with half-pixel centres)."""
+  label = np.asarray(label)
+  out = _resize(tf.convert_to_tensor(label.reshape(*label.shape[:2], -1)), tuple(size),
+                nearest=True).numpy()
+  return out.reshape(*size) if label.ndim == 2 else out
+
+
+class Augmentation(NamedTuple):
+  """Where an example's arrays come from in the stored frame, and whether they are mirrored."""
+  top: tf.Tensor     # crop window in stored pixels (the whole frame for crop 'none' / 'full')
+  left: tf.Tensor
+  height: tf.Tensor
+  width: tf.Tensor
+  flip: tf.Tensor    # bool: mirror left-right after resizing
+
+
+def augmentation(seed, stored_shape, preprocess: "Preprocess", flip: bool) -> Augmentation:
+  """The crop window and flip of one example, a pure function of its stateless `seed`."""
+  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  size = tuple(preprocess.image_size) if preprocess.image_size else None
+  window = _window(stored_shape, size, preprocess.crop, preprocess.crop_scale, crop_seed)
+  do_flip = (tf.random.stateless_uniform([], flip_seed) < 0.5) if flip else tf.constant(False)
+  return Augmentation(*window, do_flip)
+
+
+def augment(x, aug: Augmentation, preprocess: "Preprocess", nearest: bool):
+  """One spatial array (H, W, C) of the example: crop, resize to the model's size, flip."""
+  if preprocess.crop != "none":
+    x = x[aug.top:aug.top + aug.height, aug.left:aug.left + aug.width]
+    x = _resize(x, tuple(preprocess.image_size), nearest=nearest)
+  return tf.cond(aug.flip, lambda: tf.reverse(x, axis=[1]), lambda: x)
+
+
+def _transform(example, seed, preprocess: "Preprocess", flip: bool):
   """The same crop, resize and flip for every image and the label of one example."""
   spatial = [k for k in example if k == LABEL_KEY or k in IMAGE_KEYS]
-  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
   out = dict(example)
-  if preprocess.crop != "none":
-    size = tuple(preprocess.image_size)
-    top, left, ch, cw = _window(tf.shape(example[spatial[0]]), size, preprocess.crop,
-                                preprocess.crop_scale, crop_seed)
-    for k in spatial:
-      out[k] = _resize(out[k][top:top + ch, left:left + cw], size, nearest=k == LABEL_KEY)
-  if flip:
-    do_flip = tf.random.stateless_uniform([], flip_seed) < 0.5
-    for k in spatial:
-      out[k] = tf.cond(do_flip, lambda v=out[k]: tf.reverse(v, axis=[1]), lambda v=out[k]: v)
+  if not spatial:
+    return out
+  aug = augmentation(seed, tf.shape(example[spatial[0]]), preprocess, flip)
+  for k in spatial:
+    out[k] = augment(example[k], aug, preprocess, nearest=k == LABEL_KEY)
   return out
+
+
+def _parser(builder, keys):
+  """serialized tf.train.Example -> {key: tensor} for `keys` (other images stay undecoded)."""
+  features = builder.info.features
+  skip = {k: tfds.decode.SkipDecoding() for k, f in features.items()
+          if k not in keys and isinstance(f, tfds.features.Image)}
+
+  def parse(serialized):
+    example = features.deserialize_example(serialized, decoders=skip)
+    return {k: example[k] for k in keys}
+  return parse
+
+
+class _Feed:
+  """Records for a tf.data graph, read on a Python thread and handed over through a TF queue.
+
+  No Python runs inside tf.data's threads: a tf.data iterator destroyed while a Python callback
+  of its (`tf.numpy_function`) waits for the interpreter lock deadlocks, e.g. at interpreter
+  exit. Here the graph only dequeues (a TF op), the thread reads and enqueues in order, and
+  `close` (called before the graph's iterator goes, and at exit) ends both sides.
+
+  `index_batches` yields (epochs, example indices) arrays; each becomes one read of the source.
+  """
+
+  def __init__(self, source, index_batches: Iterator, capacity: int):
+    self.queue = tf.queue.FIFOQueue(capacity, [tf.int64, tf.int64, tf.string],
+                                    shapes=[[], [], []])
+    self._args = (self.queue, source, index_batches)
+    self._errors = []  # what stopped the thread, raised again to the consumer
+    self._thread = None
+    self._closer = weakref.finalize(self, _close_queue, self.queue)  # also runs at exit
+
+  def dequeue(self, _=None):
+    """(epoch, example index, serialized example): the next record, in the feed's order."""
+    return self.queue.dequeue()
+
+  def start(self) -> None:
+    if self._thread is None:
+      self._thread = threading.Thread(target=_feed, args=(*self._args, self._errors),
+                                      name="semflow_jax records", daemon=True)
+      self._thread.start()
+
+  def check(self) -> None:
+    """Raise what stopped the thread, if anything did."""
+    if self._errors:
+      raise self._errors[0]
+
+  def close(self) -> None:
+    self._closer()
+    if self._thread is not None:
+      self._thread.join(timeout=10)
+
+
+def _feed(queue, source, index_batches, errors) -> None:
+  try:
+    for epochs, indices in index_batches:
+      records = np.array(source.__getitems__(indices.tolist()), dtype=object)
+      queue.enqueue_many([epochs, indices, records])
+  except tf.errors.CancelledError:  # closed: the consumer is gone
+    pass
+  except Exception as e:  # noqa: BLE001  (handed to the consumer)
+    errors.append(e)
+    _close_queue(queue)
+
+
+def _close_queue(queue) -> None:
+  try:
+    queue.close(cancel_pending_enqueues=True)
+  except Exception:  # noqa: BLE001  (interpreter shutting down: nothing left to unblock)
+    pass
+
+
+def _train_index_batches(seed: int, num_examples: int, batch_size: int, process_count: int,
+                         process_index: int, first_batch: int) -> Iterator:
+  """(epochs, example indices) of this process's rows of global batches first_batch, ...
+
+  Row r of process p in global batch b is position b G + p B + r of the stream (G = B P), which
+  is example `epoch_order(seed, e)[i]` for e, i = divmod(position, num_examples).
+  """
+  global_batch = batch_size * process_count
+  orders = {}
+  for b in itertools.count(first_batch):
+    positions = b * global_batch + process_index * batch_size + np.arange(batch_size)
+    epochs, offsets = np.divmod(positions, num_examples)
+    for e in np.unique(epochs):
+      if e not in orders:
+        orders = {k: v for k, v in orders.items() if k > e - 2}  # at most two epochs held
+        orders[e] = epoch_order(seed, int(e), num_examples)
+    indices = np.array([orders[e][i] for e, i in zip(epochs, offsets)], np.int64)
+    yield epochs.astype(np.int64), indices
+
+
+def _train_dataset(builder, feed: _Feed, batch_size: int, seed: int, flip: bool,
+                   preprocess: Preprocess, keys):
+  parse = _parser(builder, keys)
+
+  def prepare(epoch, index, record):
+    # Seeds depend on the example and its epoch only: any process count, the same batches.
+    example_seed = tf.stack([tf.cast(seed, tf.int64) * _SHUFFLE_SEED_STRIDE + epoch, index])
+    return _transform(parse(record), example_seed, preprocess, flip)
+
+  ds = tf.data.Dataset.range(np.iinfo(np.int64).max).map(feed.dequeue)  # in order
+  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)  # ordered: deterministic
+  return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
 class TrainIterator:
@@ -219,13 +413,25 @@ class TrainIterator:
 
   `batch_size` is this process's share; the global batch is batch_size x process count.
   `preprocess` crops and resizes (default: stored size); `keys` picks the features returned.
+  `source` (default `open_split(builder, 'train')`) is where records are read by index.
+  Reading starts at the first `next()`; `close()` stops it (also done when the iterator is
+  garbage collected and at interpreter exit).
   """
 
   def __init__(self, builder, batch_size: int, seed: int, position: int = 0, flip: bool = True,
-               *, preprocess: Optional[Preprocess] = None, keys=("image", "label")):
+               *, preprocess: Optional[Preprocess] = None, keys=("image", "label"),
+               source=None):
     self.batch_size, self.seed, self.position = batch_size, seed, position
-    self.global_batch_size = batch_size * jax.process_count()
-    self._dataset = _train_dataset(builder, batch_size, seed, position, flip,
+    processes = jax.process_count()
+    self.global_batch_size = batch_size * processes
+    source = source or open_split(builder, "train")
+    if len(source) < self.global_batch_size:
+      raise ValueError(f"train split has {len(source)} examples, fewer than the global batch "
+                       f"{self.global_batch_size}")
+    self._feed = _Feed(source, _train_index_batches(
+        seed, len(source), batch_size, processes, jax.process_index(), position),
+        capacity=2 * batch_size)
+    self._dataset = _train_dataset(builder, self._feed, batch_size, seed, flip,
                                    preprocess or Preprocess(), tuple(keys))
     self._batches = None  # started on the first next(): nothing is read before it is needed
 
@@ -240,10 +446,25 @@ class TrainIterator:
 
   def __next__(self) -> dict:
     if self._batches is None:
+      self._feed.start()
       self._batches = self._dataset.as_numpy_iterator()
-    batch = next(self._batches)
+    try:
+      batch = next(self._batches)
+    except tf.errors.OpError:
+      self._feed.check()  # the reader's own error, if it stopped the stream
+      raise
     self.position += 1
     return batch
+
+  def close(self) -> None:
+    """Stop reading (the queue first, so that nothing waits on it), then drop the graph."""
+    self._feed.close()
+    self._batches = None
+
+  def __del__(self):
+    feed = getattr(self, "_feed", None)
+    if feed is not None:
+      feed.close()
 
   def state(self) -> dict:
     """JSON-able; `position` counts the (global) batches this iterator has returned."""
@@ -264,73 +485,50 @@ class TrainIterator:
     return cls(builder, batch_size, seed, state["position"], flip, **kwargs)
 
 
-def train_iterator(builder, batch_size: int, seed: int, start_step: int = 0,
-                   flip: bool = True, **kwargs) -> TrainIterator:
-  """Batches from batch `start_step` on (a fresh run: 0)."""
-  return TrainIterator(builder, batch_size, seed, start_step, flip, **kwargs)
-
-
-def process_split(split: str) -> str:
-  """This process's part of `split`: disjoint across processes, together all of it (evaluation
-  and statistics; the training stream instead splits every global batch, see the docstring)."""
-  return tfds.split_for_jax_process(split, process_index=jax.process_index(),
-                                    process_count=jax.process_count(), drop_remainder=False)
-
-
-def _train_dataset(builder, batch_size: int, seed: int, position: int, flip: bool,
-                   preprocess: Preprocess, keys):
-  process, processes = jax.process_index(), jax.process_count()
-  global_batch = batch_size * processes
-  base = _load(builder, "train", keys, decode=False).cache()
-  num_examples = int(base.cardinality())
-  if num_examples < global_batch:
-    raise ValueError(f"train split has {num_examples} examples, fewer than the global batch "
-                     f"{global_batch}")
-  epoch, offset = divmod(position * global_batch, num_examples)
-
-  def one_epoch(e):
-    shuffled = base.shuffle(num_examples, seed=seed * 1_000_003 + e,
-                            reshuffle_each_iteration=False)
-    return shuffled.enumerate().map(lambda i, ex: (e, i, ex))
-
-  ds = tf.data.Dataset.range(epoch, np.iinfo(np.int64).max).flat_map(one_epoch).skip(offset)
-  if processes > 1:
-    # Global batches start at a multiple of global_batch (offset is one), so example j of the
-    # stream is row j % global_batch; this process owns rows [process, process + 1) x batch.
-    ds = ds.enumerate().filter(
-        lambda j, item: (j // batch_size) % processes == process).map(lambda j, item: item)
-
-  decode = _decoder(builder, keys)
-
-  def prepare(e, i, ex):
-    # Crop and flip seeds depend on the example's place in the global stream only, so every
-    # process count produces the same global batches.
-    example_seed = tf.stack([tf.cast(seed, tf.int64) * 1_000_003 + e, i])
-    return _transform(decode(ex), example_seed, preprocess, flip)
-
-  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)  # ordered: deterministic
-  return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-
-
 NATIVE_LABEL_KEY = "label_native"  # evaluation: the label at its stored size, padded with 255
 NATIVE_SIZE_KEY = "label_size"     # evaluation: that label's (height, width)
+_EVAL_READ = 16                    # records per read in evaluation
 
 
-def _eval_dataset(builder, split: str, keys, preprocess: Optional[Preprocess],
+def _eval_feed(source, start: int, stop: int) -> _Feed:
+  def index_batches():
+    for first in range(start, stop, _EVAL_READ):
+      indices = np.arange(first, min(stop, first + _EVAL_READ), dtype=np.int64)
+      yield np.zeros_like(indices), indices
+  return _Feed(source, index_batches(), capacity=2 * _EVAL_READ)
+
+
+def _eval_dataset(builder, feed: _Feed, count: int, keys, preprocess: Optional[Preprocess],
                   native_labels: bool = False):
+  """The `count` examples `feed` delivers, in order, whole frames."""
   preprocess = (preprocess or Preprocess()).for_eval()
-  decode = _decoder(builder, keys)
+  parse = _parser(builder, keys)
   no_seed = tf.constant([0, 0], tf.int64)  # evaluation never crops or flips at random
 
-  def prepare(example):
-    example = decode(example)
+  def prepare(epoch, index, record):
+    del epoch, index
+    example = parse(record)
     out = _transform(example, no_seed, preprocess, flip=False)
     if native_labels:
       out[NATIVE_LABEL_KEY] = example[LABEL_KEY]
       out[NATIVE_SIZE_KEY] = tf.shape(example[LABEL_KEY], out_type=tf.int32)[:2]
     return out
-  return _load(builder, split, keys, decode=False).map(prepare,
-                                                       num_parallel_calls=tf.data.AUTOTUNE)
+  ds = tf.data.Dataset.range(count).map(feed.dequeue)
+  return ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+@contextlib.contextmanager
+def _examples(builder, source, start: int, stop: int, keys, preprocess, native_labels=False,
+              batch_size: Optional[int] = None, prefetch: int = 0):
+  """Numpy batches (padded, see `_padded_batches`) of examples [start, stop) of a split."""
+  feed = _eval_feed(source, start, stop)
+  ds = _padded_batches(_eval_dataset(builder, feed, stop - start, keys, preprocess,
+                                     native_labels), batch_size or max(1, stop - start))
+  feed.start()
+  try:
+    yield ds.prefetch(prefetch).as_numpy_iterator() if prefetch else ds.as_numpy_iterator()
+  finally:
+    feed.close()
 
 
 def _padded_batches(ds: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
@@ -349,53 +547,55 @@ def eval_batches(builder, split: str, batch_size: int, num_examples: int = -1,
   """Per-process numpy batches of `split` with a 0/1 'mask' and each example's 'index' in the
   split (what its randomness is keyed by); padding examples have mask 0 (and index -1).
 
-  Every process yields the same number of batches, so collective steps stay in lock-step. Any
-  crop in `preprocess` becomes 'full': the whole image at the model's size. With
-  `native_labels`, each batch also holds 'label_native', every label at its stored size padded
-  with 255 to the largest in the batch (host memory: batch x that size bytes, e.g. 64 Cityscapes
-  labels = 128 MiB), and 'label_size' (B, 2), each one's (height, width).
+  Process p reads examples [p n, (p + 1) n) of the split (n = ceil(total / processes)). Every
+  process yields the same number of batches, so collective steps stay in lock-step. Any crop in
+  `preprocess` becomes 'full': the whole image at the model's size. With `native_labels`, each
+  batch also holds 'label_native', every label at its stored size padded with 255 to the largest
+  in the batch (host memory: batch x that size bytes, e.g. 64 Cityscapes labels = 128 MiB), and
+  'label_size' (B, 2), each one's (height, width).
   """
-  total = builder.info.splits[split].num_examples
+  source = open_split(builder, split)
+  total = len(source)
   if num_examples > 0:
     total = min(total, num_examples)
   per_process = math.ceil(total / jax.process_count())
   start = jax.process_index() * per_process
   stop = min(total, start + per_process)
   num_batches = math.ceil(per_process / batch_size)
-  ds = _eval_dataset(builder, f"{split}[{start}:{stop}]", keys, preprocess, native_labels) \
-      if stop > start else None
-  # Two batches ahead: enough to overlap decoding with the model, bounded for native labels.
-  batches = _padded_batches(ds, batch_size).prefetch(2).as_numpy_iterator() \
-      if ds is not None else iter(())
-  template = None
-  for b in range(num_batches):
-    batch = next(batches, None)
-    if batch is None:  # this process ran out: a fully masked batch shaped like the template
-      if template is None:
-        template = _empty_batch(builder, keys, preprocess, native_labels)
-      batch = {k: np.zeros_like(v[:0]) for k, v in template.items()}
-    template = template or batch
-    real = len(batch[keys[0]])
-    pad = batch_size - real
-    batch = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) if pad else v
-             for k, v in batch.items()}
-    batch["mask"] = (np.arange(batch_size) < real).astype(np.float32)
-    first = start + b * batch_size
-    batch["index"] = np.where(batch["mask"] > 0, first + np.arange(batch_size), -1).astype(
-        np.int32)
-    yield batch
+  with contextlib.ExitStack() as stack:
+    # Two batches ahead: enough to overlap decoding with the model, bounded for native labels.
+    batches = stack.enter_context(_examples(builder, source, start, stop, keys, preprocess,
+                                            native_labels, batch_size, prefetch=2)) \
+        if stop > start else iter(())
+    template = None
+    for b in range(num_batches):
+      batch = next(batches, None)
+      if batch is None:  # this process ran out: a fully masked batch shaped like the template
+        if template is None:
+          template = _empty_batch(builder, source, keys, preprocess, native_labels)
+        batch = {k: np.zeros_like(v[:0]) for k, v in template.items()}
+      template = template or batch
+      real = len(batch[keys[0]])
+      pad = batch_size - real
+      batch = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) if pad else v
+               for k, v in batch.items()}
+      batch["mask"] = (np.arange(batch_size) < real).astype(np.float32)
+      first = start + b * batch_size
+      batch["index"] = np.where(batch["mask"] > 0, first + np.arange(batch_size), -1).astype(
+          np.int32)
+      yield batch
 
 
-def _empty_batch(builder, keys, preprocess, native_labels=False):
+def _empty_batch(builder, source, keys, preprocess, native_labels=False):
   """A zero-length batch with the shapes evaluation batches have (for a process with none)."""
-  one = _eval_dataset(builder, f"{next(iter(builder.info.splits))}[:1]", keys, preprocess,
-                      native_labels)
-  return {k: v[:0] for k, v in next(one.batch(1).as_numpy_iterator()).items()}
+  with _examples(builder, source, 0, 1, keys, preprocess, native_labels) as one:
+    return {k: v[:0] for k, v in next(one).items()}
 
 
 def load_arrays(builder, split: str, num_examples: int, keys=("image", "label"),
                 preprocess: Optional[Preprocess] = None) -> dict:
   """The first `num_examples` (at most the whole split) of a split as numpy arrays."""
-  num_examples = min(num_examples, builder.info.splits[split].num_examples)
-  ds = _eval_dataset(builder, f"{split}[:{num_examples}]", keys, preprocess)
-  return next(ds.batch(num_examples).as_numpy_iterator())
+  source = open_split(builder, split)
+  num_examples = min(num_examples, len(source))
+  with _examples(builder, source, 0, num_examples, keys, preprocess) as batches:
+    return next(batches)

@@ -9,14 +9,16 @@ Because the generator is ours, one layout (label map) can be rendered with sever
 `image` and `image_alt` are two independent renderings of the same `label`. Their difference
 measures how diverse real images of one mask are, the yardstick for synthesis diversity.
 
-Build (also happens on first use):
-  tfds build semflow_jax/data/synthetic.py --config=32     # or from Python: builder(...).download_and_prepare()
+Built on first use (`pipeline.get_builder`; one process builds, others starting at the same time
+wait for it), stored as ArrayRecord in index order for random access (`records.py`).
 """
 
 import dataclasses
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+from semflow_jax.data import records
 
 CLASS_NAMES = ("sky", "ground", "sun", "cloud", "lake", "building", "tree")
 NUM_CLASSES = len(CLASS_NAMES)
@@ -162,11 +164,13 @@ class SyntheticScenesConfig(tfds.core.BuilderConfig):
     self.seed = seed
 
 
-class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
+class SyntheticScenes(records.RandomAccessBuilder):
   """Generated sky/ground scenes with overlapping class colours; see the module docstring."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "1.1.0": "ArrayRecord files (random access), same examples."}
+  LOAD_IN_THREADS = False  # numpy-bound generation: threads would only contend for the GIL
   BUILDER_CONFIGS = [SyntheticScenesConfig(image_size=32), SyntheticScenesConfig(image_size=64)]
 
   def _info(self):
@@ -182,13 +186,13 @@ class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
         disable_shuffling=True,  # stored in index order: example i is generate_example(..., i)
     )
 
-  def _split_generators(self, dl_manager):
-    del dl_manager  # nothing to download
+  def split_items(self, manual_dir):
+    del manual_dir  # nothing to download
     cfg = self.builder_config
-    return {"train": self._generate_examples("train", cfg.num_train),
-            "validation": self._generate_examples("validation", cfg.num_validation)}
+    return {"train": [("train", i) for i in range(cfg.num_train)],
+            "validation": [("validation", i) for i in range(cfg.num_validation)]}
 
-  def _generate_examples(self, split, count):
+  def load_example(self, item):
+    split, index = item
     cfg = self.builder_config
-    for index in range(count):
-      yield index, generate_example(cfg.seed, split, index, cfg.image_size)
+    return index, generate_example(cfg.seed, split, index, cfg.image_size)
