@@ -219,9 +219,35 @@ class Evaluator:
     return nfe
 
   # -- one evaluation ----------------------------------------------------------------------------
-  def __call__(self, params, step: int, workdir: Optional[str] = None, writer=None) -> dict:
+  def compile(self, abstract_params) -> None:
+    """Compile every large program an evaluation runs, for parameters shaped and laid out like
+    `abstract_params` (ShapeDtypeStructs): a program that does not fit fails now, not at the
+    first evaluation. The evaluations then reuse these executables."""
+    batch = self._abstract_batch()
+    lowered = _example_keys.lower(self.base_key, batch["index"])
+    shapes, shardings = lowered.out_info, lowered.compile().output_shardings
+    keys_a = jax.ShapeDtypeStruct(shapes[0].shape, shapes[0].dtype, sharding=shardings[0])
+    for m, n in sorted(set(self.seg_samplers) | {ROUNDTRIP_SAMPLER}):
+      self.programs.segment(n, m).lower(abstract_params, batch["image"]).compile()
+    for m, n in self.synth_samplers:
+      self.programs.synthesize(n, m).lower(abstract_params, batch["label"], keys_a).compile()
+
+  def _abstract_batch(self) -> dict:
+    """The global device batch `_dispatch` builds, as ShapeDtypeStructs."""
+    template = pipeline._empty_batch(self.builder, self.keys, self.preprocess)
+    sharding = parallel.batch_sharding(self.mesh)
+    out = {k: jax.ShapeDtypeStruct((self.batch_size, *v.shape[1:]), v.dtype, sharding=sharding)
+           for k, v in template.items() if k in ("image", "label")}
+    out["index"] = jax.ShapeDtypeStruct((self.batch_size,), np.int32, sharding=sharding)
+    return out
+
+  def __call__(self, params, step: int, workdir: Optional[str] = None, writer=None, *,
+               should_stop=None) -> Optional[dict]:
     """Evaluate `params`; with a workdir, write eval/metrics_<step>.json, sample grids and
-    TensorBoard scalars (process 0). Returns the metrics."""
+    TensorBoard scalars (process 0). Returns the metrics.
+
+    `should_stop()` is asked before every batch; when it says True the evaluation returns None
+    at once and writes nothing (the caller makes its answer agree across processes)."""
     start = time.time()
     c = self.model.num_classes
     acc = _Accumulator(confusion={}, per_example={}, fid={})
@@ -254,6 +280,9 @@ class Evaluator:
                             self.per_process)
     last_log = time.time()
     for k, local in enumerate(batches):
+      if should_stop is not None and should_stop():
+        logging.info("evaluation at step %d stopped at batch %d of %d", step, k + 1, num_batches)
+        return None
       outputs = self._dispatch(params, local)
       if pending is not None:
         self._accumulate(acc, *pending, synth_names)

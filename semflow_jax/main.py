@@ -99,19 +99,33 @@ def _initialize_distributed():
 
 
 def _check_storage(config) -> None:
-  """Bucket paths this run will use are checked before anything is compiled or written: missing
-  credentials, a missing bucket or no answer stop the run with one line naming the path."""
+  """Every bucket path this mode will read or write is checked before anything is compiled or
+  written: missing credentials, a missing bucket or no answer stop the run with one line naming
+  the path."""
   from semflow_jax import storage
   mode = _MODE.value
   storage.check(_WORKDIR.value, "--workdir", write=mode in ("train", "eval"))
   if mode in ("train", "eval"):
     storage.check(config.data.get("tfds_data_dir"), "config.data.tfds_data_dir")
+    for key in ("fid_weights", "lpips_weights"):
+      storage.check(config.eval.get(key), f"config.eval.{key}")
+    reference = config.eval.get("fid_reference")
+    if reference:  # written on first use
+      storage.check(storage.parent(reference), "config.eval.fid_reference", write=True)
   if mode == "train":
     storage.check(config.model.get("init_from"), "config.model.init_from")
-  if mode in ("segment", "synthesize"):
+  cache = config.get("compilation_cache")
+  if cache and str(cache).lower() not in ("off", "none", "false"):
+    storage.check(cache, "config.compilation_cache", write=True)
+  if mode in ("segment", "synthesize", "edit"):
     storage.check(_INPUT.value, "--input")
-    if _OUTPUT.value:  # segment writes a file, synthesize a directory of them
-      output = storage.parent(_OUTPUT.value) if mode == "segment" else _OUTPUT.value
+    storage.check(_LABELS.value, "--labels")
+    storage.check(_STYLE.value, "--style")
+    storage.check(_RESAMPLE_MASK.value, "--resample_mask")
+    for i, workdir in enumerate(_ENSEMBLE.value):
+      storage.check(workdir, f"--ensemble (member {i + 1})")
+    if _OUTPUT.value:  # a file, except synthesize's directory of samples
+      output = _OUTPUT.value if mode == "synthesize" else storage.parent(_OUTPUT.value)
       storage.check(output, "--output", write=True)
 
 
@@ -127,18 +141,21 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  from semflow_jax import storage
+  import jax
+  from semflow_jax import runtime, storage
   config = _CONFIG.value
+  _initialize_distributed()
+  # From here on every exit goes through the runtime, so the other processes of a job learn
+  # why this one stopped instead of waiting for it.
+  runtime.start_job()
   try:
     _check_storage(config)
   except storage.StorageError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    runtime.fail_job(2, f"error: {e}")
+  runtime.enable_compilation_cache(config, _WORKDIR.value)
   # TF is only the input pipeline: keep it off any accelerator JAX should own.
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")
-  import jax
-  _initialize_distributed()
 
   from semflow_jax import checkpoint, sample, evaluate, train
   logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(),
@@ -166,14 +183,14 @@ def main(argv):
   except (sample.InputError, FileNotFoundError,  # bad input file, or no checkpoint yet
           checkpoint.IncompatibleCheckpointError, checkpoint.ConversionError,
           storage.StorageError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  if jax.process_count() > 1:
-    # Leave together: a process that tears down the distributed runtime while a peer is still
-    # in its last collective (or still saving) can leave that peer waiting forever.
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("semflow_jax.main finished")
-    jax.distributed.shutdown()
+    runtime.fail_job(2, f"error: {e}")
+  except KeyboardInterrupt:
+    runtime.fail_job(130, "error: interrupted (Ctrl-C)")
+  except Exception as e:  # a bug, or a collective that failed because a peer did
+    if jax.process_count() == 1:
+      raise
+    runtime.fail_job(1, f"error: {type(e).__name__}: {e}", unexpected=e)
+  runtime.finish_job()
 
 
 if __name__ == "__main__":
