@@ -218,12 +218,16 @@ def save_converted(output: str, params, files: dict, record: dict) -> str:
   version = (f"{_VERSION_PREFIX}{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-"
              f"{uuid.uuid4().hex[:6]}")
   directory = storage.join(output, version)
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(storage.as_path(storage.join(directory, "params")), params)
-    checkpointer.wait_until_finished()
-  for name, content in files.items():
-    storage.write_json(storage.join(directory, name), content)
-  storage.write_json(storage.join(output, CONVERTED_MARKER), {**record, "version": version})
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(storage.as_path(storage.join(directory, "params")), params)
+      checkpointer.wait_until_finished()
+    for name, content in files.items():
+      storage.write_json(storage.join(directory, name), content)
+    storage.write_json(storage.join(output, CONVERTED_MARKER), {**record, "version": version})
+  except BaseException:  # the marker still names the previous version: this one is no use
+    storage.remove_tree(directory)
+    raise
   for name in storage.listdir(output):  # superseded versions, and unfinished ones
     if name != version and (name.startswith(_VERSION_PREFIX) or name in _BEFORE_VERSIONS):
       storage.remove_tree(storage.join(output, name))

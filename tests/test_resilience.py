@@ -117,6 +117,39 @@ def test_sigterm_saves_the_current_step_and_the_rerun_continues_exactly(referenc
   assert _logged(workdir) == ref_losses
 
 
+def test_sigterm_while_the_last_checkpoint_is_written_keeps_it(reference, tfds_dir, tmp_path,
+                                                               monkeypatch):
+  """SIGTERM as the final step's (asynchronous) save begins: the save completes, the final
+  evaluation is left for the rerun, and the rerun starts from that checkpoint and evaluates it."""
+  ref_params, _, _ = reference
+  config = _config(tfds_dir, **{"train.checkpoint_every": 100})  # no earlier checkpoint
+  workdir = str(tmp_path / "final")
+  save = checkpoint.save
+
+  def save_then_sigterm(manager, step, *args, **kwargs):
+    save(manager, step, *args, **kwargs)
+    if step == NUM_STEPS:  # the write runs in Orbax's threads now
+      assert manager.is_saving_in_progress() if hasattr(manager, "is_saving_in_progress") else True
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(checkpoint, "save", save_then_sigterm)
+  handler = signal.getsignal(signal.SIGTERM)
+  assert train.train_and_evaluate(config, workdir) == {"step": NUM_STEPS, "preempted": True}
+  monkeypatch.setattr(checkpoint, "save", save)
+  assert signal.getsignal(signal.SIGTERM) is handler
+  assert _steps(workdir) == [NUM_STEPS]
+  assert not glob.glob(os.path.join(workdir, "checkpoints", "*.orbax-checkpoint-tmp*"))
+  params, step = _params(config, workdir)
+  assert step == NUM_STEPS
+  _assert_bitwise(params, ref_params)
+  assert not os.path.exists(os.path.join(workdir, "eval", f"metrics_{NUM_STEPS}.json"))
+
+  result = train.train_and_evaluate(config, workdir)  # the rerun: nothing to train, evaluates
+  assert result["step"] == NUM_STEPS and "preempted" not in result
+  assert json.load(open(os.path.join(workdir, "eval", f"metrics_{NUM_STEPS}.json")))["step"] \
+      == NUM_STEPS
+
+
 def test_kill_9_during_a_save_restarts_from_the_previous_complete_checkpoint(reference, tfds_dir,
                                                                               tmp_path):
   ref_params, ref_losses, _ = reference
