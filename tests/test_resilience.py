@@ -128,8 +128,7 @@ def test_sigterm_while_the_last_checkpoint_is_written_keeps_it(reference, tfds_d
 
   def save_then_sigterm(manager, step, *args, **kwargs):
     save(manager, step, *args, **kwargs)
-    if step == NUM_STEPS:  # the write runs in Orbax's threads now
-      assert manager.is_saving_in_progress() if hasattr(manager, "is_saving_in_progress") else True
+    if step == NUM_STEPS:  # the (asynchronous) write has just begun in Orbax's threads
       os.kill(os.getpid(), signal.SIGTERM)
 
   monkeypatch.setattr(checkpoint, "save", save_then_sigterm)
