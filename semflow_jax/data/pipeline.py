@@ -241,6 +241,11 @@ class TrainIterator:
     self.position += 1
     return batch
 
+  def close(self) -> None:
+    """Stop reading ahead now (the pipeline's threads end with its iterator, which otherwise
+    waits for them whenever it is collected); a later next() starts reading again."""
+    self._batches = None
+
   def state(self) -> dict:
     """JSON-able; `position` counts the (global) batches this iterator has returned."""
     return {"position": self.position, "global_batch_size": self.global_batch_size,
