@@ -94,10 +94,10 @@ def _phases(workdir: str, image_path: str, output: str, started: float) -> dict:
   from configs import synthetic
   mark("imports (jax, flax, orbax, semflow_jax)")
   runtime.skip_absent_tpus()
-  main._use_compilation_cache(jax)
+  config = synthetic.get_config()
+  runtime.enable_compilation_cache(config, None)  # as main.py does for sampling
   jax.devices()
   mark("JAX start (CPU backend)")
-  config = synthetic.get_config()
   image = sample.read_image(image_path)
   predictor = sample.Predictor.load(config, workdir)
   jax.block_until_ready(predictor.params)

@@ -14,6 +14,9 @@ from ml_collections import config_dict
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # Compiled programs are kept here and reused by every later start (resume, eval, the file
+  # CLI): a directory (local or gs://) or 'off'; None: <workdir>/compilation_cache.
+  c.compilation_cache = config_dict.placeholder(str)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "synthetic_scenes"

@@ -8,6 +8,8 @@
 #   launch/tpu.sh train      --name=semflow --zone=us-central2-b -- \
 #       --config=configs/cityscapes.py --workdir=gs://my-bucket/runs/cityscapes \
 #       --config.data.tfds_data_dir=gs://my-bucket/tfds --config.model.init_from=gs://my-bucket/sd15
+#   launch/tpu.sh watch      --name=semflow --zone=us-central2-b --spot --accelerator=v4-32 -- \
+#       --config=configs/cityscapes.py --workdir=gs://my-bucket/runs/cityscapes ...
 #   launch/tpu.sh logs       --name=semflow --zone=us-central2-b [--worker=0]
 #   launch/tpu.sh stop       --name=semflow --zone=us-central2-b
 #   launch/tpu.sh delete     --name=semflow --zone=us-central2-b
@@ -16,17 +18,24 @@
 # --version (the TPU software version; default for the accelerator's generation), --project,
 # --spot (a spot queued resource; `train` re-creates it if it was preempted), --worker (logs: which
 # worker's; build-data: build on that worker alone instead of on all of them),
-# --dry_run (print every gcloud command instead of running it). Everything after `--` reaches
-# `python -m semflow_jax.main` (train) or `python -m semflow_jax.data.build` (build-data) on the
-# workers unchanged: each argument is quoted for the remote shell, so spaces and quotes survive.
+# --logs (where workers copy their logs; default <workdir>/logs for a gs:// --workdir),
+# --interval (watch: seconds between checks, default 300), --dry_run (print every gcloud
+# command instead of running it). Everything after `--` reaches `python -m semflow_jax.main`
+# (train, watch) or `python -m semflow_jax.data.build` (build-data) on the workers unchanged:
+# each argument is quoted for the remote shell, so spaces and quotes survive.
 #
 # setup ships the files git tracks (as they are in the working tree, nothing else: no .venv/ or
 # runs/) to every worker, and installs requirements.lock plus jax[tpu] at the locked version into
 # ~/semflow_jax_venv, skipping the install when the lock has not changed since the last setup.
 # train starts the run detached on every worker (setsid nohup: it outlives the SSH session); its
-# log is ~/semflow_jax.log on each worker, TensorBoard and checkpoints are in the --workdir
-# (a gs:// bucket every worker sees). stop sends SIGTERM: the run saves a checkpoint at the current
-# step and exits 0; train again with the same arguments continues from it.
+# log is ~/semflow_jax.log on each worker, copied every minute and at the end to
+# <logs>/worker-<N>/<start time>.log (one object per worker and start, so the history outlives
+# re-created VMs). TensorBoard and checkpoints are in the --workdir (a gs:// bucket every worker
+# sees). stop sends SIGTERM: the run saves a checkpoint at the current step and exits 0; train
+# again with the same arguments continues from it. watch keeps a run going until it completes
+# (its final eval/metrics_<num_steps>.json is in the workdir): it re-creates a preempted spot VM,
+# sets it up and resumes, restarts a run that stopped after SIGTERM, and stops, naming the
+# worker's exit status, when the run failed.
 set -euo pipefail
 
 usage() {
@@ -38,7 +47,7 @@ usage() {
 COMMAND=$1
 shift
 case "$COMMAND" in
-  create | setup | build-data | train | logs | stop | delete) ;;
+  create | setup | build-data | train | watch | logs | stop | delete) ;;
   -h | --help | help) usage 0 ;;
   *) echo "launch/tpu.sh: unknown command '$COMMAND'" >&2; usage ;;
 esac
@@ -51,6 +60,8 @@ PROJECT=${PROJECT:-}
 SPOT=false
 DRY_RUN=false
 WORKER=""
+LOGS=""
+INTERVAL=300
 PASSTHROUGH=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -60,7 +71,9 @@ while [ $# -gt 0 ]; do
     --version=*) VERSION=${1#*=} ;;
     --project=*) PROJECT=${1#*=} ;;
     --worker=*) WORKER=${1#*=} ;;
-    --name | --zone | --accelerator | --version | --project | --worker)
+    --logs=*) LOGS=${1#*=} ;;
+    --interval=*) INTERVAL=${1#*=} ;;
+    --name | --zone | --accelerator | --version | --project | --worker | --logs | --interval)
       [ $# -ge 2 ] || { echo "launch/tpu.sh: $1 needs a value" >&2; exit 2; }
       set -- "$1=$2" "${@:3}"
       continue ;;
@@ -79,7 +92,9 @@ JAX_VERSION=$(grep -E '^jax==' "$REPO/requirements.lock" | cut -d= -f3)
 REMOTE_DIR='$HOME/semflow_jax'       # the shipped files (replaced by every setup)
 REMOTE_VENV='$HOME/semflow_jax_venv' # the environment (kept while requirements.lock is unchanged)
 REMOTE_LOG='$HOME/semflow_jax.log'
-REMOTE_PID='$HOME/semflow_jax.pid'
+REMOTE_PID='$HOME/semflow_jax.pid'    # the run's python process
+REMOTE_EXIT='$HOME/semflow_jax.exit'  # its exit status, once it has ended
+REMOTE_RUNNER='$HOME/semflow_jax_run.sh'
 COMMON=(--zone="$ZONE")
 [ -n "$PROJECT" ] && COMMON+=(--project="$PROJECT")
 
@@ -179,30 +194,153 @@ tpu_state() {
   gcloud compute tpus tpu-vm describe "$NAME" "${COMMON[@]}" --format='value(state)' 2>/dev/null || true
 }
 
-train() {
-  if $SPOT && ! $DRY_RUN; then
-    local state
-    state=$(tpu_state)
-    if [ "$state" != READY ]; then
-      # A preempted spot VM does not come back: delete it, queue a new one, set it up again.
-      echo "launch/tpu.sh: $NAME is ${state:-gone}; re-creating it" >&2
-      [ -n "$ACCELERATOR" ] || { echo "launch/tpu.sh: re-creating needs --accelerator" >&2; exit 2; }
-      delete
-      create
-      setup
-    fi
-  elif $SPOT; then
-    run gcloud compute tpus tpu-vm describe "$NAME" "${COMMON[@]}" --format='value(state)'
+# The --workdir=... among the arguments after `--` (empty if none).
+run_workdir() {
+  local arg workdir=""
+  for arg in "${PASSTHROUGH[@]}"; do
+    case "$arg" in --workdir=*) workdir=${arg#*=} ;; esac
+  done
+  echo "${workdir%/}"
+}
+
+logs_url() {
+  if [ -n "$LOGS" ]; then
+    echo "${LOGS%/}"
+    return
   fi
+  local workdir
+  workdir=$(run_workdir)
+  case "$workdir" in gs://*) echo "$workdir/logs" ;; *) echo "" ;; esac
+}
+
+recreate() {
+  # A preempted spot VM does not come back: delete it, queue a new one, set it up again.
+  [ -n "$ACCELERATOR" ] || { echo "launch/tpu.sh: re-creating needs --accelerator" >&2; exit 2; }
+  delete
+  create
+  setup
+}
+
+# What runs on each worker: the job, detached, its log copied to the bucket while it runs.
+worker_runner() {
+  local logs
+  logs=$(logs_url)
+  cat <<RUNNER
+#!/usr/bin/env bash
+# Written by launch/tpu.sh train.
+log=\$HOME/semflow_jax.log
+logs=$(printf %q "$logs")
+worker=\${TPU_WORKER_ID:-\$(curl -sf -m 5 -H 'Metadata-Flavor: Google' \\
+  http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number \\
+  || hostname)}
+dest="\$logs/worker-\$worker/\$(date -u +%Y%m%dT%H%M%SZ).log"
+cd \$HOME/semflow_jax || exit 1
+\$HOME/semflow_jax_venv/bin/python -m semflow_jax.main --distributed=yes$(quoted_passthrough) \\
+  > "\$log" 2>&1 < /dev/null &
+pid=\$!
+echo "\$pid" > \$HOME/semflow_jax.pid
+copy_log() { [ -z "\$logs" ] || gcloud storage cp --quiet "\$log" "\$dest" > /dev/null 2>&1 || true; }
+last=\$SECONDS
+while kill -0 "\$pid" 2> /dev/null; do
+  sleep 5
+  if [ \$((SECONDS - last)) -ge 60 ]; then copy_log; last=\$SECONDS; fi
+done
+wait "\$pid"
+status=\$?
+echo "launch/tpu.sh: the run exited with status \$status" >> "\$log"
+copy_log
+echo "\$status" > \$HOME/semflow_jax.exit
+RUNNER
+}
+
+start_run() {
   # Detached on every worker at once: setsid + nohup, so the run survives the SSH session;
   # --distributed=yes makes each host find its peers through the TPU metadata server.
   ssh_workers all "if [ -f $REMOTE_PID ] && kill -0 \$(cat $REMOTE_PID) 2>/dev/null; then
   echo 'a run is still going here (launch/tpu.sh stop first)' >&2; exit 1
 fi
-cd $REMOTE_DIR || exit 1
-setsid nohup $REMOTE_VENV/bin/python -m semflow_jax.main --distributed=yes$(quoted_passthrough) \
-> $REMOTE_LOG 2>&1 < /dev/null &
-echo \$! > $REMOTE_PID"
+cat > $REMOTE_RUNNER <<'SEMFLOW_RUNNER'
+$(worker_runner)
+SEMFLOW_RUNNER
+rm -f $REMOTE_EXIT $REMOTE_PID
+setsid nohup bash $REMOTE_RUNNER > /dev/null 2>&1 < /dev/null &
+for _ in \$(seq 1 100); do [ -s $REMOTE_PID ] && break; sleep 0.1; done"
+}
+
+train() {
+  if $SPOT && ! $DRY_RUN; then
+    local state
+    state=$(tpu_state)
+    if [ "$state" != READY ]; then
+      echo "launch/tpu.sh: $NAME is ${state:-gone}; re-creating it" >&2
+      recreate
+    fi
+  elif $SPOT; then
+    run gcloud compute tpus tpu-vm describe "$NAME" "${COMMON[@]}" --format='value(state)'
+  fi
+  start_run
+}
+
+# The run is complete when its last evaluation is in the workdir: eval/metrics_<num_steps>.json,
+# num_steps read from the config.json the run wrote there.
+run_complete() {
+  local workdir steps
+  workdir=$(run_workdir)
+  if $DRY_RUN; then
+    run gcloud storage cat "$workdir/config.json"
+    run gcloud storage ls "$workdir/eval/metrics_<train.num_steps>.json"
+    return 1
+  fi
+  steps=$(gcloud storage cat "$workdir/config.json" 2>/dev/null | python3 -c \
+    'import json, sys; print(json.load(sys.stdin)["train"]["num_steps"])' 2>/dev/null) || return 1
+  gcloud storage ls "$workdir/eval/metrics_$steps.json" > /dev/null 2>&1
+}
+
+# Worker 0's run: "running", "exited <status>" or "none".
+run_state() {
+  ssh_workers 0 "if [ -f $REMOTE_PID ] && kill -0 \$(cat $REMOTE_PID) 2>/dev/null; then echo running
+elif [ -f $REMOTE_EXIT ]; then echo exited \$(cat $REMOTE_EXIT)
+else echo none; fi" 2>/dev/null | tail -n 1
+}
+
+watch() {
+  case "$(run_workdir)" in
+    gs://*) ;;
+    *) echo "launch/tpu.sh: watch needs --workdir=gs://... among the run's arguments (it reads the run's progress there)" >&2; exit 2 ;;
+  esac
+  if $DRY_RUN; then  # one pass through every branch
+    run gcloud compute tpus tpu-vm describe "$NAME" "${COMMON[@]}" --format='value(state)'
+    recreate
+    start_run
+    run_complete || true
+    ssh_workers 0 "(worker 0's run: running, exited <status> or none)"
+    return
+  fi
+  local state status
+  while true; do
+    state=$(tpu_state)
+    if [ "$state" != READY ]; then
+      echo "launch/tpu.sh: $NAME is ${state:-gone}; re-creating it and resuming" >&2
+      recreate
+      start_run
+    elif run_complete; then
+      echo "launch/tpu.sh: the run is complete ($(run_workdir)/eval)" >&2
+      return 0
+    else
+      status=$(run_state || true)
+      case "$status" in
+        running) ;;
+        "exited 0" | none)  # stopped by SIGTERM (maintenance, stop), or never started here
+          echo "launch/tpu.sh: no run going on $NAME (${status}); resuming" >&2
+          start_run ;;
+        exited*)
+          echo "launch/tpu.sh: the run failed (worker 0: ${status}); its log: $(logs_url)/worker-0/ or launch/tpu.sh logs" >&2
+          return 1 ;;
+        *) echo "launch/tpu.sh: could not reach worker 0 (${status:-no answer}); trying again" >&2 ;;
+      esac
+    fi
+    sleep "$INTERVAL"
+  done
 }
 
 build_data() {
@@ -234,6 +372,7 @@ case "$COMMAND" in
   setup) setup ;;
   build-data) build_data ;;
   train) train ;;
+  watch) watch ;;
   logs) ssh_workers "${WORKER:-0}" "tail -n 200 -F $REMOTE_LOG" ;;
   stop) ssh_workers all "[ -f $REMOTE_PID ] && kill -TERM \$(cat $REMOTE_PID) || echo 'no run started here'" ;;
   delete) delete ;;

@@ -9,6 +9,8 @@ as the latest one; the leftover temporary directory is removed when the next run
 manager.
 """
 
+import time
+import uuid
 from typing import Optional, Tuple
 
 import jax
@@ -193,19 +195,58 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, model_record:
   return restored["state"], (restored["data"] if with_data else None)
 
 
-# -- converted weights (semflow_jax.convert writes them, config.model.init_from reads them) --------
-CONVERTED_MARKER = "conversion.json"  # written last: its presence means the output is complete
+# -- converted weights (semflow_jax.convert and convert_eval_nets write them; init_from and the ----
+# -- evaluation networks read them) ----------------------------------------------------------------
+# A conversion directory holds one complete version per conversion, `conversion-<time>-<id>/`
+# with `params/` (Orbax) and the converter's JSON files, and the marker `conversion.json`, which
+# names the version and is written last. Writing a marker is one atomic write, also on object
+# storage, so a reader sees either the previous complete version or the new one, never a mix;
+# a conversion that fails (or an --overwrite that fails) leaves the previous version in use.
+CONVERTED_MARKER = "conversion.json"
+_VERSION_PREFIX = "conversion-"
+_BEFORE_VERSIONS = ("params", "unet_config.json", "vae_config.json")  # the layout before versions
 
 
 class ConversionError(ValueError):
   """Weights that do not fit the model: names the offending keys or files."""
 
 
-def save_converted(path: str, params) -> None:
-  """Converted parameters as one Orbax checkpoint at `path` (local or gs://)."""
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(storage.as_path(path), params)
-    checkpointer.wait_until_finished()
+def save_converted(output: str, params, files: dict, record: dict) -> str:
+  """Write converted `params` and `files` ({name: JSON}) as a new version of the conversion at
+  `output` (local or gs://), commit it by writing the marker (`record` plus the version), then
+  remove older versions. Returns the version's directory."""
+  version = (f"{_VERSION_PREFIX}{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-"
+             f"{uuid.uuid4().hex[:6]}")
+  directory = storage.join(output, version)
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(storage.as_path(storage.join(directory, "params")), params)
+      checkpointer.wait_until_finished()
+    for name, content in files.items():
+      storage.write_json(storage.join(directory, name), content)
+    storage.write_json(storage.join(output, CONVERTED_MARKER), {**record, "version": version})
+  except BaseException:  # the marker still names the previous version: this one is no use
+    storage.remove_tree(directory)
+    raise
+  for name in storage.listdir(output):  # superseded versions, and unfinished ones
+    if name != version and (name.startswith(_VERSION_PREFIX) or name in _BEFORE_VERSIONS):
+      storage.remove_tree(storage.join(output, name))
+  return directory
+
+
+def converted_dir(path: str, what: str, hint: str) -> str:
+  """The directory of the complete conversion at `path` (the version its marker names).
+
+  FileNotFoundError naming `what` (e.g. `config.model.init_from=...`) when there is no marker:
+  nothing was converted there, or the conversion did not finish. `hint` says how to convert.
+  """
+  marker = storage.join(path, CONVERTED_MARKER)
+  if not storage.exists(marker):
+    detail = ("incomplete conversion (no conversion.json: the converter did not finish)"
+              if storage.exists(path) else "nothing there")
+    raise FileNotFoundError(f"{what}: {detail}; {hint}")
+  version = storage.read_json(marker).get("version")
+  return storage.join(path, version) if version else storage.resolve(path)
 
 
 def _stored_tree(params_dir: str):
@@ -243,24 +284,50 @@ def read_params(params_dir: str, abstract, what: str, expected_by: str,
 
 
 def load_converted(path: str, abstract_params) -> dict:
-  """The converted params that `abstract_params` (SemFlow's param shapes) needs, checked.
+  """The converted params that `abstract_params` (SemFlow's param shapes) names, checked.
 
-  Returns host numpy arrays; raises ConversionError naming missing items and mis-shaped keys.
+  Leaves of `abstract_params` that carry a sharding (`state.abstract_params`) are restored
+  straight into that layout: each process reads only what its devices hold, with no host copy
+  of the whole tree. Leaves without one come back as host numpy arrays. Items of the converted
+  checkpoint that the model does not use are not read. Raises ConversionError naming missing
+  items and mis-shaped keys, FileNotFoundError for an incomplete or missing conversion.
   """
-  params_dir = storage.join(path, "params")
-  if not storage.is_dir(params_dir):
-    raise FileNotFoundError(f"config.model.init_from={path}: no converted checkpoint there "
-                            f"(expected {params_dir}; create it with python -m semflow_jax.convert)")
-  if not storage.exists(storage.join(path, CONVERTED_MARKER)):
-    raise FileNotFoundError(f"config.model.init_from={path}: incomplete conversion (no {CONVERTED_MARKER}: "
-                            "the converter did not finish); convert again with --overwrite")
-  items = {k[0] for k in traverse_util.flatten_dict(dict(_stored_tree(params_dir)))}
-  missing_items = sorted(set(abstract_params) - items)
-  if missing_items:
-    raise ConversionError(f"config.model.init_from={path} has no {missing_items} "
-                          f"(it holds {sorted(items)}); convert with "
-                          "--diffusers_dir to include the VAE and the text embedding")
-  # Items this model does not use (the VAE of a pixel-space model) are not its business.
-  return read_params(params_dir, dict(abstract_params),
-                     f"config.model.init_from={path} does not match config.model", "the config",
-                     unrequested_ok=lambda key: key[0] not in abstract_params)
+  params_dir = storage.join(converted_dir(
+      path, f"config.model.init_from={path}",
+      "convert with python -m semflow_jax.convert (--overwrite to replace what is there)"),
+      "params")
+  params_dir = storage.as_path(params_dir)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    metadata = checkpointer.metadata(params_dir)
+    tree = metadata.item_metadata if hasattr(metadata, "item_metadata") else metadata
+    tree = dict(getattr(tree, "tree", tree))
+    stored = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree).items()}
+    missing_items = sorted(set(abstract_params) - {k[0] for k in stored})
+    if missing_items:
+      raise ConversionError(f"config.model.init_from={path} has no {missing_items} "
+                            f"(it holds {sorted({k[0] for k in stored})}); convert with "
+                            "--diffusers_dir to include the VAE and the text embedding")
+    expected = {k: tuple(v.shape) for k, v in
+                traverse_util.flatten_dict(dict(abstract_params)).items()}
+    problems = [f"{'/'.join(k)}: stored {stored.get(k)}, the config expects {shape}"
+                for k, shape in expected.items() if stored.get(k) != shape]
+    if problems:
+      raise ConversionError(f"config.model.init_from={path} does not match config.model:\n  " +
+                            "\n  ".join(sorted(problems)[:20]) +
+                            (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
+    wanted = {k: abstract_params[k] for k in abstract_params}
+    target = {k: wanted.get(k, not_read(v)) for k, v in tree.items()}
+    restore_args = jax.tree.map(_restore_args, target)
+    restored = checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args))
+  return {k: restored[k] for k in abstract_params}
+
+
+def _restore_args(leaf):
+  """How one leaf of a restore target comes back: into its sharding, or as host numpy."""
+  if leaf is ocp.PLACEHOLDER:
+    return ocp.RestoreArgs()
+  if getattr(leaf, "sharding", None) is not None:
+    return ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape,
+                                dtype=leaf.dtype)
+  return ocp.RestoreArgs(restore_type=np.ndarray, dtype=leaf.dtype)

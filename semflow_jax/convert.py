@@ -11,9 +11,11 @@ Start from the released SemFlow UNet instead (a bare diffusers-format UNet state
       --unet_weights=/data/semflow_unet.bin --output=/data/semflow_flax
 
 or convert only that UNet, given its config: `--unet_weights=... --unet_config=unet/config.json`.
-The output directory holds `params/` (an Orbax checkpoint of {'unet', 'vae', 'context'}),
-`unet_config.json`, `vae_config.json` and `conversion.json`; `config.model.init_from` points at
-it. 'context' is the empty-prompt CLIP embedding that SemFlow feeds to cross-attention.
+The output directory holds one complete version, `conversion-<time>-<id>/` with `params/` (an
+Orbax checkpoint of {'unet', 'vae', 'context'}), `unet_config.json` and `vae_config.json`, and
+`conversion.json`, written last, naming it (checkpoint.save_converted: with --overwrite the old
+version stays in use until the new one is complete); `config.model.init_from` points at it.
+From gs:// only the files converted are fetched. 'context' is the empty-prompt CLIP embedding that SemFlow feeds to cross-attention.
 
 Keys are renamed mechanically (`down_blocks.0.resnets.1.conv1.weight` ->
 `down_blocks_0/resnets_1/conv1/kernel`), kernels transposed (OIHW -> HWIO, (out, in) -> (in,
@@ -73,26 +75,34 @@ def _read_file(path: str) -> Dict[str, np.ndarray]:
   return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in obj.items()}
 
 
+def weight_files(folder: str) -> list:
+  """The files of a model folder (local or gs://) that hold its weights, as a reader would pick
+  them: a sharded checkpoint's index and shards, else the first of the usual names, else the one
+  weights file there. Other variants beside them (fp16, non-EMA, .bin copies) are not read."""
+  names = storage.listdir(folder)
+  index = sorted(f for f in names if f.endswith(".index.json"))
+  if index:  # sharded checkpoint: the index (first) maps every key to its shard
+    shards = storage.read_json(storage.join(folder, index[0]))["weight_map"].values()
+    return [index[0], *sorted(set(shards))]
+  for name in _WEIGHT_NAMES:
+    if name in names:
+      return [name]
+  variants = [f for f in names if f.endswith((".safetensors", ".bin"))]
+  if len(variants) == 1:  # e.g. diffusion_pytorch_model.fp16.safetensors
+    return variants
+  raise ConversionError(f"{folder}: no weights file (looked for {', '.join(_WEIGHT_NAMES)}; "
+                        f"found {variants or 'none'})")
+
+
 def read_state_dict(path: str) -> Dict[str, np.ndarray]:
   """float32 numpy arrays by PyTorch key, from a weights file or a diffusers model folder
-  (local or gs://; the folder is listed in place and only the weight files read are fetched)."""
+  (local or gs://; a folder is listed in place and only the weight files read are fetched)."""
   if storage.is_dir(path):
-    names = storage.listdir(path)
-    index = [f for f in names if f.endswith(".index.json")]
-    if index:  # sharded checkpoint: the index maps every key to its shard
-      shards = sorted(set(storage.read_json(storage.join(path, index[0]))["weight_map"].values()))
-      out = {}
-      for shard in shards:
-        out.update(_read_weights(storage.join(path, shard)))
-      return _clean(out)
-    for name in _WEIGHT_NAMES:
-      if name in names:
-        return _clean(_read_weights(storage.join(path, name)))
-    variants = [f for f in names if f.endswith((".safetensors", ".bin"))]
-    if len(variants) == 1:  # e.g. diffusion_pytorch_model.fp16.safetensors
-      return _clean(_read_weights(storage.join(path, variants[0])))
-    raise ConversionError(f"{path}: no weights file (looked for {', '.join(_WEIGHT_NAMES)}; "
-                          f"found {variants or 'none'})")
+    out = {}
+    for name in weight_files(path):
+      if not name.endswith(".index.json"):
+        out.update(_read_weights(storage.join(path, name)))
+    return _clean(out)
   if not storage.exists(path):
     raise ConversionError(f"{path}: no such file")
   return _clean(_read_weights(path))
@@ -202,29 +212,30 @@ def vae_abstract_params(module: AutoencoderKL):
 
 def load_diffusers_unet(path: str, weights: Optional[str] = None, dtype=jnp.float32,
                         remat: bool = False):
-  """(SDUNet module, params) from a diffusers UNet folder (config.json + weights).
+  """(SDUNet module, params) from a diffusers UNet folder (config.json + weights), local or
+  gs:// (only config.json and the weights read are fetched).
 
   `weights` overrides the weights file (e.g. a released fine-tuned UNet state dict).
   `module.apply({"params": params}, x_nhwc, timesteps, context)` is the UNet in NHWC.
   """
-  with storage.local_copy(path) as local:
-    config = SDUNetConfig.from_diffusers(read_config(local), source=f"{path}/config.json")
-    module = SDUNet(config, dtype=dtype, remat=remat)
-    source = weights or path
-    with storage.local_copy(source) as local_source:
-      state_dict = read_state_dict(local_source)
-  params = convert_state_dict(state_dict, unet_abstract_params(module), source)
+  config = SDUNetConfig.from_diffusers(read_config(path), source=f"{path}/config.json")
+  module = SDUNet(config, dtype=dtype, remat=remat)
+  source = weights or path
+  params = convert_state_dict(read_state_dict(source), unet_abstract_params(module), source)
   return module, params
 
 
 def load_diffusers_vae(path: str, dtype=jnp.float32):
   """(AutoencoderKL module, params) from a diffusers VAE folder; methods `encode`, `decode`."""
-  with storage.local_copy(path) as local:
-    config = SDVAEConfig.from_diffusers(read_config(local), source=f"{path}/config.json")
-    module = AutoencoderKL(config, dtype=dtype)
-    state_dict = read_state_dict(local)
-  params = convert_state_dict(state_dict, vae_abstract_params(module), path)
+  config = SDVAEConfig.from_diffusers(read_config(path), source=f"{path}/config.json")
+  module = AutoencoderKL(config, dtype=dtype)
+  params = convert_state_dict(read_state_dict(path), vae_abstract_params(module), path)
   return module, params
+
+
+# What transformers reads from a tokenizer folder (the rest of a diffusers clone is not fetched).
+_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json",
+                    "special_tokens_map.json", "added_tokens.json", "tokenizer.json")
 
 
 def empty_prompt_embedding(diffusers_dir: str) -> np.ndarray:
@@ -236,12 +247,15 @@ def empty_prompt_embedding(diffusers_dir: str) -> np.ndarray:
     raise ConversionError("computing the empty-prompt embedding needs torch and transformers "
                           "(pip install 'semflow_jax[convert]'), or pass --text_embedding=FILE.npy"
                           ) from e
-  for sub in ("tokenizer", "text_encoder"):
-    if not storage.is_dir(storage.join(diffusers_dir, sub)):
+  folders = {sub: storage.join(diffusers_dir, sub) for sub in ("tokenizer", "text_encoder")}
+  for sub, folder in folders.items():
+    if not storage.is_dir(folder):
       raise ConversionError(f"{diffusers_dir}/{sub}: missing (needed for the empty-prompt "
                             "embedding; or pass --text_embedding=FILE.npy)")
-  with storage.local_copy(storage.join(diffusers_dir, "tokenizer")) as tokenizer_dir, \
-       storage.local_copy(storage.join(diffusers_dir, "text_encoder")) as encoder_dir:
+  tokenizer_files = [f for f in storage.listdir(folders["tokenizer"]) if f in _TOKENIZER_FILES]
+  encoder_files = ["config.json", *weight_files(folders["text_encoder"])]
+  with storage.local_copy(folders["tokenizer"], tokenizer_files) as tokenizer_dir, \
+       storage.local_copy(folders["text_encoder"], encoder_files) as encoder_dir:
     tokenizer = transformers.CLIPTokenizer.from_pretrained(tokenizer_dir)
     encoder = transformers.CLIPTextModel.from_pretrained(encoder_dir)
   ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
@@ -268,9 +282,10 @@ def convert(output: str, diffusers_dir: Optional[str] = None, unet_weights: Opti
             overwrite: bool = False) -> str:
   """Write a converted checkpoint directory at `output` (local or gs://); returns its path.
 
-  Everything is written to a staging directory beside `output` and moved into place; the
-  `conversion.json` that marks a complete output is written last, so a reader (load_converted)
-  never takes a half-written output for a converted checkpoint.
+  Every input is read and checked before anything is written. The parameters and configs go to
+  a new version directory inside `output`, and `conversion.json`, written last, makes it the
+  one readers use (checkpoint.save_converted): with --overwrite the previous conversion stays
+  complete and in use until then, and a failure on the way leaves it so.
   """
   output = storage.resolve(output)
   if storage.exists(output) and not overwrite:
@@ -302,20 +317,11 @@ def convert(output: str, diffusers_dir: Optional[str] = None, unet_weights: Opti
                             f"{params['context'].shape[-1]} != the UNet's cross_attention_dim "
                             f"{width}")
 
-  staging = storage.staging_dir(output)
-  try:
-    checkpoint.save_converted(storage.join(staging, "params"), params)
-    for name, cfg in configs.items():
-      storage.write_json(storage.join(staging, name), cfg)
-    storage.remove_tree(output)  # --overwrite
-    storage.move_tree(staging, output)
-    storage.write_json(storage.join(output, checkpoint.CONVERTED_MARKER),
-                       {"diffusers_dir": diffusers_dir, "unet_weights": unet_weights,
-                        "unet_config": unet_config, "text_embedding": text_embedding,
-                        "items": sorted(params)})
-  except BaseException:
-    storage.remove_tree(staging)
-    raise
+  # A new version beside the old one; the marker written last switches readers over to it.
+  checkpoint.save_converted(output, params, configs,
+                            {"diffusers_dir": diffusers_dir, "unet_weights": unet_weights,
+                             "unet_config": unet_config, "text_embedding": text_embedding,
+                             "items": sorted(params)})
   logging.info("wrote %s (%s)", output, ", ".join(sorted(params)))
   return output
 

@@ -78,20 +78,21 @@ def lpips_params(trunk: Dict[str, np.ndarray], heads: Dict[str, np.ndarray],
 
 
 # -- files -----------------------------------------------------------------------------------------
-def _sha256(path: str) -> str:
-  return hashlib.sha256(storage.read_bytes(path)).hexdigest()
-
-
-def _read(path: str, flag: str) -> Dict[str, np.ndarray]:
+def _read(path: str, flag: str):
+  """(state dict, SHA-256) of a weights file (local or gs://; fetched once)."""
   if not storage.exists(path):
     raise ConversionError(f"--{flag}={path}: no such file")
-  return read_state_dict(path)
+  with storage.local_copy(path) as local:
+    digest = hashlib.sha256()
+    with open(local, "rb") as f:
+      for block in iter(lambda: f.read(16 << 20), b""):
+        digest.update(block)
+    return read_state_dict(local), digest.hexdigest()
 
 
 def _save(output: str, net: str, params, sources: dict) -> str:
   target = storage.join(output, net)
-  checkpoint.save_converted(storage.join(target, "params"), params)  # atomic: no half `params`
-  storage.write_json(storage.join(target, "conversion.json"), {"network": net, **sources})
+  checkpoint.save_converted(target, params, {}, {"network": net, **sources})
   logging.info("wrote %s", target)
   return target
 
@@ -101,7 +102,8 @@ def convert(output: str, inception: Optional[str] = None, lpips_alex: Optional[s
   """Convert the given networks into `output`/inception and/or `output`/lpips; returns output.
 
   Every input is read and checked before anything is written, so a bad file leaves `output`
-  as it was.
+  as it was; each network's previous conversion stays in use until its new one is complete
+  (checkpoint.save_converted).
   """
   output = storage.resolve(output)
   if inception is None and lpips_alex is None and lpips_heads is None:
@@ -119,8 +121,8 @@ def convert(output: str, inception: Optional[str] = None, lpips_alex: Optional[s
   converted = {}
   if inception:
     logging.info("converting the FID InceptionV3 from %s", inception)
-    params = inception_params(_read(inception, "inception"), inception)
-    digest = _sha256(inception)
+    state_dict, digest = _read(inception, "inception")
+    params = inception_params(state_dict, inception)
     if not digest.startswith(INCEPTION_SHA256_PREFIX):
       logging.warning("%s is not pytorch-fid's pt_inception-2015-12-05-6726825d.pth (SHA-256 "
                       "%s...): FID computed with it is not comparable to published FIDs",
@@ -128,23 +130,23 @@ def convert(output: str, inception: Optional[str] = None, lpips_alex: Optional[s
     converted[INCEPTION] = (params, {"inception": inception, "inception_sha256": digest})
   if lpips_alex:
     logging.info("converting LPIPS from %s and %s", lpips_alex, lpips_heads)
-    params = lpips_params(_read(lpips_alex, "lpips_alex"), _read(lpips_heads, "lpips_heads"),
-                          lpips_alex, lpips_heads)
-    converted[LPIPS] = (params, {"lpips_alex": lpips_alex, "lpips_alex_sha256": _sha256(lpips_alex),
+    (trunk, trunk_digest), (heads, heads_digest) = (_read(lpips_alex, "lpips_alex"),
+                                                    _read(lpips_heads, "lpips_heads"))
+    params = lpips_params(trunk, heads, lpips_alex, lpips_heads)
+    converted[LPIPS] = (params, {"lpips_alex": lpips_alex, "lpips_alex_sha256": trunk_digest,
                                  "lpips_heads": lpips_heads,
-                                 "lpips_heads_sha256": _sha256(lpips_heads)})
+                                 "lpips_heads_sha256": heads_digest})
   for net, (params, sources) in converted.items():
-    storage.remove_tree(storage.join(output, net))
+    # The previous conversion of `net` stays in use until the new one is complete.
     _save(output, net, params, sources)
   return output
 
 
 def _load(path: str, net: str, abstract, config_key: str, flag_hint: str):
-  params_dir = storage.join(path, net, "params")
-  if not storage.exists(params_dir):
-    raise FileNotFoundError(f"{config_key}={path}: no converted {net} weights (expected "
-                            f"{params_dir}; create them with python -m "
-                            f"semflow_jax.convert_eval_nets {flag_hint} --output={path})")
+  net_dir = checkpoint.converted_dir(
+      storage.join(path, net), f"{config_key}={path}: no converted {net} weights",
+      f"create them with python -m semflow_jax.convert_eval_nets {flag_hint} --output={path}")
+  params_dir = storage.join(net_dir, "params")
   return checkpoint.read_params(params_dir, abstract, f"{config_key}={path}: {params_dir} does "
                                f"not match the {net} network", "the network")
 

@@ -105,34 +105,38 @@ def _initialize_distributed():
   jax.distributed.initialize(*explicit)
 
 
-def _use_compilation_cache(jax) -> None:
-  """Sampling compiles the same few programs on every call: keep them in JAX's persistent
-  compilation cache (~/.cache/semflow_jax/jax, or JAX_COMPILATION_CACHE_DIR), so a second call
-  loads them instead of compiling (benchmarks/RESULTS.md, "Segmenting files")."""
-  if jax.config.jax_compilation_cache_dir:  # the user's (JAX_COMPILATION_CACHE_DIR) wins
-    return
-  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  jax.config.update("jax_compilation_cache_dir", os.path.join(base, "semflow_jax", "jax"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-
-
 def _check_storage(config) -> None:
-  """Bucket paths this run will use are checked before anything is compiled or written: missing
-  credentials, a missing bucket or no answer stop the run with one line naming the path."""
+  """Every bucket path this mode will read or write is checked before anything is compiled or
+  written: missing credentials, a missing bucket or no answer stop the run with one line naming
+  the path."""
   from semflow_jax import storage
   mode = _MODE.value
   storage.check(_WORKDIR.value, "--workdir", write=mode in ("train", "eval"))
   if mode in ("train", "eval"):
     storage.check(config.data.get("tfds_data_dir"), "config.data.tfds_data_dir")
+    for key in ("fid_weights", "lpips_weights"):
+      storage.check(config.eval.get(key), f"config.eval.{key}")
+    reference = config.eval.get("fid_reference")
+    if reference:  # written on first use
+      storage.check(storage.parent(reference), "config.eval.fid_reference", write=True)
   if mode == "train":
     storage.check(config.model.get("init_from"), "config.model.init_from")
-  if mode in ("segment", "synthesize"):
+  cache = config.get("compilation_cache")
+  if cache and str(cache).lower() not in ("off", "none", "false"):
+    storage.check(cache, "config.compilation_cache", write=True)
+  if mode in ("segment", "synthesize", "edit"):
     storage.check(_INPUT.value, "--input")
     if _SPLIT.value:
       storage.check(config.data.get("tfds_data_dir"), "config.data.tfds_data_dir")
+    storage.check(_LABELS.value, "--labels")
+    storage.check(_STYLE.value, "--style")
+    storage.check(_RESAMPLE_MASK.value, "--resample_mask")
+    for i, workdir in enumerate(_ENSEMBLE.value):
+      storage.check(workdir, f"--ensemble (member {i + 1})")
     if _OUTPUT.value:  # segment of one image writes a file, the others a directory of them
       from semflow_jax import sample
-      one_file = mode == "segment" and not sample.is_many(_INPUT.value, _SPLIT.value)
+      one_file = mode == "edit" or (
+          mode == "segment" and not sample.is_many(_INPUT.value, _SPLIT.value))
       output = storage.parent(_OUTPUT.value) if one_file else _OUTPUT.value
       storage.check(output, "--output", write=True)
 
@@ -198,27 +202,27 @@ def main(argv):
   from semflow_jax import runtime
   runtime.skip_absent_tpus()  # before anything starts JAX: no TPU start-up without TPUs
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  import jax
   from semflow_jax import storage
   config = _CONFIG.value
+  _initialize_distributed()
+  # From here on every exit goes through the runtime, so the other processes of a job learn
+  # why this one stopped instead of waiting for it.
+  runtime.start_job()
   try:
     _check_storage(config)
   except storage.StorageError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    runtime.fail_job(2, f"error: {e}")
   problem = _check_dataset(config)
   if problem:
-    print(f"error: {problem}", file=sys.stderr)
-    sys.exit(2)
+    runtime.fail_job(2, f"error: {problem}")
   mode = _MODE.value
+  runtime.enable_compilation_cache(config, _WORKDIR.value if mode in ("train", "eval") else None)
   if mode in ("train", "eval") or _SPLIT.value:
     # TF is only the input pipeline (loaded only by the modes that read a dataset: a few
     # seconds less for segmenting files): keep it off any accelerator JAX should own.
     import tensorflow as tf
     tf.config.set_visible_devices([], "GPU")
-  import jax
-  if mode in ("segment", "synthesize", "edit"):
-    _use_compilation_cache(jax)
-  _initialize_distributed()
 
   from semflow_jax import checkpoint, sample
   from semflow_jax.data import manual
@@ -262,14 +266,14 @@ def main(argv):
           manual.DataError,  # a dataset file (or a folder dataset's classes.json) is bad
           checkpoint.IncompatibleCheckpointError, checkpoint.ConversionError,
           storage.StorageError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  if jax.process_count() > 1:
-    # Leave together: a process that tears down the distributed runtime while a peer is still
-    # in its last collective (or still saving) can leave that peer waiting forever.
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("semflow_jax.main finished")
-    jax.distributed.shutdown()
+    runtime.fail_job(2, f"error: {e}")
+  except KeyboardInterrupt:
+    runtime.fail_job(130, "error: interrupted (Ctrl-C)")
+  except Exception as e:  # a bug, or a collective that failed because a peer did
+    if jax.process_count() == 1:
+      raise
+    runtime.fail_job(1, f"error: {type(e).__name__}: {e}", unexpected=e)
+  runtime.finish_job()
 
 
 if __name__ == "__main__":

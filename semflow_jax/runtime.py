@@ -14,11 +14,38 @@ options.
   warnings, an `E0000 ... INVALID_ARGUMENT` line and sometimes a request to delete libtpu's lock
   file. Without TPU chips on the PCI bus it limits JAX to the CPU; a machine with TPUs or GPUs,
   or a `JAX_PLATFORMS` / `--jax_platforms` chosen by the user, is left alone.
+
+And what an entry point does to its process beyond JAX's backends: the persistent compilation
+cache, and ending a job of several processes together. Every entry point (semflow_jax.main for
+training, evaluation and the file CLI; the studio; any later one) calls
+`enable_compilation_cache` before it compiles anything, and, when it runs as one of several
+processes, `start_job` right after `jax.distributed.initialize()` and `finish_job` / `fail_job`
+on the way out. Nothing here runs at import.
+
+The compilation cache: XLA executables are stored in a directory (local or gs://) and a restart
+(preemption, resume, another command on the same workdir) loads them instead of compiling
+again. JAX writes the entries from process 0 only and every process reads them.
+
+Ending together: after `jax.distributed.initialize()` the processes of a job wait for each
+other in every collective and barrier, so one that fails would leave the others waiting (a
+barrier's 30 minutes, or JAX's heartbeat check, about 100 s, which aborts with a native stack
+dump). `start_job` starts a watcher thread in every process that publishes a heartbeat in the
+coordination service's key-value store and reads everyone else's. A process that fails
+publishes its error first (`fail_job`); one killed outright (kill -9, out of memory, a lost
+host) stops beating. Either way every other process prints one line naming it and exits within
+`peer_timeout_s` (SEMFLOW_PEER_TIMEOUT_S, default 30 s), whatever its main thread is blocked in.
 """
 
 import glob
 import importlib.metadata
 import os
+import sys
+import threading
+import time
+import traceback
+from typing import Optional
+
+from absl import logging
 
 # XLA:CPU runs convolutions through YNNPACK by default, whose weight gradient of a 3x3
 # convolution is much slower than its forward pass (it becomes a convolution with an
@@ -68,3 +95,281 @@ def skip_absent_tpus() -> bool:
     return False
   jax.config.update("jax_platforms", "cpu")
   return True
+
+
+# Keys in the coordination service's key-value store (process 0 hosts it).
+_PREFIX = "semflow_jax/job/"
+_FAILED = _PREFIX + "failed"        # "<process>\t<exit code>\t<one line>": the first one wins
+_BEAT = _PREFIX + "beat/"           # + process index: a counter each watcher advances
+_LEFT = _PREFIX + "left/"           # + process index: this process is exiting
+
+PEER_TIMEOUT_S = 30.0   # silence after which a peer counts as gone
+_BEAT_INTERVAL_S = 1.0
+_LEAVE_WAIT_S = 10.0    # how long the coordinator (process 0) waits for the others to leave
+
+
+# -- the persistent compilation cache --------------------------------------------------------------
+_cache_events = {"hits": 0, "misses": 0}
+
+
+def _count_cache_event(event: str, **_) -> None:
+  if event == "/jax/compilation_cache/cache_hits":
+    _cache_events["hits"] += 1
+  elif event == "/jax/compilation_cache/cache_misses":
+    _cache_events["misses"] += 1
+
+
+def compilation_cache_dir(config, workdir: Optional[str]) -> Optional[str]:
+  """Where executables are cached: `config.compilation_cache` (a directory, local or gs://, or
+  'off'); unset, $JAX_COMPILATION_CACHE_DIR if set, else `<workdir>/compilation_cache` when a
+  workdir is given (train, eval), else the user's ~/.cache/semflow_jax/jax (sampling: its
+  workdir may be someone else's read-only bucket)."""
+  from semflow_jax import storage
+  setting = config.get("compilation_cache")
+  if setting is not None and str(setting).lower() in ("off", "none", "false", ""):
+    return None
+  path = setting or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+  if not path and workdir:
+    path = storage.join(workdir, "compilation_cache")
+  if not path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = os.path.join(base, "semflow_jax", "jax")
+  return storage.resolve(path)
+
+
+def enable_compilation_cache(config, workdir: Optional[str]) -> Optional[str]:
+  """Turn JAX's persistent compilation cache on (or off) for this process, before anything
+  compiles; returns the directory, or None when off."""
+  import jax
+  path = compilation_cache_dir(config, workdir)
+  if path is None:
+    jax.config.update("jax_enable_compilation_cache", False)
+    logging.info("compilation cache: off")
+    return None
+  jax.config.update("jax_compilation_cache_dir", path)
+  # Sampling's programs compile in well under JAX's default 1 s threshold: cache them all.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  if not _cache_events.get("listening"):
+    jax.monitoring.register_event_listener(_count_cache_event)
+    _cache_events["listening"] = True
+  logging.info("compilation cache: %s", path)
+  return path
+
+
+def compilation_cache_use() -> str:
+  """'<hits> hits, <misses> misses' of the persistent cache so far (for logs)."""
+  return f"{_cache_events['hits']} hits, {_cache_events['misses']} misses"
+
+
+# -- a job of several processes --------------------------------------------------------------------
+_exiting = threading.Lock()  # held by whichever thread ends the process: one line, one exit
+
+
+def _claim_exit() -> bool:
+  """True for the first thread that decides to end this process; the others must stay quiet."""
+  return _exiting.acquire(blocking=False)
+
+
+class _Watcher:
+  """Heartbeats out, peers' heartbeats and failures in; ends this process when a peer is gone."""
+
+  def __init__(self, client, index: int, count: int, timeout_s: float):
+    self.client, self.index, self.count, self.timeout_s = client, index, count, timeout_s
+    self.stopped = threading.Event()
+    self.last_contact = time.monotonic()
+    self._thread = threading.Thread(target=self._run, daemon=True,
+                                    name="semflow_jax job watcher")
+    self._contact = threading.Thread(target=self._watch_contact, daemon=True,
+                                     name="semflow_jax coordinator watcher")
+
+  def start(self):
+    self._thread.start()
+    self._contact.start()
+
+  def stop(self):
+    self.stopped.set()
+    self._thread.join(timeout=10)
+    self._contact.join(timeout=10)
+
+  def _run(self):
+    """One write (this process's beat) and one directory read (everyone's) per interval."""
+    beat = 0
+    start = time.monotonic()
+    beats = {p: (None, start) for p in range(self.count) if p != self.index}
+    while not self.stopped.wait(0 if beat == 0 else _BEAT_INTERVAL_S):
+      try:
+        self.client.key_value_set(f"{_BEAT}{self.index}", str(beat), allow_overwrite=True)
+        entries = dict(self.client.key_value_dir_get(_PREFIX))
+      except Exception:  # the coordinator is unreachable: _watch_contact decides
+        continue
+      beat += 1
+      now = self.last_contact = time.monotonic()
+      failure = _parse_failure(entries.get(_FAILED))
+      if failure and failure[0] != self.index:
+        # A moment's grace: if this process is failing the same way, its own line wins.
+        if not self.stopped.wait(2.0):
+          self._end(failure[1], f"process {failure[0]} failed: {failure[2]}")
+        return
+      left = {int(k[len(_LEFT):]) for k in entries if k.startswith(_LEFT)}
+      for peer, (value, since) in beats.items():
+        current = entries.get(f"{_BEAT}{peer}")
+        if current != value:
+          beats[peer] = (current, now)
+        elif peer not in left and now - since > self.timeout_s:
+          what = ("never joined" if value is None else
+                  f"stopped responding {now - since:.0f} s ago (killed, out of memory, or its "
+                  "host is gone)")
+          # Recorded as that process's failure, so that every process names the same one.
+          _publish(self.client, peer, 1, what)
+          self._end(1, f"process {peer} {what}")
+          return
+
+  def _watch_contact(self):
+    while not self.stopped.wait(_BEAT_INTERVAL_S):
+      silent = time.monotonic() - self.last_contact
+      if silent > self.timeout_s:
+        # Process 0 hosts the coordination service: without it no collective can finish.
+        self._end(1, f"process 0 (the coordinator) has been unreachable for {silent:.0f} s "
+                  "(it stopped, or its host is gone)", leave=False)
+        return
+
+  def _end(self, code: int, reason: str, leave: bool = True):
+    if self.stopped.is_set() or not _claim_exit():
+      return
+    print(f"error: {reason}; stopping process {self.index} too", file=sys.stderr, flush=True)
+    _leave(code, leave)
+
+
+_job: Optional[_Watcher] = None
+
+
+def peer_timeout_s() -> float:
+  """Seconds of silence after which a peer counts as gone (SEMFLOW_PEER_TIMEOUT_S)."""
+  return float(os.environ.get("SEMFLOW_PEER_TIMEOUT_S", PEER_TIMEOUT_S))
+
+
+def _client():
+  from jax._src import distributed  # JAX keeps the coordination client there (Orbax reads it too)
+  return distributed.global_state.client
+
+
+def start_job() -> None:
+  """Watch the other processes of this job; call right after jax.distributed.initialize().
+  Nothing for a single process."""
+  global _job
+  import jax
+  if _job is not None or _client() is None or jax.process_count() == 1:
+    return
+  _job = _Watcher(_client(), jax.process_index(), jax.process_count(), peer_timeout_s())
+  _job.start()
+
+
+def _parse_failure(value: Optional[str]):
+  if not value:
+    return None
+  process, code, message = value.split("\t", 2)
+  return int(process), int(code), message
+
+
+def _publish(client, process: int, code: int, message: str) -> None:
+  """Record that `process` failed (exit code, one line), unless a failure was recorded first."""
+  line = " ".join(str(message).split())
+  line = line[len("error: "):] if line.startswith("error: ") else line
+  try:
+    client.key_value_set(_FAILED, f"{process}\t{code}\t{line[:500]}")
+  except Exception:  # already set (the first failure wins), or the coordinator is gone
+    pass
+
+
+def _leave(code: int, tell_others: bool = True) -> None:
+  """Exit now. Process 0 hosts the coordination service, so it first gives the others a moment
+  to read what happened before the service goes away."""
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except Exception:
+      pass
+  logging.flush()
+  client = _client()
+  if tell_others and client is not None and _job is not None:
+    try:
+      client.key_value_set(f"{_LEFT}{_job.index}", str(code), allow_overwrite=True)
+      if _job.index == 0:
+        deadline = time.monotonic() + _LEAVE_WAIT_S
+        while time.monotonic() < deadline:
+          entries = dict(client.key_value_dir_get(_PREFIX))
+          done = {int(k[len(_LEFT):]) for k in entries if k.startswith(_LEFT)}
+          failure = _parse_failure(entries.get(_FAILED))
+          if failure:
+            done.add(failure[0])  # a process that failed may be gone without a word (kill -9)
+          if done >= set(range(_job.count)):
+            break
+          time.sleep(0.2)
+    except Exception:
+      pass
+  # Not sys.exit: the main thread may be inside a collective that can never finish now, and
+  # JAX's atexit shutdown would wait for processes that are gone.
+  os._exit(code)
+
+
+def fail_job(code: int, line: str, unexpected: Optional[BaseException] = None) -> None:
+  """End this process with exit status `code` after printing `line` ('error: ...'); in a job of
+  several processes, tell the others first (each prints one line naming this process).
+
+  `unexpected`: an exception that is not a known user error. Its traceback is printed; if it
+  came from the runtime (a collective that failed), a peer that failed or died is the likely
+  cause, so the line names that peer when one is found within the peer timeout.
+  """
+  import jax
+  if _job is None:
+    if unexpected is not None:
+      traceback.print_exception(unexpected)
+    print(line, file=sys.stderr, flush=True)
+    sys.exit(code)
+  if isinstance(unexpected, jax.errors.JaxRuntimeError):
+    # The watcher ends the process itself if it finds a peer gone meanwhile.
+    culprit = peer_failure(wait_s=_job.timeout_s + 2 * _BEAT_INTERVAL_S)
+    if culprit is not None and _claim_exit():
+      print(f"error: process {culprit[0]} failed: {culprit[2]}; stopping process "
+            f"{_job.index} too", file=sys.stderr, flush=True)
+      _leave(culprit[1])
+  if not _claim_exit():  # the watcher is ending the process already
+    threading.Event().wait()
+  if unexpected is not None:
+    traceback.print_exception(unexpected)
+  print(line, file=sys.stderr, flush=True)
+  _publish(_job.client, _job.index, code, line)
+  _leave(code)
+
+
+def peer_failure(wait_s: float = 0.0) -> Optional[tuple]:
+  """(process, exit code, line) of a failure another process recorded, waiting up to `wait_s`
+  for one; None if there is none."""
+  if _job is None:
+    return None
+  deadline = time.monotonic() + wait_s
+  while True:
+    try:
+      failure = _parse_failure(dict(_job.client.key_value_dir_get(_PREFIX)).get(_FAILED))
+    except Exception:
+      failure = None
+    if failure and failure[0] != _job.index:
+      return failure
+    if time.monotonic() >= deadline:
+      return None
+    time.sleep(0.5)
+
+
+def finish_job(barrier_timeout_s: int = 24 * 3600) -> None:
+  """The work is done: wait for every process to get here, stop watching, and shut the
+  distributed runtime down together. Nothing for a single process."""
+  global _job
+  import jax
+  if _job is None:
+    return
+  # A barrier of the coordination service, not a device collective: a process still writing
+  # its last files keeps beating meanwhile, and one that fails is reported by the watcher.
+  _job.client.wait_at_barrier("semflow_jax/job/finished", barrier_timeout_s * 1000)
+  _job.stop()
+  _job = None
+  jax.distributed.shutdown()

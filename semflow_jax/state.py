@@ -79,13 +79,16 @@ def _init_fn(model: SemFlow, tx: optax.GradientTransformation, config):
 def create(model: SemFlow, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
            mesh: Mesh) -> TrainState:
   """A fresh state, created directly in its sharded layout; from `config.model.init_from` (the
-  converted weights, checked against the model's shapes) when that is set."""
-  init = jax.jit(_init_fn(model, tx, config), out_shardings=shardings(model, tx, config, mesh))
+  converted weights, checked against the model's shapes) when that is set. Those are read
+  straight into their shards (no host copy of the whole tree) and donated to the state."""
+  layout = shardings(model, tx, config, mesh)
   init_from = config.model.get("init_from")
   if not init_from:
-    return init(jax.random.PRNGKey(config.seed))
-  loaded = checkpoint.load_converted(init_from, jax.eval_shape(model.init, jax.random.PRNGKey(0)))
+    return jax.jit(_init_fn(model, tx, config), out_shardings=layout)(
+        jax.random.PRNGKey(config.seed))
+  loaded = checkpoint.load_converted(init_from, abstract_params(model, config, mesh))
   logging.info("initialised %s from %s", ", ".join(sorted(loaded)), init_from)
+  init = jax.jit(_init_fn(model, tx, config), out_shardings=layout, donate_argnums=1)
   return init(jax.random.PRNGKey(config.seed), loaded)
 
 

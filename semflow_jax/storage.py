@@ -21,10 +21,11 @@ storage service that does not answer into one `StorageError` line naming the pat
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 import threading
 import uuid
-from typing import Any, Iterator, List, Tuple, Union
+from typing import Any, Iterable, Iterator, List, Optional, Tuple, Union
 
 from etils import epath
 
@@ -178,9 +179,10 @@ def move_tree(source: PathLike, destination: PathLike) -> None:
 
 
 @contextlib.contextmanager
-def local_copy(path: PathLike) -> Iterator[str]:
+def local_copy(path: PathLike, names: Optional[Iterable[str]] = None) -> Iterator[str]:
   """A local path holding `path`'s content: the path itself if local, else a temporary download
-  (for readers that need a local file, e.g. transformers' from_pretrained)."""
+  (for readers that need a local file, e.g. transformers' from_pretrained). For a directory,
+  `names` (paths relative to it) limits the download to those files."""
   if not is_url(path):
     yield resolve(path)
     return
@@ -188,15 +190,18 @@ def local_copy(path: PathLike) -> Iterator[str]:
   with tempfile.TemporaryDirectory(prefix="semflow_jax_") as tmp:
     local = os.path.join(tmp, src.name)
     if src.is_dir():
-      for f in _files(src):
-        out = os.path.join(local, os.fspath(f.relative_to(src)))
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        with open(out, "wb") as fh:
-          fh.write(f.read_bytes())
+      files = _files(src) if names is None else (src / name for name in names)
+      for f in files:
+        _download(f, os.path.join(local, os.fspath(f.relative_to(src))))
     else:
-      with open(local, "wb") as fh:
-        fh.write(src.read_bytes())
+      _download(src, local)
     yield local
+
+
+def _download(src: epath.Path, local: str) -> None:
+  os.makedirs(os.path.dirname(local), exist_ok=True)
+  with src.open("rb") as source, open(local, "wb") as out:
+    shutil.copyfileobj(source, out, 16 << 20)  # streamed: weight files are gigabytes
 
 
 # -- preflight ---------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from semflow_jax import checkpoint, evaluate, parallel, state as state_lib, storage
+from semflow_jax import checkpoint, evaluate, parallel, runtime, state as state_lib, storage
 from semflow_jax.data import pipeline
 from semflow_jax.programs import Programs
 from semflow_jax.semflow import SemFlow
@@ -113,16 +113,20 @@ def lower_train_step(model: SemFlow, tx: optax.GradientTransformation, config, m
 
 
 class Preemption:
-  """Has a stop been requested (SIGTERM) and is this the step to stop at?
+  """Has a stop been requested (SIGTERM), and is this the point to stop at?
 
-  One process: a SIGTERM handler sets a flag, checked after every step. Several processes: JAX's
-  preemption sync manager (started by jax.distributed.initialize) catches the signal on any host
-  and agrees with all the others on one step, so every process saves the same step
-  collectively; `reached(step)` must then be called at every step on every process.
+  `reached()` is asked at the same points on every process: after every train step and between
+  evaluation batches. One process: a SIGTERM handler sets a flag. Several: JAX's preemption
+  sync manager (started by jax.distributed.initialize) catches the signal on any process and
+  makes every process answer True at the same call, so all of them stop and save together.
+
+  The handler stays installed until `close()`, after the last save and the last evaluation: a
+  SIGTERM that arrives while the final checkpoint is being written lets the write finish.
   """
 
   def __init__(self):
     self.requested = False
+    self._calls = 0
     self._previous = None
     self._multi = jax.process_count() > 1
     if not self._multi and threading.current_thread() is threading.main_thread():
@@ -131,10 +135,11 @@ class Preemption:
   def _on_sigterm(self, signum, frame):
     self.requested = True
 
-  def reached(self, step: int) -> bool:
+  def reached(self) -> bool:
+    self._calls += 1
     if self._multi:
       try:
-        return multihost_utils.reached_preemption_sync_point(step)
+        return multihost_utils.reached_preemption_sync_point(self._calls)
       except RuntimeError as e:  # processes not started by jax.distributed.initialize()
         logging.warning("no preemption service (%s): SIGTERM will not be caught", e)
         self._multi = False
@@ -143,6 +148,7 @@ class Preemption:
   def close(self):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
 
 
 def _format_duration(seconds: float) -> str:
@@ -198,17 +204,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                    config.seed, config.data.flip,
                                                    preprocess=preprocess)
 
-  # Compile before any data is read: a sharding or shape error shows now, not at step 1.
+  # Compile before any data is read: a sharding or shape error, or a program that does not fit,
+  # shows now, not at step 1 (nor hours later, at the first evaluation).
   batch_spec = {k: ((t.batch_size, *shape[1:]), dtype)
                 for k, (shape, dtype) in train_iter.element_spec.items()}
   compile_start = time.time()
   train_step = lower_train_step(model, tx, config, mesh, abstract_state, batch_spec).compile()
   logging.info("train step compiled in %.1f s", time.time() - compile_start)
+  # One set of inference programs and one evaluator per run: evaluations never recompile.
+  evaluator = evaluate.Evaluator(config, model, Programs(model), builder, mesh)
+  compile_start = time.time()
+  evaluator.compile(_eval_params(abstract_state))
+  logging.info("evaluation programs compiled in %.1f s (compilation cache: %s)",
+               time.time() - compile_start, runtime.compilation_cache_use())
   checkpoint.wait_for_all_processes("semflow_jax.train: step compiled")
 
   writer = storage.metric_writer(workdir, config)
-  # One set of inference programs and one evaluator per run: evaluations never recompile.
-  evaluator = evaluate.Evaluator(config, model, Programs(model), builder, mesh)
   if start_step == 0 and is_main and config.train.get("tensorboard", True):
     writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()
                           if isinstance(v, (int, float, str, bool))})
@@ -237,9 +248,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return steps, fetched
 
   preemption = Preemption()
+
+  def evaluate_at(step):
+    """The evaluation of `step`, or None when a SIGTERM stopped it (it runs after the resume)."""
+    return evaluator(_eval_params(state), step, workdir, writer, should_stop=preemption.reached)
+
   tracing = False
+  stopped_at = None  # the step a SIGTERM stopped the run at (saved)
+  result = None
   try:
-    for step in range(start_step + 1, t.num_steps + 1):
+    if _evaluation_pending(t, start_step, workdir) and evaluate_at(start_step) is None:
+      stopped_at = start_step  # stopped again before that evaluation finished
+    for step in range(start_step + 1, t.num_steps + 1) if stopped_at is None else ():
       if step == profile_first:
         tracing = True
         jax.profiler.start_trace(storage.join(workdir, "profile"), create_perfetto_trace=True)
@@ -253,7 +273,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         tracing = False
         logging.info("profile of steps %d-%d written to %s/profile (README: Profiling)",
                      profile_first, profile_last, workdir)
-      stop = preemption.reached(step)
+      stop = preemption.reached()
 
       if step % t.log_every == 0 or step == t.num_steps or stop:
         # One host transfer per log interval, not per step.
@@ -273,31 +293,58 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      logged["learning_rate"], steps_per_sec,
                      _format_duration((t.num_steps - step) / max(steps_per_sec, 1e-9)))
 
-      if step % t.checkpoint_every == 0 or step == t.num_steps or stop:
+      saved = step % t.checkpoint_every == 0 or step == t.num_steps or stop
+      if saved:
         check_pending()  # never save after a step that must stop the run
         checkpoint.save(manager, step, state, train_iter.state(), model.checkpoint_record())
+
+      if not stop and t.eval_every and step % t.eval_every == 0 and step != t.num_steps:
+        if evaluate_at(step) is None:
+          stop = True
+          if not saved:
+            checkpoint.save(manager, step, state, train_iter.state(), model.checkpoint_record())
+          logging.warning("preemption (SIGTERM) during the evaluation of step %d: it runs again "
+                          "after the resume", step)
 
       if stop:
         logging.warning("preemption (SIGTERM): saved step %d in %s; re-run the same command to "
                         "continue", step, manager.directory)
+        stopped_at = step
         break
 
-      if (t.eval_every and step % t.eval_every == 0) and step != t.num_steps:
-        evaluator(_eval_params(state), step, workdir, writer)
+    # The last checkpoint is complete before the final evaluation starts (a SIGTERM meanwhile
+    # is only noted: the write finishes).
+    manager.wait_until_finished()
+    if stopped_at is None:
+      result = evaluate_at(int(state.step))
+      if result is None:
+        stopped_at = int(state.step)
+        logging.warning("preemption (SIGTERM) during the final evaluation: step %d is saved; "
+                        "re-run the same command to evaluate it", stopped_at)
   finally:
     if tracing:  # stopped inside the traced steps
       jax.profiler.stop_trace()
-    preemption.close()
     # Also on Ctrl-C or an error: let in-flight asynchronous saves complete.
     manager.wait_until_finished()
     manager.close()
-  final = int(state.step)
-  if final < t.num_steps:
-    writer.close()
-    return {"step": final, "preempted": True}
-  result = evaluator(_eval_params(state), final, workdir, writer)
+    preemption.close()
   writer.close()
+  # The input pipeline's threads work ahead of the loop; stop them now rather than when the
+  # iterator is collected (a tf.data iterator waits for its workers there).
+  train_iter.close()
+  if stopped_at is not None:
+    return {"step": stopped_at, "preempted": True}
   return result
+
+
+def _evaluation_pending(t, step: int, workdir: str) -> bool:
+  """Did the run stop (SIGTERM, or killed) during the evaluation of `step`, its last checkpoint?
+  Its metrics are then missing and the evaluation runs before training continues."""
+  if not (t.eval_every and 0 < step < t.num_steps and step % t.eval_every == 0):
+    return False
+  missing = not storage.exists(storage.join(workdir, "eval", f"metrics_{step}.json"))
+  # Process 0 writes the metrics; every process must take the same (collective) path.
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(missing)))
 
 
 def _profile_steps(t) -> tuple:

@@ -1,6 +1,9 @@
 """A Google Cloud Storage server on localhost for the tests: gcp-storage-emulator, in memory.
 
-  python -m tests.gcs_server --port=PORT --bucket=NAME   # prints "ready" once it serves
+  python -m tests.gcs_server --port=PORT --bucket=NAME [--read_log=FILE]  # prints "ready"
+
+With --read_log, the name of every object downloaded is appended to FILE, one line per
+download (the tests count what a reader fetched).
 
 Two fidelity fixes:
 - GCS sends `x-goog-generation` with every object download and tensorstore (which Orbax writes
@@ -22,10 +25,14 @@ from gcp_storage_emulator import server
 from gcp_storage_emulator.handlers import objects
 
 _download = objects.download
+_read_log = None  # a file object, with --read_log
 
 
 def _download_with_generation(request, response, storage, *args, **kwargs):
   _download(request, response, storage, *args, **kwargs)
+  if _read_log is not None:
+    _read_log.write(request.params["object_id"] + "\n")
+    _read_log.flush()
   try:
     obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
   except Exception:  # not found: the emulator already answered 404
@@ -60,7 +67,11 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--port", type=int, required=True)
   parser.add_argument("--bucket", required=True)
+  parser.add_argument("--read_log")
   args = parser.parse_args()
+  global _read_log
+  if args.read_log:
+    _read_log = open(args.read_log, "a")
   gcs = server.create_server("127.0.0.1", args.port, in_memory=True, default_bucket=args.bucket)
   gcs.start()
   print("ready", flush=True)

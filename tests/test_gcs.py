@@ -38,8 +38,17 @@ BUCKET = "semflow-test"
 class Bucket:
   """The emulator's bucket, read and written over plain HTTP (the GCS JSON API)."""
 
-  def __init__(self, url):
-    self.url = url
+  def __init__(self, url, read_log=None):
+    self.url, self.read_log = url, read_log
+
+  def downloads(self, prefix=""):
+    """{object name: times the server sent its content} under `prefix`, since the start."""
+    counts = {}
+    with open(self.read_log) as f:
+      for name in f.read().split():
+        if name.startswith(prefix):
+          counts[name] = counts.get(name, 0) + 1
+    return counts
 
   def _get(self, path):
     with urllib.request.urlopen(f"{self.url}{path}", timeout=30) as r:
@@ -77,9 +86,11 @@ class Bucket:
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
   port = free_port()
-  log = open(tmp_path_factory.mktemp("gcs") / "server.log", "w+")
+  server_dir = tmp_path_factory.mktemp("gcs")
+  log = open(server_dir / "server.log", "w+")
+  read_log = str(server_dir / "reads.log")
   server = subprocess.Popen([sys.executable, "-m", "tests.gcs_server", f"--port={port}",
-                             f"--bucket={BUCKET}"], cwd=REPO, stdout=subprocess.PIPE,
+                             f"--bucket={BUCKET}", f"--read_log={read_log}"], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=log, text=True)
   try:
     assert server.stdout.readline().strip() == "ready", open(log.name).read()[-2000:]
@@ -94,7 +105,7 @@ def gcs(tmp_path_factory):
            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # else a 60 s gRPC time-out per bucket
            "TENSORSTORE_GCS_HTTP_URL": url,
            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test"}
-    yield Bucket(url), env, cwd
+    yield Bucket(url, read_log), env, cwd
     for d in (cwd, REPO):  # an os.path.abspath("gs://...") would have made <cwd>/gs:/...
       assert not os.path.exists(os.path.join(d, "gs:")), f"a bucket path fell back to {d}/gs:"
   finally:
@@ -213,24 +224,55 @@ def test_eval_segment_and_synthesize_read_and_write_the_bucket(trained, tmp_path
 
 
 def test_convert_into_the_bucket_and_train_from_it(gcs, tfds_dir, tmp_path):
+  """The converter reads a diffusers clone in the bucket that holds several weight variants per
+  folder, fetching only the files it converts, once each; --overwrite that fails keeps the
+  previous conversion in use; a run initialises from the bucket."""
   bucket, env, cwd = gcs
   root = str(tmp_path / "sd")
   fx.save_pipeline(root, sd15.TINY_UNET, sd15.TINY_VAE, sd15.TINY_CONTEXT_TOKENS)
+  # The variants a diffusers clone of SD-1.5 holds beside the weights the converter reads.
+  variants = {"unet/diffusion_pytorch_model.fp16.safetensors": "unet/diffusion_pytorch_model.safetensors",
+              "unet/diffusion_pytorch_model.non_ema.bin": "unet/diffusion_pytorch_model.safetensors",
+              "vae/diffusion_pytorch_model.fp16.safetensors": "vae/diffusion_pytorch_model.safetensors",
+              "text_encoder/model.fp16.safetensors": "text_encoder/model.safetensors",
+              "safety_checker/model.safetensors": "vae/diffusion_pytorch_model.safetensors"}
+  uploaded = []
   for dirpath, _, files in os.walk(root):  # the diffusers folder is read from the bucket too
     for name in files:
       path = os.path.join(dirpath, name)
       with open(path, "rb") as f:
-        bucket.write("sd/" + os.path.relpath(path, root), f.read())
+        uploaded.append("sd/" + os.path.relpath(path, root))
+        bucket.write(uploaded[-1], f.read())
+  for name, like in variants.items():
+    with open(os.path.join(root, like), "rb") as f:
+      bucket.write("sd/" + name, f.read())
+  assert "sd/text_encoder/model.safetensors" in uploaded
 
-  _run([sys.executable, "-m", "semflow_jax.convert", "--diffusers_dir=gs://semflow-test/sd",
-        "--output=gs://semflow-test/sd15_flax"], env, cwd)
+  convert_cmd = [sys.executable, "-m", "semflow_jax.convert", "--diffusers_dir=gs://semflow-test/sd",
+                 "--output=gs://semflow-test/sd15_flax"]
+  _run(convert_cmd, env, cwd)
+  read = bucket.downloads("sd/")
+  weights = {"sd/unet/diffusion_pytorch_model.safetensors", "sd/vae/diffusion_pytorch_model.safetensors",
+             "sd/text_encoder/model.safetensors"}
+  assert weights <= set(read) and not set(read) & {f"sd/{n}" for n in variants}, read
+  assert all(read[n] == 1 for n in weights), read  # each weights file fetched once
+  assert set(read) <= set(uploaded), read  # nothing beyond what it converts
+  marker = json.loads(bucket.read("sd15_flax/conversion.json"))
+  assert marker["items"] == ["context", "unet", "vae"]
+  version = f"sd15_flax/{marker['version']}/"
   converted = bucket.names("sd15_flax/")
-  assert {"sd15_flax/conversion.json", "sd15_flax/unet_config.json",
-          "sd15_flax/vae_config.json"} <= set(converted)
-  assert any(n.startswith("sd15_flax/params/") for n in converted)
-  assert json.loads(bucket.read("sd15_flax/conversion.json"))["items"] == ["context", "unet",
-                                                                          "vae"]
-  assert not [n for n in bucket.names() if ".sd15_flax.tmp-" in n]  # staging removed
+  assert {version + "unet_config.json", version + "vae_config.json"} <= set(converted)
+  assert any(n.startswith(version + "params/") for n in converted)
+  assert {n.split("/")[1] for n in converted} == {"conversion.json", marker["version"]}
+
+  # --overwrite from a folder that fails half-way (the VAE's weights are damaged) leaves the
+  # previous conversion complete and in use.
+  bucket.write("sd/vae/diffusion_pytorch_model.safetensors", b"not safetensors")
+  proc = subprocess.run(convert_cmd + ["--overwrite"], cwd=cwd, env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 2 and "sd/vae" in proc.stderr, proc.stderr[-3000:]
+  assert bucket.names("sd15_flax/") == converted
+  assert json.loads(bucket.read("sd15_flax/conversion.json")) == marker
 
   log = _run(_main("--workdir=gs://semflow-test/sd_run", f"--config.data.tfds_data_dir={tfds_dir}",
                    "--config.model.init_from=gs://semflow-test/sd15_flax",

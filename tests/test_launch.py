@@ -114,7 +114,8 @@ def _executable(path, text):
 
 
 def _fake_worker(tmp_path):
-  """A worker's home with a stand-in python that records its argv and waits for SIGTERM."""
+  """A worker's home with a stand-in python that records its argv and waits for SIGTERM, and a
+  stand-in gcloud that records the log copies."""
   home = tmp_path / "home"
   (home / "semflow_jax").mkdir(parents=True)
   (home / "semflow_jax_venv" / "bin").mkdir(parents=True)
@@ -122,10 +123,22 @@ def _fake_worker(tmp_path):
 import json, os, signal, sys, time
 signal.signal(signal.SIGTERM, lambda *a: (open("{home}/terminated", "w").close(), sys.exit(0)))
 with open("{home}/argv.json", "w") as f:
-  json.dump({{"argv": sys.argv[1:], "cwd": os.getcwd(), "sid": os.getsid(0) == os.getpid()}}, f)
+  json.dump({{"argv": sys.argv[1:], "cwd": os.getcwd(), "sid": os.getsid(0)}}, f)
+print("training...", flush=True)
 time.sleep(60)
 """)
-  return home
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  _executable(bin_dir / "gcloud", f"""#!{sys.executable}
+import json, shutil, sys
+with open("{tmp_path}/gcloud.jsonl", "a") as f:
+  f.write(json.dumps(sys.argv[1:]) + "\\n")
+if sys.argv[1:3] == ["storage", "cp"]:
+  shutil.copy(sys.argv[-2], "{tmp_path}/copied.log")
+""")
+  env = {**os.environ, "HOME": str(home), "PATH": f"{bin_dir}:{os.environ['PATH']}",
+         "TPU_WORKER_ID": "3"}
+  return home, env
 
 
 def _wait_for(path, timeout=30):
@@ -142,17 +155,17 @@ def test_train_starts_detached_on_every_worker_with_the_arguments_intact(tmp_pat
   script = _option(ssh, "command")
   assert "setsid nohup" in script
 
-  # Run the worker's command here (bash, as on the VM): the run starts in its own session with
-  # exactly the arguments given, the SSH-side shell returns at once, and `stop` sends SIGTERM.
-  home = _fake_worker(tmp_path)
-  env = {**os.environ, "HOME": str(home)}
+  # Run the worker's command here (bash, as on the VM): the run starts in a session of its own
+  # with exactly the arguments given, the SSH-side shell returns at once, `stop` sends SIGTERM,
+  # and the worker's log lands in the bucket, under the workdir, per worker and start.
+  home, env = _fake_worker(tmp_path)
   start = time.time()
   subprocess.run(["bash", "-c", script], env=env, check=True, timeout=30)
   assert time.time() - start < 10  # detached: the shell did not wait for the run
   _wait_for(home / "argv.json")
   started = json.loads((home / "argv.json").read_text())
   assert started["argv"] == ["-m", "semflow_jax.main", "--distributed=yes", *TRICKY]
-  assert started["cwd"] == str(home / "semflow_jax") and started["sid"]
+  assert started["cwd"] == str(home / "semflow_jax") and started["sid"] != os.getsid(0)
   assert (home / "semflow_jax.log").exists() and (home / "semflow_jax.pid").exists()
 
   again = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
@@ -162,6 +175,15 @@ def test_train_starts_detached_on_every_worker_with_the_arguments_intact(tmp_pat
   assert _option(stop, "worker") == "all"
   subprocess.run(["bash", "-c", _option(stop, "command")], env=env, check=True, timeout=30)
   _wait_for(home / "terminated")
+  _wait_for(home / "semflow_jax.exit")
+  assert (home / "semflow_jax.exit").read_text().strip() == "0"
+  copies = [json.loads(l) for l in (tmp_path / "gcloud.jsonl").read_text().splitlines()]
+  (copy,) = [c for c in copies if c[:2] == ["storage", "cp"]]
+  destination = copy[-1]
+  assert destination.startswith("gs://my-bucket/runs/a b/logs/worker-3/")
+  assert destination.endswith(".log") and copy[-2] == str(home / "semflow_jax.log")
+  log = (tmp_path / "copied.log").read_text()
+  assert "training..." in log and "the run exited with status 0" in log
 
 
 def test_build_data_on_every_worker_or_one_logs_and_delete(tmp_path):
@@ -203,31 +225,101 @@ json.dump(sys.argv[1:], open("{home}/argv.json", "w"))
   assert "--force" in delete
 
 
-def test_train_recreates_a_preempted_spot_vm_before_starting(tmp_path):
+def _stand_in_gcloud(tmp_path, answers):
+  """A gcloud that records each call and answers from `answers`: {command prefix: [replies]},
+  one reply per call ((exit status, stdout); the last one repeats)."""
   bin_dir = tmp_path / "bin"
-  bin_dir.mkdir()
-  log = tmp_path / "gcloud.jsonl"
-  # A stand-in gcloud: records each call; the VM reports PREEMPTED, the new queued resource ACTIVE.
+  bin_dir.mkdir(exist_ok=True)
+  (tmp_path / "answers.json").write_text(json.dumps(answers))
   _executable(bin_dir / "gcloud", f"""#!{sys.executable}
 import json, sys
 args = sys.argv[1:]
-open("{log}", "a").write(json.dumps(args) + "\\n")
-if args[:4] == ["compute", "tpus", "tpu-vm", "describe"]:
-  print("PREEMPTED")
-elif args[:4] == ["compute", "tpus", "queued-resources", "describe"]:
-  print("ACTIVE")
+open("{tmp_path}/gcloud.jsonl", "a").write(json.dumps(args) + "\\n")
+answers = json.load(open("{tmp_path}/answers.json"))
+calls = [json.loads(l) for l in open("{tmp_path}/gcloud.jsonl")]
+for prefix, replies in answers.items():
+  if " ".join(args).startswith(prefix):
+    n = sum(" ".join(c).startswith(prefix) for c in calls) - 1
+    status, out = replies[min(n, len(replies) - 1)]
+    print(out, end="")
+    sys.exit(status)
 """)
+  return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def _calls(tmp_path):
+  calls = [json.loads(l) for l in (tmp_path / "gcloud.jsonl").read_text().splitlines()]
+  return calls, [" ".join(c[2:4]) if c[:2] == ["compute", "tpus"] else " ".join(c[:2])
+                 for c in calls]
+
+
+def test_train_recreates_a_preempted_spot_vm_before_starting(tmp_path):
+  env = _stand_in_gcloud(tmp_path, {"compute tpus tpu-vm describe": [[0, "PREEMPTED\n"]],
+                                    "compute tpus queued-resources describe": [[0, "ACTIVE\n"]]})
   args = [a for a in BASE if a != "--dry_run"]
   proc = subprocess.run(["bash", TPU, "train", *args, "--spot", "--accelerator=v4-8", "--",
-                         *TRICKY], capture_output=True, text=True, timeout=60,
-                        env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+                         *TRICKY], capture_output=True, text=True, timeout=60, env=env)
   assert proc.returncode == 0, proc.stderr
-  calls = [json.loads(l) for l in log.read_text().splitlines()]
-  steps = [" ".join(c[2:4]) if c[:2] == ["compute", "tpus"] else c[0] for c in calls]
+  calls, steps = _calls(tmp_path)
   assert steps == ["tpu-vm describe", "queued-resources delete", "queued-resources create",
                    "queued-resources describe", "tpu-vm scp", "tpu-vm ssh", "tpu-vm ssh"], steps
   assert "--spot" in calls[2] and "is PREEMPTED; re-creating it" in proc.stderr
   assert "setsid nohup" in _option(calls[-1], "command")
+
+
+def test_watch_recreates_and_resumes_until_the_run_completes(tmp_path):
+  """The VM is preempted, then the run stops after SIGTERM (exit 0), then it completes: watch
+  re-creates, sets up and starts it, starts it again, and returns 0 once the final metrics are
+  in the workdir."""
+  workdir = "gs://my-bucket/runs/a b"
+  config = json.dumps({"train": {"num_steps": 20}})
+  env = _stand_in_gcloud(tmp_path, {
+      "compute tpus tpu-vm describe": [[0, "PREEMPTED\n"], [0, "READY\n"]],
+      "compute tpus queued-resources describe": [[0, "ACTIVE\n"]],
+      f"storage cat {workdir}/config.json": [[1, ""], [0, config]],
+      f"storage ls {workdir}/eval/metrics_20.json": [[1, ""], [0, "found\n"]],
+      # worker 0 after the start: running, then stopped by SIGTERM (status 0)
+      "compute tpus tpu-vm ssh semflow --zone=us-central2-b --project=my-project --worker=0":
+          [[0, "running\n"], [0, "exited 0\n"]]})
+  args = [a for a in BASE if a != "--dry_run"]
+  proc = subprocess.run(["bash", TPU, "watch", *args, "--spot", "--accelerator=v4-8",
+                         "--interval=0", "--", *TRICKY], capture_output=True, text=True,
+                        timeout=60, env=env)
+  assert proc.returncode == 0, proc.stderr
+  calls, steps = _calls(tmp_path)
+  recreate = ["queued-resources delete", "queued-resources create", "queued-resources describe",
+              "tpu-vm scp", "tpu-vm ssh"]
+  assert steps == (["tpu-vm describe", *recreate, "tpu-vm ssh",  # preempted: re-create, start
+                    "tpu-vm describe", "storage cat",  # no config.json yet
+                    "tpu-vm ssh",                      # worker 0: running
+                    "tpu-vm describe", "storage cat", "storage ls",  # metrics_20 not there yet
+                    "tpu-vm ssh", "tpu-vm ssh",        # worker 0: exited 0 -> start again
+                    "tpu-vm describe", "storage cat", "storage ls"]), steps  # complete
+  starts = [c for c in calls if c[:4] == ["compute", "tpus", "tpu-vm", "ssh"]
+            and "setsid nohup" in _option(c, "command")]
+  assert len(starts) == 2 and all(_option(c, "worker") == "all" for c in starts)
+  assert "re-creating it and resuming" in proc.stderr and "resuming" in proc.stderr
+  assert "the run is complete" in proc.stderr
+
+  # A run that failed (non-zero status on worker 0) is not restarted: watch stops and says so.
+  (tmp_path / "gcloud.jsonl").unlink()
+  env = _stand_in_gcloud(tmp_path, {
+      "compute tpus tpu-vm describe": [[0, "READY\n"]],
+      f"storage cat {workdir}/config.json": [[0, config]],
+      f"storage ls {workdir}/eval/metrics_20.json": [[1, ""]],
+      "compute tpus tpu-vm ssh": [[0, "exited 1\n"]]})
+  proc = subprocess.run(["bash", TPU, "watch", *args, "--interval=0", "--", *TRICKY],
+                        capture_output=True, text=True, timeout=60, env=env)
+  assert proc.returncode == 1 and "the run failed (worker 0: exited 1)" in proc.stderr
+  assert f"{workdir}/logs/worker-0/" in proc.stderr
+
+  dry = _commands(_tpu("watch", *BASE, "--spot", "--accelerator=v4-8", "--", *TRICKY))
+  kinds = [" ".join(c[3:5]) if c[1:3] == ["compute", "tpus"] else " ".join(c[1:3]) for c in dry]
+  assert kinds[:2] == ["tpu-vm describe", "queued-resources delete"] and "storage cat" in kinds
+  assert any("setsid nohup" in _option(c, "command") for c in dry if "ssh" in c)
+  missing = subprocess.run(["bash", TPU, "watch", *BASE, "--", "--workdir=/local/run"],
+                           capture_output=True, text=True, timeout=60)
+  assert missing.returncode == 2 and "needs --workdir=gs://" in missing.stderr
 
 
 def _port_for_slurm_job():

@@ -2,6 +2,7 @@
 during a save with exact resume, non-finite steps, and a workdir of another model."""
 
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -13,9 +14,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from jax.sharding import NamedSharding, PartitionSpec as P
+
 from semflow_jax import checkpoint, parallel, state as state_lib, train
 from semflow_jax.data import pipeline
-from tests.conftest import REPO, free_port, run_together
+from semflow_jax.semflow import SemFlow
+from tests.conftest import REPO, free_port
 
 NUM_STEPS = 20
 # The reference run's overrides, shared by every run compared with it.
@@ -113,6 +117,38 @@ def test_sigterm_saves_the_current_step_and_the_rerun_continues_exactly(referenc
   assert _logged(workdir) == ref_losses
 
 
+def test_sigterm_while_the_last_checkpoint_is_written_keeps_it(reference, tfds_dir, tmp_path,
+                                                               monkeypatch):
+  """SIGTERM as the final step's (asynchronous) save begins: the save completes, the final
+  evaluation is left for the rerun, and the rerun starts from that checkpoint and evaluates it."""
+  ref_params, _, _ = reference
+  config = _config(tfds_dir, **{"train.checkpoint_every": 100})  # no earlier checkpoint
+  workdir = str(tmp_path / "final")
+  save = checkpoint.save
+
+  def save_then_sigterm(manager, step, *args, **kwargs):
+    save(manager, step, *args, **kwargs)
+    if step == NUM_STEPS:  # the (asynchronous) write has just begun in Orbax's threads
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(checkpoint, "save", save_then_sigterm)
+  handler = signal.getsignal(signal.SIGTERM)
+  assert train.train_and_evaluate(config, workdir) == {"step": NUM_STEPS, "preempted": True}
+  monkeypatch.setattr(checkpoint, "save", save)
+  assert signal.getsignal(signal.SIGTERM) is handler
+  assert _steps(workdir) == [NUM_STEPS]
+  assert not glob.glob(os.path.join(workdir, "checkpoints", "*.orbax-checkpoint-tmp*"))
+  params, step = _params(config, workdir)
+  assert step == NUM_STEPS
+  _assert_bitwise(params, ref_params)
+  assert not os.path.exists(os.path.join(workdir, "eval", f"metrics_{NUM_STEPS}.json"))
+
+  result = train.train_and_evaluate(config, workdir)  # the rerun: nothing to train, evaluates
+  assert result["step"] == NUM_STEPS and "preempted" not in result
+  assert json.load(open(os.path.join(workdir, "eval", f"metrics_{NUM_STEPS}.json")))["step"] \
+      == NUM_STEPS
+
+
 def test_kill_9_during_a_save_restarts_from_the_previous_complete_checkpoint(reference, tfds_dir,
                                                                               tmp_path):
   ref_params, ref_losses, _ = reference
@@ -147,32 +183,160 @@ def test_kill_9_during_a_save_restarts_from_the_previous_complete_checkpoint(ref
   assert {s: logged[s] for s in ref_losses} == ref_losses
 
 
-def test_two_processes_on_localhost_match_one_process(reference, tfds_dir, tmp_path):
-  ref_params, ref_losses, _ = reference
-  workdir = str(tmp_path / "two_processes")
-  address = f"127.0.0.1:{free_port()}"
-  # No shared compilation cache: JAX writes it from process 0 only; both should do equal work.
-  ran = run_together([_cli(workdir, tfds_dir, f"--coordinator_address={address}",
-                           "--num_processes=2", f"--process_id={i}") for i in range(2)],
-                     [_env(4, cache=False)] * 2, tmp_path, timeout=400)
-  procs, outputs = [p for p, _ in ran], [out for _, out in ran]
-  for p, out in ran:
-    assert p.returncode == 0, out[-3000:]
-  assert "process 1/2" in outputs[1] and "mesh {'data': 8, 'fsdp': 1}" in outputs[1]
+# Parameters, Adam moments and EMA sharded over all 8 devices of two processes (the recipes'
+# layout): every tensor of 64 elements or more is split.
+FSDP = ("--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.mesh.fsdp_min_size=64")
 
-  # Only process 0 wrote TensorBoard events (the file name holds the writer's pid).
-  events = glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
-  assert len(events) == 1 and f".{procs[0].pid}." in os.path.basename(events[0]), events
+
+def _processes(workdir, tfds_dir, log_dir, faults, *extra, devices=4, timeout=300):
+  """One job of len(faults) processes on localhost, process i with fault faults[i] (see
+  tests/faults.py; '' for none). Returns [(returncode, output, exit time)] and the faults' times.
+
+  Output goes to files, not pipes: a process blocked on a full pipe stalls its peers."""
+  address = f"127.0.0.1:{free_port()}"
+  fault_log = os.path.join(log_dir, "faults.log")
+  if os.path.exists(fault_log):
+    os.remove(fault_log)
+  env = {**_env(devices), "SEMFLOW_FAULT_LOG": fault_log}
+  procs, logs = [], []
+  for i, fault in enumerate(faults):
+    multi = [f"--coordinator_address={address}", f"--num_processes={len(faults)}",
+             f"--process_id={i}"] if len(faults) > 1 else []
+    cmd = ([sys.executable, "-m", "tests.faults", fault] + _cli(workdir, tfds_dir, *extra, *multi)[3:])
+    logs.append(open(os.path.join(log_dir, f"process_{i}.log"), "w+"))
+    procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=logs[-1],
+                                  stderr=subprocess.STDOUT))
+  ended = [None] * len(procs)
+  deadline = time.time() + timeout
+  while None in ended and time.time() < deadline:
+    for i, p in enumerate(procs):
+      if ended[i] is None and p.poll() is not None:
+        ended[i] = time.time()
+    time.sleep(0.1)
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+      p.wait()
+  outputs = []
+  for log in logs:
+    log.seek(0)
+    outputs.append(log.read())
+    log.close()
+  fired = {}
+  if os.path.exists(fault_log):
+    for line in open(fault_log):
+      kind, when = line.split()
+      fired[kind] = float(when)
+  return [(p.returncode, out, t) for p, out, t in zip(procs, outputs, ended)], fired
+
+
+def _errors(output):
+  return [l for l in output.splitlines() if l.startswith("error:")]
+
+
+def _saved_step(output):
+  lines = [l for l in output.splitlines() if "preemption (SIGTERM): saved step" in l]
+  assert len(lines) == 1, output[-3000:]
+  return int(lines[0].split("saved step ")[1].split()[0])
+
+
+def test_sigterm_stops_two_processes_together_and_they_resume_on_another_topology(
+    reference, tfds_dir, tmp_path):
+  """SIGTERM to process 1 of two (FSDP over 8 devices) during an evaluation, then during a
+  step: both save the same step and exit 0 promptly; the run resumes on one process with 4
+  devices, data parallel, restoring the parameters bit for bit and continuing like an
+  uninterrupted run."""
+  ref_params, ref_losses, _ = reference
+  workdir = str(tmp_path / "run")
+  evaluate_every = ("--config.train.eval_every=5",)
+
+  # 1. SIGTERM as the evaluation of step 5 starts (after the checkpoint of step 5).
+  ran, fired = _processes(workdir, tfds_dir, tmp_path, ["", "sigterm_eval:5"], *FSDP,
+                          *evaluate_every)
+  for code, out, ended in ran:
+    assert code == 0, out[-3000:]
+    assert ended - fired["sigterm_eval"] < 30, ended - fired["sigterm_eval"]
+    assert "preemption (SIGTERM) during the evaluation of step 5" in out, out[-3000:]
+    assert _saved_step(out) == 5
+  assert "process 1/2" in ran[1][1] and "mesh {'data': 1, 'fsdp': 8}" in ran[1][1]
+  assert _steps(workdir) == [5]
+  assert not os.path.exists(os.path.join(workdir, "eval", "metrics_5.json"))
+
+  # 2. The rerun evaluates step 5 first, then trains until SIGTERM during a step's batch.
+  ran, fired = _processes(workdir, tfds_dir, tmp_path, ["", "sigterm:8"], *FSDP, *evaluate_every)
+  saved = {_saved_step(out) for _, out, _ in ran}
+  for code, out, ended in ran:
+    assert code == 0, out[-3000:]
+    assert ended - fired["sigterm"] < 30, ended - fired["sigterm"]
+    assert "starting at step 5 of 20" in out
+  assert len(saved) == 1 and 8 <= min(saved) < 10, saved  # the same step on both
+  stopped = saved.pop()
+  assert _steps(workdir) == [5, stopped]
+  assert json.load(open(os.path.join(workdir, "eval", "metrics_5.json")))["step"] == 5
+
+  # 3. The checkpoint of two FSDP processes restores onto 4 devices, data parallel, bit for bit.
+  config = _config(tfds_dir)
+  mesh = parallel.make_mesh(config, jax.devices()[:4])
+  model = SemFlow.from_config(config, mesh)
+  tx = state_lib.make_optimizer(config)
+  target = state_lib.abstract(model, tx, config, mesh)
+  manager = checkpoint.make_manager(workdir, 2)
+  restored, data = checkpoint.restore_latest(manager, target, model.checkpoint_record())
+  stored = _stored_arrays(workdir, stopped)
+  manager.close()
+  assert data["position"] == stopped and int(restored.step) == stopped
+  assert {x.sharding for x in jax.tree.leaves(restored)} == {NamedSharding(mesh, P())}
+  assert jax.tree.structure(restored.params) == jax.tree.structure(stored["params"])
+  for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(stored["params"])):
+    np.testing.assert_array_equal(np.asarray(a), b)
+
+  # 4. ... and the same resume by the command line, one process on 4 devices, continues to the
+  # end with the losses of the uninterrupted one-process run.
+  ran, _ = _processes(workdir, tfds_dir, tmp_path, [""])
+  (code, out, _), = ran
+  assert code == 0, out[-3000:]
+  assert f"starting at step {stopped} of 20" in out and "mesh {'data': 4, 'fsdp': 1}" in out
+  # Only process 0 of the two-process runs wrote TensorBoard events (one file per run).
   losses = _logged(workdir)
   assert sorted(losses) == sorted(ref_losses)
   np.testing.assert_allclose([losses[s] for s in sorted(losses)],
                              [ref_losses[s] for s in sorted(ref_losses)], rtol=1e-5)
-  # The collectively written checkpoint reads back in one process, close to the reference.
-  params, step = _params(_config(tfds_dir), workdir)
+  params, step = _params(config, workdir)
   assert step == NUM_STEPS
   flat, flat_ref = jax.tree.leaves(params), jax.tree.leaves(ref_params)
   diff = np.sqrt(sum(np.sum((np.asarray(a) - b) ** 2) for a, b in zip(flat, flat_ref)))
   assert diff / np.sqrt(sum(np.sum(np.square(b)) for b in flat_ref)) < 1e-5
+
+
+def _stored_arrays(workdir, step):
+  """The train state of checkpoint `step` as numpy, read without any mesh."""
+  import orbax.checkpoint as ocp
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    metadata = checkpointer.metadata(path)
+    tree = getattr(metadata, "item_metadata", metadata)
+    tree = getattr(tree, "tree", tree)
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+
+
+@pytest.mark.parametrize("fault", ["raise", "kill"])
+def test_a_process_that_fails_ends_the_job_naming_it(tfds_dir, tmp_path, fault):
+  """Process 1 of two raises, or is killed with SIGKILL, at step 3: process 0, blocked in that
+  step's collective, exits non-zero promptly with one line naming process 1."""
+  workdir = str(tmp_path / "run")
+  ran, fired = _processes(workdir, tfds_dir, tmp_path, ["", f"{fault}:3"], *FSDP)
+  (code0, out0, ended0), (code1, out1, _) = ran
+  assert code0 != 0 and ended0 - fired[fault] < 90, (code0, ended0 - fired[fault], out0[-3000:])
+  errors = _errors(out0)
+  assert len(errors) == 1 and "process 1" in errors[0] and "stopping process 0" in errors[0], \
+      out0[-3000:]
+  assert "Traceback" not in out0 and "Check failed" not in out0
+  if fault == "raise":
+    assert code1 == 1 and "injected failure while reading the batch of step 3" in errors[0]
+    assert "RuntimeError: injected failure" in out1  # its own traceback, then its line
+  else:
+    assert code1 == -signal.SIGKILL and "stopped responding" in errors[0]
 
 
 def test_non_finite_loss_stops_at_its_step_or_is_skipped(tfds_dir, tmp_path):

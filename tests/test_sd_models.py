@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from configs import sd15
-from semflow_jax import convert
+from semflow_jax import checkpoint, convert, storage
 from semflow_jax.models import sd_unet, sd_vae
 from tests import sd_fixtures as fx
 
@@ -138,7 +138,7 @@ def test_converter_names_the_bad_key_and_writes_nothing(tmp_path, damage):
   assert sorted(os.listdir(tmp_path)) == ["sd"]  # no staging directory left behind
 
 
-def test_converted_checkpoint_holds_unet_vae_and_empty_prompt_embedding(tmp_path):
+def test_converted_checkpoint_holds_unet_vae_and_empty_prompt_embedding(tmp_path, monkeypatch):
   root = str(tmp_path / "sd")
   _, _, tokenizer, encoder = fx.save_pipeline(root, sd15.TINY_UNET, sd15.TINY_VAE,
                                               sd15.TINY_CONTEXT_TOKENS)
@@ -163,6 +163,32 @@ def test_converted_checkpoint_holds_unet_vae_and_empty_prompt_embedding(tmp_path
   other = SemFlow.from_config(config)
   with pytest.raises(convert.ConversionError, match="unet/down_blocks_1/resnets_0/conv1/kernel: stored"):
     convert.load_converted(output, jax.eval_shape(other.init, jax.random.PRNGKey(0)))
+  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+
+  # --overwrite that fails on the way (here as it commits) leaves the previous conversion
+  # complete and in use, and nothing of its own behind.
+  before = sorted(os.listdir(output))
+  write_json = storage.write_json
+
+  def failing_write_json(path, content):
+    if str(path).endswith(checkpoint.CONVERTED_MARKER):
+      raise OSError("injected: disk full")
+    write_json(path, content)
+
+  monkeypatch.setattr(storage, "write_json", failing_write_json)
+  with pytest.raises(OSError, match="disk full"):
+    convert.convert(output, diffusers_dir=root, overwrite=True)
+  monkeypatch.undo()
+  assert sorted(os.listdir(output)) == before
+  jax.tree.map(np.testing.assert_array_equal, convert.load_converted(output, abstract), loaded)
+  # One that succeeds replaces it, old version gone; without the marker the loader refuses.
+  convert.convert(output, diffusers_dir=root, overwrite=True)
+  after = sorted(os.listdir(output))
+  assert len(after) == 2 and after != before and checkpoint.CONVERTED_MARKER in after
+  jax.tree.map(np.testing.assert_array_equal, convert.load_converted(output, abstract), loaded)
+  os.remove(os.path.join(output, checkpoint.CONVERTED_MARKER))
+  with pytest.raises(FileNotFoundError, match="incomplete conversion"):
+    convert.load_converted(output, abstract)
 
 
 def test_bare_unet_state_dict_with_prefixes_and_npy_text_embedding(tmp_path):

@@ -457,7 +457,8 @@ class TrainIterator:
     return batch
 
   def close(self) -> None:
-    """Stop reading (the queue first, so that nothing waits on it), then drop the graph."""
+    """Stop reading ahead now (the queue first, so that nothing waits on it), then drop the
+    graph; a later next() starts reading again."""
     self._feed.close()
     self._batches = None
 
