@@ -34,11 +34,17 @@ def _open(path: str) -> Image.Image:
     raise InputError("--input is required for this mode")
   if not storage.is_file(path):
     raise InputError(f"{path}: no such file")
+  return decode_image(storage.read_bytes(path), path)
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+  """The bytes of an image file -> a loaded PIL image; `name` (a path, an upload's file name)
+  is what an `InputError` names."""
   try:
-    image = Image.open(io.BytesIO(storage.read_bytes(path)))
+    image = Image.open(io.BytesIO(data))
     image.load()
-  except (UnidentifiedImageError, OSError, SyntaxError) as e:
-    raise InputError(f"{path}: not a readable image ({e.__class__.__name__}: {e})") from None
+  except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+    raise InputError(f"{name}: not a readable image ({e.__class__.__name__}: {e})") from None
   return image
 
 
@@ -49,15 +55,20 @@ def read_image(path: str) -> np.ndarray:
 
 def read_label_map(path: str, num_classes: int) -> np.ndarray:
   """A single-channel PNG of class ids (255 = ignore) -> uint8 (H, W)."""
-  image = _open(path)
+  return label_map_from_image(_open(path), path, num_classes)
+
+
+def label_map_from_image(image: Image.Image, name: str, num_classes: int) -> np.ndarray:
+  """A single-channel image of class ids (255 = ignore) -> uint8 (H, W); `name` is what an
+  `InputError` names."""
   if image.mode not in ("L", "P", "I", "I;16"):
-    raise InputError(f"{path}: not a single-channel label map (mode {image.mode} with "
+    raise InputError(f"{name}: not a single-channel label map (mode {image.mode} with "
                      f"{len(image.getbands())} channels); expected 8-bit class ids")
   labels = np.asarray(image).astype(np.int64)
   bad = np.setdiff1d(np.unique(labels), np.r_[np.arange(num_classes), anchors.IGNORE_LABEL])
   if bad.size:
     shown = ", ".join(str(v) for v in bad[:8]) + (", ..." if bad.size > 8 else "")
-    raise InputError(f"{path}: label values {shown} are outside the dataset's classes "
+    raise InputError(f"{name}: label values {shown} are outside the dataset's classes "
                      f"0..{num_classes - 1} (255 = ignore)")
   return labels.astype(np.uint8)
 
@@ -190,13 +201,15 @@ class Predictor:
     return self._images_out(out, labels.shape)
 
   def edit(self, photo: np.ndarray, edited_labels: np.ndarray, edit_method: str = "blend",
-           steps: Optional[int] = None, sampler: Optional[str] = None):
+           steps: Optional[int] = None, sampler: Optional[str] = None,
+           seg_steps: Optional[int] = None):
     """Edit the uint8 (H, W, 3) `photo` through its label map: `edited_labels` (H, W) is its
-    segmentation with some labels changed (255 = leave as is). Returns (the edited photo, uint8
-    (H, W, 3); how many model-resolution pixels were edited)."""
+    segmentation (`segment(photo, seg_steps, sampler)`) with some labels changed (255 = leave as
+    is). Returns (the edited photo, uint8 (H, W, 3); how many model-resolution pixels were
+    edited)."""
     if edit_method not in EDIT_METHODS:
       raise InputError(f"edit method {edit_method!r}: expected one of {', '.join(EDIT_METHODS)}")
-    seg_steps, seg_sampler = self._sampler(None, sampler, self.config.sample.seg_steps)
+    seg_steps, seg_sampler = self._sampler(seg_steps, sampler, self.config.sample.seg_steps)
     steps, sampler = self._sampler(steps, sampler, self.config.sample.synth_steps)
     small = _resize(np.asarray(photo, np.uint8), self.model.image_size, Image.BICUBIC)
     source = np.asarray(self.programs.segment(seg_steps, seg_sampler)(self.params, small[None]))[0]
