@@ -9,7 +9,6 @@ through an SSH tunnel (README: The studio). Another --host needs --password_file
 that anyone on the network can use the page. No public share link unless --share.
 """
 
-import ipaddress
 import os
 import sys
 
@@ -46,18 +45,6 @@ _WARMUP = flags.DEFINE_bool("warmup", True, "Compile segment, synthesize and edi
                             "default settings before the page opens.")
 flags.mark_flags_as_required(["workdir"])
 
-LOOPBACK_NAMES = ("localhost",)
-
-
-def is_loopback(host: str) -> bool:
-  if host in LOOPBACK_NAMES:
-    return True
-  try:
-    return ipaddress.ip_address(host).is_loopback
-  except ValueError:  # a host name: it resolves to some interface, maybe a public one
-    return False
-
-
 def read_password(path: str) -> str:
   from semflow_jax import storage
   if not storage.is_file(path):
@@ -69,23 +56,17 @@ def read_password(path: str) -> str:
   return password
 
 
-OPEN_WARNING = """
-*************************************************************************************
-  WARNING: the studio listens on {where} WITHOUT A PASSWORD.
-  Anyone who can reach it can use this page: run the model on this machine's
-  accelerators, upload files to it and download its results.
-  Pass --password_file=FILE, or keep the default --host=127.0.0.1 and use an SSH tunnel.
-*************************************************************************************
-"""
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from semflow_jax import checkpoint, storage
-  from semflow_jax.studio import app as studio_app
   try:
     auth = ("studio", read_password(_PASSWORD_FILE.value)) if _PASSWORD_FILE.value else None
+  except ValueError as e:  # before JAX and Gradio load
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  from semflow_jax.studio import app as studio_app
+  try:
     storage.check(_WORKDIR.value, "--workdir")
     for workdir in _ENSEMBLE.value:
       storage.check(workdir, "--ensemble")
@@ -99,11 +80,9 @@ def main(argv):
     if _WARMUP.value:
       logging.info("studio: compiling the default programs (once)")
       studio.warm_up(num_samples=studio_app.DEFAULT_SAMPLES)
-    exposed = [f"{_HOST.value}:{_PORT.value}"] if not is_loopback(_HOST.value) else []
-    if _SHARE.value:
-      exposed.append("a public gradio.live link")
-    if exposed and auth is None:
-      print(OPEN_WARNING.format(where=" and ".join(exposed)), file=sys.stderr, flush=True)
+    warning = studio_app.exposure_warning(_HOST.value, _PORT.value, _SHARE.value, auth)
+    if warning:
+      print(warning, file=sys.stderr, flush=True)
     demo, url = studio_app.launch(studio, _HOST.value, _PORT.value, auth=auth,
                                   share=_SHARE.value, block=False)
     print(f"studio: serving on {url}" + (" (user 'studio', password from --password_file)"

@@ -8,6 +8,8 @@ them as PNGs of class ids (the files a person downloads), images as PNGs: nothin
 re-encoded lossily (Gradio's image components default to WebP; every one here says PNG).
 """
 
+import io
+import ipaddress
 import os
 import shutil
 import tempfile
@@ -82,6 +84,7 @@ class Studio:
     self.output_root = tempfile.mkdtemp(prefix="semflow_studio_")
     self.results_root = os.path.join(self.output_root, "results")
     os.makedirs(self.results_root)
+    self._compiled = set()  # (program, batch, settings) that have run: for the progress line
 
   def close(self):
     shutil.rmtree(self.output_root, ignore_errors=True)
@@ -108,22 +111,28 @@ class Studio:
           f"more than {MAX_ASPECT_DISTORTION:g}x; crop it closer to the model's aspect ratio")
 
   def _read_upload(self, path: Optional[str], what: str):
+    """(PIL image, the upload's file name): its size is checked from the header, before the
+    pixels are decoded."""
     if not path:
       raise sample.InputError(f"no {what} was uploaded")
     name = os.path.basename(path)
     with open(path, "rb") as f:  # Gradio's local copy of the upload
       data = f.read()
+    try:
+      with PIL.Image.open(io.BytesIO(data)) as header:
+        size = header.size
+    except Exception:  # noqa: BLE001  (not an image: decode_image names the problem)
+      size = None
+    if size is not None:
+      self._check_size(size[::-1], name)
     return sample.decode_image(data, name), name
 
   def _photo(self, path: Optional[str], what: str = "photo") -> np.ndarray:
-    image, name = self._read_upload(path, what)
-    self._check_size(image.size[::-1], name)
-    return np.asarray(image.convert("RGB"))
+    return np.asarray(self._read_upload(path, what)[0].convert("RGB"))
 
   def _labels(self, path: Optional[str], what: str = "label map") -> np.ndarray:
     """A label PNG of class ids (an upload, or the studio's own label file) -> uint8 (H, W)."""
     image, name = self._read_upload(path, what)
-    self._check_size(image.size[::-1], name)
     return sample.label_map_from_image(image, name, self.model.num_classes)
 
   def _check_sampler(self, steps, method) -> tuple:
@@ -152,11 +161,13 @@ class Studio:
     paths = [self._write(directory, f"sample_{i}.png", x) for i, x in enumerate(out)]
     return paths + [self._write(directory, "labels.png", labels)]
 
-  def _compiling(self, name: str, **static) -> str:
-    """' (compiling it first)' when this program has not run yet: the first call per setting
-    pays XLA's compile once; every later one reuses it."""
-    key = (name, tuple(sorted(static.items())))
-    return "" if key in self.predictor.programs._cache else " (compiling it first, once)"
+  def _compile_note(self, name: str, batch: int, **static) -> str:
+    """' (compiling it first, once)' for the first call of a program at these settings and
+    batch size: XLA compiles it then, and every later call reuses it."""
+    key = (name, batch, tuple(sorted(static.items())))
+    first = key not in self._compiled
+    self._compiled.add(key)
+    return " (compiling it first, once)" if first else ""
 
   def brush(self, class_name: str, size: Optional[int] = None) -> gr.Brush:
     """A brush that paints `class_name` (or IGNORE_NAME) in its colour, and no other colour."""
@@ -206,7 +217,7 @@ class Studio:
     self._check_size(photo.shape, "photo")
     steps, sampler = self._check_sampler(seg_steps, sampler)
     progress(0.1, desc=f"segmenting: {steps} {sampler} steps" +
-             self._compiling("segment", steps=steps, method=sampler))
+             self._compile_note("segment", 1, steps=steps, method=sampler))
     labels = self.predictor.segment(photo, steps, sampler)
     progress(0.9, desc="drawing the label map")
     overlay = (photo, [(OVERLAY_OPACITY * m, n) for m, n in canvas.overlay_masks(labels,
@@ -250,7 +261,7 @@ class Studio:
     n, seed = self._count(num_samples), int(seed)
     steps, sampler = self._check_sampler(synth_steps, sampler)
     progress(0.1, desc=f"synthesising {n} sample(s): {steps} {sampler} steps" +
-             self._compiling("synthesize", steps=steps, method=sampler))
+             self._compile_note("synthesize", n, steps=steps, method=sampler))
     out = self.predictor.synthesize(labels, n, seed, steps, sampler)
     progress(0.9, desc="writing PNGs")
     files = self._write_samples(out, labels)
@@ -280,7 +291,7 @@ class Studio:
       raise sample.InputError("nothing to re-sample: paint a region over the sample or choose "
                               "classes that the label map has")
     progress(0.1, desc=f"re-sampling {int(region.sum())} pixels of {n} sample(s)" +
-             self._compiling("resample", steps=steps, method=sampler, blend=False))
+             self._compile_note("resample", n, steps=steps, method=sampler))
     out = self.predictor.resample(labels, region, n, seed, new_seed, steps, sampler)
     progress(0.9, desc="writing PNGs")
     files = self._write_samples(out, labels)
@@ -301,9 +312,9 @@ class Studio:
       raise sample.InputError(f"style strength {strength} must be in [0, 1] (1 = plain "
                               "synthesis, 0 = the reference itself)")
     steps, sampler = self._check_sampler(synth_steps, sampler)
-    progress(0.1, desc=f"synthesising {n} sample(s) in the reference's style" + self._compiling(
-        "synthesize_styled", strength=strength, steps=steps, method=sampler,
-        colour_transfer=bool(colour_transfer), refine=0))
+    progress(0.1, desc=f"synthesising {n} sample(s) in the reference's style" +
+             self._compile_note("style", n, strength=strength, steps=steps, method=sampler,
+                                colour_transfer=bool(colour_transfer)))
     out = self.predictor.synthesize_styled(labels, reference, n, strength, bool(colour_transfer),
                                            0, seed, steps, sampler)
     progress(0.9, desc="writing PNGs")
@@ -324,7 +335,8 @@ class Studio:
     seg_steps, _ = self._check_sampler(seg_steps, sampler)
     steps, sampler = self._check_sampler(synth_steps, sampler)
     progress(0.1, desc=f"editing ({method}): segment the photo, shift the labels, integrate back"
-             + self._compiling("edit", steps=steps, method=sampler, blend=method == "blend"))
+             + self._compile_note("edit", 1, steps=steps, method=sampler, edit=method,
+                                  seg_steps=seg_steps))
     edited, count = self.predictor.edit(photo, labels, method, steps, sampler, seg_steps)
     if not count:
       gr.Warning("no label differs from the photo's segmentation: nothing was edited")
@@ -346,6 +358,10 @@ class Studio:
     labels = self.predictor.segment(photo, seg_steps, method)
     self.predictor.synthesize(labels, num_samples, seed, synth_steps, method)
     self.predictor.edit(photo, labels, "blend", synth_steps, method, seg_steps)
+    self._compile_note("segment", 1, steps=seg_steps, method=method)
+    self._compile_note("synthesize", num_samples, steps=synth_steps, method=method)
+    self._compile_note("edit", 1, steps=synth_steps, method=method, edit="blend",
+                       seg_steps=seg_steps)
     logging.info("studio: programs compiled in %.1f s: %s", time.time() - start,
                  self.predictor.programs.compiled())
 
@@ -364,111 +380,121 @@ class Studio:
           seed_in = gr.Number(value=seed, precision=0, label="Seed")
           samples_in = gr.Slider(1, MAX_SAMPLES, value=DEFAULT_SAMPLES, step=1, label="Samples")
 
-      gr.Markdown("## 1. Photo")
-      with gr.Row():
-        with gr.Column():
-          photo = gr.Image(label="Photo", type="numpy", format=PNG, interactive=False,
-                           elem_id="photo", elem_classes=["pixelated"], height=320)
-          with gr.Row():
-            upload_photo = gr.UploadButton("Upload a photo", file_types=["image"],
-                                           elem_id="upload_photo")
-            segment_button = gr.Button("Segment", variant="primary", elem_id="segment")
-          if self.examples:
-            gr.Examples([[p] for p in self.examples], inputs=[photo], label="Or pick a photo",
-                        examples_per_page=12)
-        with gr.Column():
-          overlay = gr.AnnotatedImage(label="Segmentation", color_map=colour_map, format=PNG,
-                                      elem_id="overlay", elem_classes=["pixelated"], height=320)
-          seg_files = gr.File(label="Download: label map (class ids), its picture",
-                              file_count="multiple", elem_id="seg_files")
+      with gr.Column(elem_id="photo_section"):
+        gr.Markdown("## 1. Photo")
+        with gr.Row():
+          with gr.Column():
+            photo = gr.Image(label="Photo", type="numpy", format=PNG, interactive=False,
+                             elem_id="photo", elem_classes=["pixelated"], height=320)
+            with gr.Row():
+              upload_photo = gr.UploadButton("Upload a photo", file_types=["image"],
+                                             elem_id="upload_photo")
+              segment_button = gr.Button("Segment", variant="primary", elem_id="segment")
+            if self.examples:
+              gr.Examples([[p] for p in self.examples], inputs=[photo], label="Or pick a photo",
+                          examples_per_page=12)
+          with gr.Column():
+            overlay = gr.AnnotatedImage(label="Segmentation", color_map=colour_map, format=PNG,
+                                        elem_id="overlay", elem_classes=["pixelated"], height=320)
+            seg_files = gr.File(label="Segmentation files (class ids, picture)",
+                                file_count="multiple", elem_id="seg_files")
 
-      gr.Markdown("## 2. Label map")
-      with gr.Row():
-        with gr.Column(scale=3):
-          editor = gr.ImageEditor(
-              label=f"Paint with the brush class ('{IGNORE_NAME}' keeps the photo's own label "
-                    "when editing); the eraser removes strokes", type="numpy",
-              image_mode="RGBA", format=PNG, sources=(), transforms=(), layers=False,
-              brush=self.brush(first), eraser=gr.Eraser(), elem_id="canvas",
-              elem_classes=["pixelated"], height=420)
-        with gr.Column(scale=2):
-          brush_class = gr.Dropdown(self.brush_names, value=first, label="Brush class",
-                                    filterable=True, elem_id="brush_class")
-          gr.HTML(self.legend_html())
-          with gr.Row():
-            from_segmentation = gr.Button("Start from the segmentation", elem_id="from_seg")
-            blank = gr.Button("Fill a canvas with the brush class", elem_id="blank")
-            upload_labels = gr.UploadButton("Upload a label PNG", file_types=[".png"],
-                                            elem_id="upload_labels")
-          labels_view = gr.Image(label="As the model reads it (snapped to the anchors)",
-                                 format=PNG, interactive=False, elem_id="labels_view",
-                                 elem_classes=["pixelated"], height=200)
-          labels_file = gr.File(label="Download: label map (class ids)", elem_id="labels_file",
-                                file_types=[".png"])
-
-      gr.Markdown("## 3. Synthesise, re-sample, style, edit")
-      with gr.Tabs():
-        with gr.Tab("Synthesise", id="synthesize"):
-          synth_button = gr.Button("Synthesise", variant="primary", elem_id="synthesize")
-          synth_gallery = gr.Gallery(label="Samples", format=PNG, columns=4, elem_id="samples",
-                                     elem_classes=["pixelated"], height=300)
-          synth_files = gr.File(label="Download: samples, label map", file_count="multiple")
-        with gr.Tab("Re-sample", id="resample"):
-          with gr.Row():
-            region_editor = gr.ImageEditor(
-                label="Paint the region to re-sample (over the first sample)", type="numpy",
+      with gr.Column(elem_id="labels_section"):
+        gr.Markdown("## 2. Label map")
+        with gr.Row():
+          with gr.Column(scale=3):
+            gr.Markdown(f"Paint with the brush class. Strokes are snapped to the nearest class "
+                        f"colour; '{IGNORE_NAME}' keeps the photo's own label when editing; the "
+                        "eraser removes strokes.")
+            editor = gr.ImageEditor(
+                label="Label map", type="numpy",
                 image_mode="RGBA", format=PNG, sources=(), transforms=(), layers=False,
-                brush=region_brush(), elem_id="region",
-                elem_classes=["pixelated"], height=300)
-            with gr.Column():
-              resample_classes = gr.Dropdown(self.names, multiselect=True, value=[],
-                                             label="... and/or these classes")
-              new_seed_in = gr.Number(value=seed + 1, precision=0,
-                                      label="Seed of the region's new noise")
-              resample_button = gr.Button("Re-sample", variant="primary", elem_id="resample")
-          resample_gallery = gr.Gallery(label="Re-sampled", format=PNG, columns=4,
-                                        elem_classes=["pixelated"], height=300)
-          resample_files = gr.File(label="Download: re-sampled images, label map, region",
-                                   file_count="multiple")
-        with gr.Tab("Style", id="style"):
-          with gr.Row():
-            with gr.Column():
-              reference = gr.Image(label="Reference", type="numpy", format=PNG,
-                                   interactive=False, elem_id="reference",
-                                   elem_classes=["pixelated"], height=240)
-              upload_reference = gr.UploadButton("Upload a reference image",
-                                                 file_types=["image"])
-              if self.examples:
-                gr.Examples([[p] for p in self.examples], inputs=[reference],
-                            label="Or pick one", examples_per_page=12)
-            with gr.Column():
-              strength = gr.Slider(0.0, 1.0, value=sample.DEFAULT_STYLE_STRENGTH, step=0.05,
-                                   label="Strength (1 = plain synthesis, 0 = the reference)")
-              colour_transfer = gr.Checkbox(label="Colour transfer (match the reference's Lab "
-                                                  "statistics)")
-              style_button = gr.Button("Synthesise in this style", variant="primary",
-                                       elem_id="style")
-          style_gallery = gr.Gallery(label="Styled", format=PNG, columns=4,
-                                     elem_classes=["pixelated"], height=300)
-          style_files = gr.File(label="Download: styled images, label map", file_count="multiple")
-        with gr.Tab("Edit the photo", id="edit"):
-          with gr.Row():
-            edit_method = gr.Radio(list(sample.EDIT_METHODS), value="blend",
-                                   label="Method (blend keeps the photo outside the edit)")
-            edit_button = gr.Button("Edit the photo through the labels", variant="primary",
-                                    elem_id="edit")
-          edited = gr.Image(label="Edited photo", format=PNG, interactive=False,
-                            elem_id="edited", elem_classes=["pixelated"], height=320)
-          edit_files = gr.File(label="Download: edited photo, label map", file_count="multiple")
+                brush=self.brush(first), eraser=gr.Eraser(), elem_id="canvas",
+                elem_classes=["pixelated"], height=420)
+          with gr.Column(scale=2):
+            brush_class = gr.Dropdown(self.brush_names, value=first, label="Brush class",
+                                      filterable=True, elem_id="brush_class")
+            gr.HTML(self.legend_html())
+            with gr.Row():
+              from_segmentation = gr.Button("Start from the segmentation", elem_id="from_seg")
+              blank = gr.Button("Fill a canvas with the brush class", elem_id="blank")
+              upload_labels = gr.UploadButton("Upload a label PNG", file_types=[".png"],
+                                              elem_id="upload_labels")
+            read_canvas = gr.Button("Read the canvas (as every operation below does)",
+                                    elem_id="read_canvas")
+            labels_view = gr.Image(label="Labels as the model reads them",
+                                   format=PNG, interactive=False, elem_id="labels_view",
+                                   elem_classes=["pixelated"], height=200)
+            labels_file = gr.File(label="Label map file (class ids)", elem_id="labels_file",
+                                  file_types=[".png"])
+
+      with gr.Column(elem_id="results_section"):
+        gr.Markdown("## 3. Synthesise, re-sample, style, edit")
+        with gr.Tabs():
+          with gr.Tab("Synthesise", id="synthesize"):
+            synth_button = gr.Button("Synthesise", variant="primary", elem_id="synthesize")
+            synth_gallery = gr.Gallery(label="Samples", format=PNG, columns=4, elem_id="samples",
+                                       elem_classes=["pixelated"], height=300)
+            synth_files = gr.File(label="Sample files", file_count="multiple")
+          with gr.Tab("Re-sample", id="resample"):
+            gr.Markdown("Paint over the first sample the region to re-sample, and/or choose "
+                        "classes: every sample keeps its noise outside the region and draws new "
+                        "noise inside it.")
+            with gr.Row():
+              region_editor = gr.ImageEditor(
+                  label="Region to re-sample", type="numpy",
+                  image_mode="RGBA", format=PNG, sources=(), transforms=(), layers=False,
+                  brush=region_brush(), elem_id="region",
+                  elem_classes=["pixelated"], height=300)
+              with gr.Column():
+                resample_classes = gr.Dropdown(self.names, multiselect=True, value=[],
+                                               label="... and/or these classes")
+                new_seed_in = gr.Number(value=seed + 1, precision=0,
+                                        label="Seed of the region's new noise")
+                resample_button = gr.Button("Re-sample", variant="primary", elem_id="resample")
+            resample_gallery = gr.Gallery(label="Re-sampled", format=PNG, columns=4,
+                                          elem_classes=["pixelated"], height=300)
+            resample_files = gr.File(label="Re-sampled files", file_count="multiple")
+          with gr.Tab("Style", id="style"):
+            with gr.Row():
+              with gr.Column():
+                reference = gr.Image(label="Reference", type="numpy", format=PNG,
+                                     interactive=False, elem_id="reference",
+                                     elem_classes=["pixelated"], height=240)
+                upload_reference = gr.UploadButton("Upload a reference image",
+                                                   file_types=["image"])
+                if self.examples:
+                  gr.Examples([[p] for p in self.examples], inputs=[reference],
+                              label="Or pick one", examples_per_page=12)
+              with gr.Column():
+                strength = gr.Slider(0.0, 1.0, value=sample.DEFAULT_STYLE_STRENGTH, step=0.05,
+                                     label="Strength (1 = plain synthesis, 0 = the reference)")
+                colour_transfer = gr.Checkbox(label="Colour transfer (match the reference's Lab "
+                                                    "statistics)")
+                style_button = gr.Button("Synthesise in this style", variant="primary",
+                                         elem_id="style")
+            style_gallery = gr.Gallery(label="Styled", format=PNG, columns=4,
+                                       elem_classes=["pixelated"], height=300)
+            style_files = gr.File(label="Styled files", file_count="multiple")
+          with gr.Tab("Edit the photo", id="edit"):
+            with gr.Row():
+              edit_method = gr.Radio(list(sample.EDIT_METHODS), value="blend",
+                                     label="Method (blend keeps the photo outside the edit)")
+              edit_button = gr.Button("Edit the photo through the labels", variant="primary",
+                                      elem_id="edit")
+            edited = gr.Image(label="Edited photo", format=PNG, interactive=False,
+                              elem_id="edited", elem_classes=["pixelated"], height=320)
+            edit_files = gr.File(label="Edited files", file_count="multiple")
 
       model = dict(concurrency_id="model", concurrency_limit=1)  # one model call at a time
       labels_out = [labels_file, labels_view]
       upload_photo.upload(_errors(self.load_photo), upload_photo, photo, api_name="load_photo")
+      segmented = [overlay, seg_files, editor, *labels_out]
       segment_button.click(_errors(self.segment), [photo, seg_steps_in, sampler_in, brush_class],
-                           [overlay, seg_files, editor, *labels_out], api_name="segment", **model)
+                           segmented, api_name="segment", **model)
       from_segmentation.click(_errors(self.segment),
-                              [photo, seg_steps_in, sampler_in, brush_class],
-                              [overlay, seg_files, editor, *labels_out], api_visibility="private", **model)
+                              [photo, seg_steps_in, sampler_in, brush_class], segmented,
+                              api_visibility="private", **model)
       blank.click(_errors(self.blank_labels), [brush_class, photo], [editor, *labels_out],
                   api_name="blank_labels")
       upload_labels.upload(_errors(self.load_labels), [upload_labels, brush_class],
@@ -476,11 +502,12 @@ class Studio:
       brush_class.change(_errors(self.set_brush), [brush_class, labels_file], editor,
                          api_name="brush")
       snap = dict(fn=_errors(self.snap), inputs=editor, outputs=labels_out)
+      read_canvas.click(**snap, api_name="labels")
 
       def then_snap(button, name, fn, inputs, outputs):
         """Snap the canvas, then run: every operation reads the labels as painted."""
-        button.click(**snap, api_visibility="private").success(_errors(fn), inputs, outputs, api_name=name,
-                                                     **model)
+        snapped = button.click(**snap, api_visibility="private")
+        snapped.success(_errors(fn), inputs, outputs, api_name=name, **model)
 
       then_snap(synth_button, "synthesize", self.synthesize,
                 [labels_file, samples_in, seed_in, synth_steps_in, sampler_in],
@@ -496,8 +523,6 @@ class Studio:
                 [edited, edit_files])
       upload_reference.upload(_errors(self.load_reference), upload_reference, reference,
                               api_name="load_reference")
-      # The snap alone, for API users who paint elsewhere.
-      gr.Button(visible=False).click(**snap, api_name="labels")
     return demo
 
 
@@ -529,6 +554,36 @@ def launch(studio: Studio, host: str = "127.0.0.1", port: Optional[int] = None,
   return demo, url
 
 
+def is_loopback(host: str) -> bool:
+  """Only this machine can reach `host` (127.0.0.0/8, ::1, localhost)."""
+  if host == "localhost":
+    return True
+  try:
+    return ipaddress.ip_address(host).is_loopback
+  except ValueError:  # a host name: it resolves to some interface, maybe a public one
+    return False
+
+
+def exposure_warning(host: str, port: int, share: bool, auth) -> Optional[str]:
+  """The loud warning for a page others can reach without a password (None otherwise)."""
+  exposed = [] if is_loopback(host) else [f"{host}:{port}"]
+  if share:
+    exposed.append("a public gradio.live link")
+  if not exposed or auth is not None:
+    return None
+  return OPEN_WARNING.format(where=" and ".join(exposed))
+
+
+OPEN_WARNING = """
+*************************************************************************************
+  WARNING: the studio listens on {where} WITHOUT A PASSWORD.
+  Anyone who can reach it can use this page: run the model on this machine's
+  accelerators, upload files to it and download its results.
+  Pass --password_file=FILE, or keep the default --host=127.0.0.1 and use an SSH tunnel.
+*************************************************************************************
+"""
+
+
 def class_names(config) -> list:
   """The dataset's class names (each data module's table), or 'class_<i>' where it has none."""
   from semflow_jax.data import celebamask_hq, cityscapes, coco_stuff, synthetic
@@ -554,7 +609,8 @@ def example_photos(config, examples: Optional[str], directory: str) -> list:
       raise sample.InputError(f"--examples={examples}: not a folder")
     names = sorted(n for n in storage.listdir(examples) if n.lower().endswith(IMAGE_SUFFIXES))
     if not names:
-      raise sample.InputError(f"--examples={examples}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+      raise sample.InputError(f"--examples={examples}: no image files "
+                              f"({', '.join(IMAGE_SUFFIXES)})")
     for name in names[:MAX_EXAMPLES]:
       image = sample.read_image(storage.join(examples, name))
       paths.append(os.path.join(directory, os.path.splitext(name)[0] + ".png"))
@@ -576,10 +632,10 @@ def from_workdir(config, workdir: str, ensemble: Sequence[str] = (),
   predictor = sample.Predictor.load(config, workdir, ensemble)
   workdirs = ", ".join(dict.fromkeys([workdir, *ensemble]))
   h, w = predictor.model.image_size
+  space = "images (SD latent space)" if predictor.model.has_vae else "pixels"
   description = (f"`{workdirs}`: {config.data.name}, {config.data.num_classes} classes, "
-                 f"{h}x{w} {'pixels' if not predictor.model.has_vae else 'images (SD latent space)'}"
-                 f", palette `{predictor.model.palette.name}`. Photos and label maps of other "
-                 "sizes are resized to the model's and the results back.")
+                 f"{h}x{w} {space}, palette `{predictor.model.palette.name}`. Photos and label "
+                 "maps of other sizes are resized to the model's and the results back.")
   studio = Studio(predictor, class_names(config), max_side=max_side, description=description)
   directory = os.path.join(studio.output_root, "examples")
   os.makedirs(directory)
