@@ -79,6 +79,17 @@ def _named(paths):
 
 
 # -- every endpoint against the Python API -------------------------------------------------------
+# The page's API, each endpoint checked below; a new one fails the first test until it is here.
+CHECKED_ENDPOINTS = {"/load_photo", "/segment", "/labels", "/synthesize", "/resample",
+                     "/load_reference", "/style", "/edit", "/blank_labels", "/load_labels",
+                     "/brush"}
+
+
+def test_the_api_is_the_endpoints_checked_here(served):
+  api = served.client.view_api(print_info=False, return_format="dict")
+  assert set(api["named_endpoints"]) == CHECKED_ENDPOINTS, sorted(api["named_endpoints"])
+
+
 def test_load_photo_returns_the_decoded_photo_losslessly(served, photo, tmp_path):
   image, _ = photo
   jpeg = str(tmp_path / "photo.jpg")

@@ -27,7 +27,9 @@ from tests.studio_fixtures import write_png
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*")
 
-CHROMIUM = "/usr/bin/chromium"  # Debian's package (`apt-get install chromium`)
+# Debian's package (`apt-get install chromium`; .ci/run installs it); SEMFLOW_CHROMIUM names
+# another Chromium. Missing, the test fails: it never skips.
+CHROMIUM = os.environ.get("SEMFLOW_CHROMIUM", "/usr/bin/chromium")
 # Headless, as root, and nothing that reaches the network.
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", "--disable-sync"]
@@ -37,7 +39,8 @@ TIMEOUT_MS = 120_000
 @pytest.fixture(scope="module")
 def browser_page(tmp_path_factory, tfds_dir):
   from playwright.sync_api import sync_playwright
-  assert os.path.exists(CHROMIUM), f"{CHROMIUM} is missing: apt-get install chromium"
+  assert os.path.exists(CHROMIUM), (f"{CHROMIUM} is missing: apt-get install chromium (or set "
+                                    "SEMFLOW_CHROMIUM to a Chromium binary)")
   workdir = os.environ.get("SEMFLOW_STUDIO_WORKDIR")
   if workdir:  # the default config's run (README screenshots)
     from configs import synthetic
