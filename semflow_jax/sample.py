@@ -56,7 +56,9 @@ def decode_image(data: bytes, name: str) -> Image.Image:
   try:
     image = Image.open(io.BytesIO(data))
     image.load()
-  except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+  except UnidentifiedImageError:
+    raise InputError(f"{name}: not a readable image (no image format PIL knows)") from None
+  except (OSError, SyntaxError, Image.DecompressionBombError) as e:
     raise InputError(f"{name}: not a readable image ({e.__class__.__name__}: {e})") from None
   return image
 

@@ -1,0 +1,11 @@
+"""The studio: segment, paint, synthesise, re-sample, style and edit in the browser.
+
+  python -m semflow_jax.studio --config=configs/synthetic.py --workdir=runs/synthetic
+
+A Gradio page over one trained checkpoint (or an ensemble), loaded once, with its programs
+compiled once (`sample.Predictor`, the same functions the file CLI calls). `app.py` is the page,
+`canvas.py` the label map <-> painting canvas conversions, `__main__.py` the command line.
+Gradio is the `studio` extra (`pip install -e ".[studio]"`): nothing else imports this package.
+"""
+
+from semflow_jax.studio.app import Studio, class_names, from_workdir, launch  # noqa: F401
