@@ -78,7 +78,9 @@ def _conv_flops(eqn) -> float:
 def _kernel_flops(eqn) -> float:
   name = str(eqn.params.get("name", ""))
   if name.startswith("splash"):
-    q, k = [v.aval.shape for v in eqn.invars if len(v.aval.shape) >= 3][:2]
+    # q and k: the first two floating-point operands (the mask's block tables are integers).
+    q, k = [v.aval.shape for v in eqn.invars
+            if len(v.aval.shape) >= 3 and jax.numpy.issubdtype(v.aval.dtype, np.floating)][:2]
     units = next(u for key, u in _SPLASH_UNITS if key in name)
     return units * math.prod(q[:-2]) * q[-2] * k[-2] * q[-1]
   estimate = eqn.params.get("cost_estimate")
