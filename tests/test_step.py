@@ -100,7 +100,9 @@ def test_lean_step_matches_the_step_before_it_and_keeps_an_ema_of_the_unet_only(
     params.append(jax.device_get(state.params))
   assert not np.allclose(params[0]["unet"]["conv_in"]["kernel"],
                          params[2]["unet"]["conv_in"]["kernel"])  # the UNet really moved
-  _close(state.params["unet"], before.params["unet"])
+  # Adam divides by the gradient's own size, so the last-bit differences of a sharded reduction
+  # become differences of a small fraction of the learning rate (1e-3) per step.
+  _close(state.params["unet"], before.params["unet"], atol=1e-5)
   _close(state.frozen, full)  # untouched, bit for bit up to the copy
   for key in FROZEN:
     _close(before.params[key], full[key], rtol=0, atol=0)
