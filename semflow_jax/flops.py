@@ -132,14 +132,15 @@ def per_device(cost: dict, counts: Counts, devices: int) -> dict:
 
   `cost`: the compiled program's cost_analysis() (per device); `counts`: `count` of the traced
   program; `devices`: those the program is partitioned over. Returns {'flops', 'xla_flops',
-  'optimal_seconds', 'predicted_seconds'} ('optimal_seconds' / 'predicted_seconds' None where
-  the compiler gives no estimate, e.g. XLA:CPU).
+  'optimal_seconds', 'predicted_seconds'} ('optimal_seconds' None where the compiler gives
+  none, e.g. XLA:CPU, and 'predicted_seconds' None also where its estimate is not positive).
   """
   xla_flops = float(cost.get("flops", 0.0))
   flops = xla_flops + max(counts.total - counts.as_xla, 0.0) / devices
   optimal = cost.get("optimal_seconds")
   predicted = None
-  if optimal is not None and xla_flops > 0:
+  # libtpu answers a negative time for programs it cannot estimate (seen: -78 s): no estimate.
+  if optimal is not None and float(optimal) > 0 and xla_flops > 0:
     predicted = float(optimal) * flops / xla_flops
   return {"flops": flops, "xla_flops": xla_flops,
           "optimal_seconds": None if optimal is None else float(optimal),

@@ -106,7 +106,11 @@ def test_planner_compiles_for_two_tpu_slices_with_fsdp_inside_each():
   # The compiler's estimates: its time, FLOPs including the splash kernels' (forward and both
   # backward kernels in the step; every integration step in segment), and what they imply.
   for r, examples in ((train, 16 / 8), (segment, 8 / 8)):
-    assert r["optimal_seconds"] > 0 and r["flops"] > r["xla_flops"] > 0
+    assert r["flops"] > r["xla_flops"] > 0
+    if r is segment and r["optimal_seconds"] <= 0:  # libtpu gives no estimate: none predicted
+      assert r["predicted_seconds"] is None and r["mfu"] is None
+      continue
+    assert r["optimal_seconds"] > 0, (r is train, r["optimal_seconds"])
     assert r["predicted_seconds"] == pytest.approx(
         r["optimal_seconds"] * r["flops"] / r["xla_flops"])
     assert r["examples_per_second_per_chip"] == pytest.approx(examples / r["predicted_seconds"])

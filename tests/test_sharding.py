@@ -137,9 +137,9 @@ def test_mesh_shape_per_slice_and_across_slices(tiny_config):
   mesh.data, mesh.fsdp = 1, -1
   # -1 fills a slice's devices; dcn_data=-1 takes every slice.
   assert parallel.mesh_shape(tiny_config, 32, slices=2) == {"dcn_data": 2, "data": 1, "fsdp": 16}
-  mesh.fsdp = 8
+  mesh.data, mesh.fsdp = -1, 8
   assert parallel.mesh_shape(tiny_config, 32, slices=2) == {"dcn_data": 2, "data": 2, "fsdp": 8}
-  mesh.fsdp = 32  # FSDP cannot cross slices: 32 devices are two slices of 16
+  mesh.data, mesh.fsdp = 1, 32  # FSDP cannot cross slices: 32 devices are two slices of 16
   with pytest.raises(ValueError, match="config.mesh: data=1 x fsdp=32 does not fill the 16 "
                                        "devices of a slice"):
     parallel.mesh_shape(tiny_config, 32, slices=2)
@@ -168,7 +168,8 @@ def test_fsdp_warns_naming_the_tensors_it_leaves_replicated(tiny_config, caplog)
           "bias": jax.ShapeDtypeStruct((300,), np.float32)}
   with caplog.at_level("WARNING"):
     shardings = parallel.state_shardings(tree, mesh, tiny_config)
-  assert shardings["dense"]["kernel"].spec == jax.sharding.PartitionSpec("fsdp")
+  # The largest dimension that 8 divides: 512, the output features.
+  assert shardings["dense"]["kernel"].spec == jax.sharding.PartitionSpec(None, "fsdp")
   assert shardings["conv"]["kernel"].spec == jax.sharding.PartitionSpec()
   warnings = [r.getMessage() for r in caplog.records if "replicated" in r.getMessage()]
   assert len(warnings) == 1

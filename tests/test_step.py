@@ -67,6 +67,17 @@ def _close(a, b, rtol=2e-5, atol=1e-7):
     np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
 
 
+def _same_update(a, b, lr, steps):
+  """Parameters after Adam steps: Adam divides each gradient by its own size, so where a
+  gradient is near zero the last-bit differences of another reduction order become a visible
+  fraction of the learning rate. Nearly every element agrees to float32 rounding; none is off by
+  more than 5% of the learning rate per step."""
+  x = np.concatenate([np.ravel(l) for l in jax.tree.leaves(jax.device_get(a))])
+  y = np.concatenate([np.ravel(l) for l in jax.tree.leaves(jax.device_get(b))])
+  np.testing.assert_allclose(x, y, rtol=0, atol=0.05 * lr * steps)
+  assert np.mean(~np.isclose(x, y, rtol=2e-5, atol=1e-7)) < 1e-3
+
+
 def test_lean_step_matches_the_step_before_it_and_keeps_an_ema_of_the_unet_only():
   config = _config()
   config.mesh.data, config.mesh.fsdp, config.mesh.fsdp_min_size = 2, 4, 256
@@ -100,9 +111,7 @@ def test_lean_step_matches_the_step_before_it_and_keeps_an_ema_of_the_unet_only(
     params.append(jax.device_get(state.params))
   assert not np.allclose(params[0]["unet"]["conv_in"]["kernel"],
                          params[2]["unet"]["conv_in"]["kernel"])  # the UNet really moved
-  # Adam divides by the gradient's own size, so the last-bit differences of a sharded reduction
-  # become differences of a small fraction of the learning rate (1e-3) per step.
-  _close(state.params["unet"], before.params["unet"], atol=1e-5)
+  _same_update(state.params["unet"], before.params["unet"], config.train.learning_rate, 2)
   _close(state.frozen, full)  # untouched, bit for bit up to the copy
   for key in FROZEN:
     _close(before.params[key], full[key], rtol=0, atol=0)
@@ -141,7 +150,8 @@ def test_gradient_accumulation_equals_the_micro_batches_with_the_same_times_and_
   np.testing.assert_allclose(metrics["loss"], np.mean(losses), rtol=1e-5)
   np.testing.assert_allclose(metrics["grad_norm"], optax.tree.norm(mean_grads), rtol=1e-4)
   updates, _ = tx.update(mean_grads, initial.opt_state, initial.params)
-  _close(state.params, optax.apply_updates(initial.params, updates))
+  _same_update(state.params, optax.apply_updates(initial.params, updates),
+               config.train.learning_rate, 1)
   # One micro-batch's gradient alone would be a different update.
   assert not np.allclose(optax.tree.norm(grads[0]), optax.tree.norm(mean_grads), rtol=1e-3)
 
