@@ -44,7 +44,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from semflow_jax import parallel, state as state_lib  # noqa: E402
 from semflow_jax.semflow import SemFlow  # noqa: E402
-from semflow_jax.train import lower_train_step  # noqa: E402
+from semflow_jax.step import lower_train_step  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/synthetic.py", "Config file.")
 _DEVICES = flags.DEFINE_list("devices", ["8"], "Mesh sizes for the state bytes table.")

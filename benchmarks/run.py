@@ -7,7 +7,7 @@
 Writes `benchmarks/results.json` and the table between the `benchmarks/run.py` markers in
 `benchmarks/RESULTS.md` (machine, versions, date, load average, the command):
 
-- train_default: the default config's real train step (`semflow_jax.train.make_train_step`:
+- train_default: the default config's real train step (`semflow_jax.step.make_train_step`:
   SemFlow's loss on uint8 images and labels, gradient clipping, AdamW, state donated) against
   the same step written the way the official PyTorch code trains (`benchmarks/torch_twin.py`:
   the UNet's PyTorch twin, `loss.backward()`, `clip_grad_norm_`, `torch.optim.AdamW`), same
@@ -122,7 +122,7 @@ def _default_batch(config, seed):
 
 def _jax_default_step(seed):
   import jax
-  from semflow_jax import parallel, state as state_lib, train
+  from semflow_jax import parallel, state as state_lib, step as step_lib
   from semflow_jax.semflow import SemFlow
   config = _default_config()
   mesh = parallel.make_mesh(config)
@@ -130,7 +130,7 @@ def _jax_default_step(seed):
   tx = state_lib.make_optimizer(config)
   state = state_lib.create(model, tx, config, mesh)
   batch = parallel.to_global(_default_batch(config, seed), mesh)
-  step = jax.jit(train.make_train_step(model, tx, config, mesh), donate_argnums=0)
+  step = jax.jit(step_lib.make_train_step(model, tx, config, mesh), donate_argnums=0)
   return step.lower(state, batch).compile(), state, batch
 
 

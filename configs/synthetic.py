@@ -108,6 +108,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.mesh.data = -1
   c.mesh.fsdp = 1                   # >1: params and optimiser state sharded over this axis
   c.mesh.fsdp_min_size = 2**14      # tensors with fewer elements stay replicated
+  c.mesh.dcn_data = -1              # slices (data parallel across them); -1: all of them
 
   if arg == "tiny":
     c.data.image_size = 16

@@ -6,6 +6,7 @@ function of (params, inputs, rng); callers jit them. Time convention: t = 0 imag
 
 import dataclasses
 import functools
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -14,7 +15,9 @@ import ml_collections
 
 from semflow_jax import anchors, flow
 from semflow_jax.models import IdentityAutoencoder, UNet
-from semflow_jax.models.sd_layers import AttentionImpl
+from jax.sharding import Mesh
+
+from semflow_jax.models.sd_layers import AttentionImpl, shard_batch
 from semflow_jax.models.sd_unet import SDUNet, SDUNetConfig
 from semflow_jax.models.sd_vae import AutoencoderKL, SDVAEConfig
 
@@ -55,6 +58,9 @@ class SemFlow:
   # clean image at t = 1, and nothing has to be copied. False is the paper's plain UNet.
   input_skip: bool = False
   context_tokens: int = 77        # SD UNet: length of the text embedding it attends to
+  # The devices the model's programs run on (from_config's `mesh`): latents and the UNet's
+  # activations between blocks are constrained to the batch split over all of them.
+  mesh: Optional[Mesh] = None
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, mesh=None) -> "SemFlow":
@@ -115,7 +121,7 @@ class SemFlow:
                 image_size=size, palette=palette, perturbation=m.perturbation,
                 perturbation_grids=grids, time_sampling=m.time_sampling,
                 time_beta=m.time_beta, input_skip=m.input_skip,
-                context_tokens=m.get("context_tokens", 77))
+                context_tokens=m.get("context_tokens", 77), mesh=mesh)
     latent_channels = model.latent_shape[-1]
     if isinstance(unet, SDUNet) and (unet.config.in_channels, unet.config.out_channels) != (
         latent_channels, latent_channels):
@@ -166,6 +172,23 @@ class SemFlow:
   def encode_image(self, params, images, rng=None):
     """uint8 (B, H, W, 3) -> z0. Posterior sample when `rng` is given (training), else mean."""
     mean, logvar = self._vae(params, anchors.to_unit_range(images), "encode")
+    return self._posterior_latent(mean, logvar, rng)
+
+  def image_moments(self, params, images):
+    """uint8 (B, H, W, 3) -> the VAE posterior's moments, mean and log-variance concatenated on
+    channels: (B, h, w, 2 C) float32 at latent resolution. A training batch may carry these
+    (key 'image_moments', config.data.image_latents) instead of the images: see `loss`."""
+    mean, logvar = self._vae(params, anchors.to_unit_range(images), "encode")
+    return jnp.concatenate([mean, logvar], axis=-1)
+
+  def latent_from_moments(self, moments, rng=None):
+    """`image_moments` -> z0, as `encode_image` gives it from the images (a posterior sample
+    when `rng` is given, drawn with the same noise, else the mean)."""
+    mean, logvar = jnp.split(jnp.asarray(moments, jnp.float32), 2, axis=-1)
+    return self._posterior_latent(mean, logvar, rng)
+
+  def _posterior_latent(self, mean, logvar, rng):
+    # diffusers' DiagonalGaussianDistribution.sample(): mean + exp(logvar / 2) * N(0, 1).
     if rng is not None and self.has_vae:  # the identity's posterior has zero variance
       mean = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
     return self._scale(mean)
@@ -224,8 +247,9 @@ class SemFlow:
       return sum(members[1:], members[0]) / len(members)
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:1])
     if self.uses_context:
-      context = jnp.broadcast_to(jax.lax.stop_gradient(params["context"]),
-                                 (z.shape[0], *params["context"].shape[1:]))
+      context = shard_batch(jnp.broadcast_to(jax.lax.stop_gradient(params["context"]),
+                                             (z.shape[0], *params["context"].shape[1:])),
+                            self.mesh)
       v = self.unet.apply({"params": params["unet"]}, z, 1000.0 * t, context)
     else:
       deterministic = rng is None
@@ -237,10 +261,21 @@ class SemFlow:
     return v
 
   def loss(self, params, batch, rng):
-    """Rectified-flow loss on a batch {'image': uint8, 'label': uint8[, 'mask']}."""
+    """Rectified-flow loss on a batch {'image' | 'image_moments', 'label'[, 'mask']}.
+
+    'image': uint8 (B, H, W, 3), encoded here; 'image_moments': the VAE posterior's moments of
+    the images, precomputed (`image_moments`), from which z0 is sampled with the noise that
+    encoding the images would draw. 'label': uint8 (B, H, W[, 1]), whose perturbed anchor image
+    is always encoded here (Eq. 14 draws its noise in pixel space every step). 'mask': optional
+    per-example weights.
+    """
     rng_z0, rng_z1, rng_t, rng_dropout = jax.random.split(rng, 4)
-    z0 = self.encode_image(params, batch["image"], rng_z0)
-    z1 = self.encode_labels(params, batch["label"], rng_z1)
+    if "image_moments" in batch:
+      z0 = self.latent_from_moments(shard_batch(batch["image_moments"], self.mesh), rng_z0)
+    else:
+      z0 = self.encode_image(params, shard_batch(batch["image"], self.mesh), rng_z0)
+    z1 = self.encode_labels(params, shard_batch(batch["label"], self.mesh), rng_z1)
+    z0, z1 = shard_batch(z0, self.mesh), shard_batch(z1, self.mesh)
     t = self.sample_times(rng_t, z0.shape[0])
     v = self.velocity(params, flow.interpolate(z0, z1, t), t, rng_dropout)
     per_example = jnp.mean(jnp.square(v - flow.velocity_target(z0, z1)),
@@ -267,11 +302,6 @@ class SemFlow:
     z0 = flow.integrate(functools.partial(self.velocity, params),
                         self.encode_labels(params, labels, rng), 1.0, 0.0, steps, method)
     return jnp.clip(self.decode(params, z0), -1.0, 1.0)
-
-
-def param_labels(params) -> dict:
-  """'train' for the UNet, 'frozen' for the autoencoder and the text embedding (for optax)."""
-  return {k: "frozen" if k in FROZEN else "train" for k in params}
 
 
 def _plain(value):

@@ -11,17 +11,33 @@ from absl import logging
 from jax.sharding import Mesh
 
 from semflow_jax import checkpoint, parallel, storage
-from semflow_jax.semflow import SemFlow, param_labels
+from semflow_jax.semflow import FROZEN, SemFlow
 
 
 @flax.struct.dataclass
 class TrainState:
+  """What a checkpoint holds. Only `params` (the UNet) is trained: it alone has gradients, an
+  optimiser state and an EMA; `frozen` (the SD VAE and the text embedding, {} in pixel space)
+  is read by the step, never differentiated or updated."""
   step: jax.Array
-  params: Any
-  opt_state: Any
-  ema_params: Optional[Any]  # None when config.train.ema_decay == 0
+  params: Any                # {'unet': ...}: the trained parameters
+  frozen: Any                # {'vae': ..., 'context': ...} when the model has them, else {}
+  opt_state: Any             # AdamW over `params`
+  ema_params: Optional[Any]  # EMA of `params`; None when config.train.ema_decay == 0
   rng: jax.Array             # base key; step k uses fold_in(rng, k), so resume is exact
   skipped: jax.Array         # updates dropped for a non-finite loss or gradient (train.skip_nonfinite)
+
+  def model_params(self, ema: bool = True) -> dict:
+    """The model's whole parameter dict (what SemFlow's methods take): the EMA of the trained
+    parameters when kept and `ema`, else the parameters, with the frozen parts."""
+    trained = self.ema_params if ema and self.ema_params is not None else self.params
+    return {**self.frozen, **trained}
+
+
+def split_params(params: dict) -> tuple:
+  """SemFlow's parameter dict -> (trained, frozen) parts (semflow.FROZEN)."""
+  return ({k: v for k, v in params.items() if k not in FROZEN},
+          {k: v for k, v in params.items() if k in FROZEN})
 
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -56,12 +72,11 @@ def applied_learning_rate(schedule: optax.Schedule, opt_state) -> jax.Array:
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """AdamW on the UNet; the frozen VAE and text embedding get no update and no optimizer state."""
+  """AdamW with global-norm clipping, over the trained parameters (TrainState.params) only."""
   t = config.train
-  adamw = optax.chain(
+  return optax.chain(
       optax.clip_by_global_norm(t.grad_clip),
       optax.adamw(learning_rate_schedule(config), b1=0.9, b2=0.999, weight_decay=t.weight_decay))
-  return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, param_labels)
 
 
 def _init_fn(model: SemFlow, tx: optax.GradientTransformation, config):
@@ -70,10 +85,25 @@ def _init_fn(model: SemFlow, tx: optax.GradientTransformation, config):
     params = model.init(init_rng)
     if loaded is not None:  # converted weights (config.model.init_from) replace the random ones
       params = {**params, **loaded}
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+    params, frozen = split_params(params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
+                      opt_state=tx.init(params),
                       ema_params=params if config.train.ema_decay > 0 else None, rng=state_rng,
                       skipped=jnp.zeros((), jnp.int32))
   return init
+
+
+def abstract(model, tx, config, mesh) -> TrainState:
+  """Shapes, dtypes and shardings (parallel.state_shardings) of the state, nothing allocated:
+  the restore target, the step's input, and (`.model_params()`) the inference programs'."""
+  shapes = jax.eval_shape(_init_fn(model, tx, config), jax.random.PRNGKey(0))
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                      parallel.state_shardings(shapes, mesh, config))
+
+
+def shardings_of(tree):
+  """The `.sharding` of every leaf (of arrays or of ShapeDtypeStructs such as `abstract`'s)."""
+  return jax.tree.map(lambda x: x.sharding, tree)
 
 
 def create(model: SemFlow, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
@@ -81,61 +111,93 @@ def create(model: SemFlow, tx: optax.GradientTransformation, config: ml_collecti
   """A fresh state, created directly in its sharded layout; from `config.model.init_from` (the
   converted weights, checked against the model's shapes) when that is set. Those are read
   straight into their shards (no host copy of the whole tree) and donated to the state."""
-  layout = shardings(model, tx, config, mesh)
+  target = abstract(model, tx, config, mesh)
   init_from = config.model.get("init_from")
   if not init_from:
-    return jax.jit(_init_fn(model, tx, config), out_shardings=layout)(
+    return jax.jit(_init_fn(model, tx, config), out_shardings=shardings_of(target))(
         jax.random.PRNGKey(config.seed))
-  loaded = checkpoint.load_converted(init_from, abstract_params(model, config, mesh))
+  loaded = checkpoint.load_converted(init_from, target.model_params(ema=False))
   logging.info("initialised %s from %s", ", ".join(sorted(loaded)), init_from)
-  init = jax.jit(_init_fn(model, tx, config), out_shardings=layout, donate_argnums=1)
+  init = jax.jit(_init_fn(model, tx, config), out_shardings=shardings_of(target),
+                 donate_argnums=1)
   return init(jax.random.PRNGKey(config.seed), loaded)
 
 
-def shardings(model, tx, config, mesh) -> TrainState:
-  """The state's layout on `mesh`: parallel.state_shardings of its shapes."""
-  return parallel.state_shardings(jax.eval_shape(_init_fn(model, tx, config),
-                                                 jax.random.PRNGKey(0)), mesh, config)
+# -- checkpoints of the layout before the lean step -------------------------------------------
+# Until issue 17 the state kept the frozen VAE and text embedding inside `params` (and in the
+# EMA), with an optax.multi_transform optimiser over the whole tree. Such checkpoints are still
+# read for sampling and evaluation (`load_params`); resuming training from them is refused.
 
 
-def abstract_params(model, config, mesh):
-  """Shapes, dtypes and shardings of the parameters alone (what inference programs take)."""
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0))
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
-                      parallel.state_shardings(shapes, mesh, config))
+def _saved_tree(manager, step: int) -> dict:
+  saved = manager.item_metadata(step)["state"]
+  return dict(getattr(saved, "tree", saved))
 
 
-def abstract(model, tx, config, mesh) -> TrainState:
-  """Shapes, dtypes and shardings of the state, without allocating it: the restore target."""
-  shapes = jax.eval_shape(_init_fn(model, tx, config), jax.random.PRNGKey(0))
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
-                      parallel.state_shardings(shapes, mesh, config))
+def _is_before_lean_step(saved: dict) -> bool:
+  opt_state = saved.get("opt_state")
+  return "frozen" not in saved and isinstance(opt_state, dict) and "inner_states" in opt_state
+
+
+def check_resumable(manager) -> None:
+  """Raise checkpoint.IncompatibleCheckpointError (one line) if the latest checkpoint in
+  `manager` has the train state of before the lean step, which training cannot continue."""
+  step = manager.latest_step()
+  if step is not None and _is_before_lean_step(_saved_tree(manager, step)):
+    raise checkpoint.IncompatibleCheckpointError(
+        f"checkpoint {manager.directory}/{step} has the train state of semflow_jax before the "
+        "lean train step (frozen VAE and text embedding inside params, optimiser over all of "
+        "them): training cannot resume from it (sampling and --mode=eval still read it); "
+        "train into a new --workdir")
 
 
 def load_params(config, workdir: str, mesh: Mesh, use_ema: bool = True):
-  """(params, step) from the latest checkpoint in `workdir`: the EMA params when kept (and
-  `use_ema`), else the params (each with the frozen VAE and text embedding). Nothing else is
-  read: the optimiser state and the other parameter copy are Orbax placeholders in the restore
-  target."""
+  """(params, step) from the latest checkpoint in `workdir`: the model's whole parameter dict,
+  with the EMA of the trained parameters when kept (and `use_ema`), else the trained
+  parameters, and the frozen VAE and text embedding. Nothing else is read: every other leaf of
+  the checkpoint is an Orbax placeholder in the restore target. Checkpoints of the layout
+  before the lean step (frozen parts inside params and EMA) are read too."""
   model = SemFlow.from_config(config, mesh)
-  tx = make_optimizer(config)
-  target = abstract(model, tx, config, mesh)
-  use_ema = use_ema and target.ema_params is not None
+  want = abstract(model, make_optimizer(config), config, mesh)
+  use_ema = use_ema and want.ema_params is not None
   skip = checkpoint.not_read
-  target = target.replace(
-      opt_state=skip(target.opt_state),
-      params=skip(target.params) if use_ema else target.params,
-      ema_params=target.ema_params if use_ema or target.ema_params is None else skip(
-          target.ema_params))
-  restored = None
   workdir = storage.resolve(workdir)
+  restored = None
   if storage.is_dir(storage.join(workdir, "checkpoints")):  # reading must not create it
     manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints, read_only=True)
-    restored = checkpoint.restore_latest(manager, target, model.checkpoint_record(),
-                                         with_data=False)
-    manager.close()
-    restored = restored and restored[0]
+    try:
+      step = manager.latest_step()
+      if step is not None and _is_before_lean_step(_saved_tree(manager, step)):
+        target = _before_lean_step_target(model, config, want, use_ema)
+      else:
+        target = want.replace(
+            opt_state=skip(want.opt_state),
+            params=skip(want.params) if use_ema else want.params,
+            ema_params=want.ema_params if use_ema or want.ema_params is None else skip(
+                want.ema_params))
+      restored = checkpoint.restore_latest(manager, target, model.checkpoint_record(),
+                                           with_data=False)
+    finally:
+      manager.close()
   if restored is None:
     raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints; train first with "
                             f"--mode=train --workdir={workdir}")
-  return (restored.ema_params if use_ema else restored.params), int(restored.step)
+  state = restored[0]
+  if isinstance(state, dict):  # the old layout: the whole model in params / ema_params
+    return state["ema_params" if use_ema else "params"], int(state["step"])
+  return state.model_params(ema=use_ema), int(state.step)
+
+
+def _before_lean_step_target(model, config, want: TrainState, use_ema: bool) -> dict:
+  """Restore target of an old-layout checkpoint: the model's parameters from `ema_params` (when
+  the config keeps an EMA) or `params`, placeholders for everything else."""
+  skip = checkpoint.not_read
+  full = want.model_params()  # the whole model, laid out as today
+  labels = {k: "frozen" if k in FROZEN else "train" for k in full}
+  old_tx = optax.multi_transform({"train": make_optimizer(config), "frozen": optax.set_to_zero()},
+                                 labels)
+  return {"step": want.step, "rng": want.rng, "skipped": want.skipped,
+          "params": skip(full) if use_ema else full,
+          "opt_state": skip(jax.eval_shape(old_tx.init, full)),
+          "ema_params": full if use_ema else (
+              None if want.ema_params is None else skip(full))}

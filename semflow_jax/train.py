@@ -14,102 +14,16 @@ import threading
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from semflow_jax import checkpoint, evaluate, parallel, runtime, state as state_lib, storage
+from semflow_jax import checkpoint, evaluate, flops, parallel, runtime, state as state_lib, storage
 from semflow_jax.data import pipeline
+from semflow_jax.step import compile_train_step
 from semflow_jax.programs import Programs
 from semflow_jax.semflow import SemFlow
-
-
-def make_train_step(model: SemFlow, tx: optax.GradientTransformation, config, mesh=None):
-  """(state, global batch) -> (state, metrics). With train.grad_accum_steps = k the batch is
-  split into k micro-batches whose gradients are averaged inside the step (a scan), so peak
-  activation memory is that of one micro-batch. `mesh` keeps each micro-batch spread over all
-  devices."""
-  schedule = state_lib.learning_rate_schedule(config)
-  ema_decay = config.train.ema_decay
-  k = config.train.get("grad_accum_steps", 1)
-
-  def loss_and_grads(params, batch, rng):
-    if k == 1:
-      return jax.value_and_grad(model.loss)(params, batch, rng)
-    # Micro-batch j holds examples j, j + k, j + 2k, ...: every device already holds its share
-    # of every micro-batch, so the split moves no data.
-    micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1),
-                         batch)
-    if mesh is not None:
-      micro = jax.lax.with_sharding_constraint(
-          micro, NamedSharding(mesh, P(None, parallel.BATCH_AXES)))
-
-    def accumulate(carry, xs):
-      j, micro_batch = xs
-      loss, grads = jax.value_and_grad(model.loss)(params, micro_batch,
-                                                   jax.random.fold_in(rng, j))
-      return jax.tree.map(jnp.add, carry, (loss, grads)), None
-
-    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-    (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
-    return loss / k, jax.tree.map(lambda g: g / k, grads)
-
-  def train_step(state: state_lib.TrainState, batch):
-    rng = jax.random.fold_in(state.rng, state.step)
-    loss, grads = loss_and_grads(state.params, batch, rng)
-    grad_norm = optax.tree.norm(grads)
-    # A non-finite loss or gradient is never applied: the state keeps its last good values, so
-    # what the host saves or stops on is always finite. A cond, not a select of new and old
-    # values: a select reads both versions of every parameter and moment, so XLA cannot update
-    # the donated buffers in place and copies the whole state every step.
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-    def apply_update(state):
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
-      ema = state.ema_params
-      if ema is not None:
-        # The decay warms up as (1 + n) / (10 + n) towards train.ema_decay, so the random
-        # initialisation does not linger in the average of a short run. e + (1 - d)(p - e)
-        # leaves frozen parameters (p == e) bit-identical.
-        n = state.step.astype(jnp.float32)
-        decay = jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
-        ema = jax.tree.map(lambda e, p: e + (1 - decay) * (p - e), ema, params)
-      return state.replace(params=params, opt_state=opt_state, ema_params=ema)
-
-    new_state = jax.lax.cond(finite, apply_update, lambda state: state, state)
-    new_state = new_state.replace(step=state.step + 1,
-                                  skipped=state.skipped + (1 - finite.astype(jnp.int32)))
-    metrics = {"loss": loss, "grad_norm": grad_norm,
-               "param_norm": optax.tree.norm(new_state.params),
-               # What this update applied (a skipped step does not advance the optimiser).
-               "learning_rate": state_lib.applied_learning_rate(schedule, state.opt_state),
-               "finite": finite,
-               "skipped": new_state.skipped}
-    return new_state, metrics
-
-  return train_step
-
-
-def lower_train_step(model: SemFlow, tx: optax.GradientTransformation, config, mesh,
-                     abstract_state, batch_spec: dict) -> jax.stages.Lowered:
-  """The train step exactly as train_and_evaluate runs it, lowered from ShapeDtypeStructs.
-
-  The state (`state.abstract`) is donated and comes back in its own layout; `batch_spec` is
-  {key: (shape, dtype)} of the global batch, split over every device. `mesh` may be made of a
-  TPU topology's devices (semflow_jax.plan compiles this for TPUs on a CPU).
-  """
-  batch_sharding = parallel.batch_sharding(mesh)
-  abstract_batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-                    for k, (shape, dtype) in batch_spec.items()}
-  state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
-  return jax.jit(make_train_step(model, tx, config, mesh),
-                 out_shardings=(state_shardings, parallel.replicated(mesh)),
-                 donate_argnums=0).lower(abstract_state, abstract_batch)
 
 
 class Preemption:
@@ -180,15 +94,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   manager = checkpoint.make_manager(workdir, t.keep_checkpoints)
   abstract_state = state_lib.abstract(model, tx, config, mesh)
   try:
+    state_lib.check_resumable(manager)
     restored = checkpoint.restore_latest(manager, abstract_state, model.checkpoint_record())
   except Exception:
     manager.close()
     raise
   state, data_state = restored if restored else (state_lib.create(model, tx, config, mesh), None)
   start_step = int(state.step)
-  num_params = sum(x.size for x in jax.tree.leaves(state.params["unet"]))
-  state_bytes = parallel.bytes_per_device(abstract_state, state_lib.shardings(model, tx, config,
-                                                                              mesh))
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  state_bytes = parallel.bytes_per_device(abstract_state)
   logging.info("UNet parameters: %s; train state %.1f MiB per device; starting at step %d of %d",
                f"{num_params:,}", state_bytes / 2**20, start_step, t.num_steps)
   if is_main:
@@ -209,8 +123,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   batch_spec = {k: ((t.batch_size, *shape[1:]), dtype)
                 for k, (shape, dtype) in train_iter.element_spec.items()}
   compile_start = time.time()
-  train_step = lower_train_step(model, tx, config, mesh, abstract_state, batch_spec).compile()
-  logging.info("train step compiled in %.1f s", time.time() - compile_start)
+  train_step, step_flops = compile_train_step(model, tx, config, mesh, abstract_state,
+                                              batch_spec)
+  logging.info("train step compiled in %.1f s (%.3g TFLOP per device per step)",
+               time.time() - compile_start, step_flops / 1e12)
   # One set of inference programs and one evaluator per run: evaluations never recompile.
   evaluator = evaluate.Evaluator(config, model, Programs(model), builder, mesh)
   compile_start = time.time()
@@ -287,6 +203,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         last_log_time, last_log_step = now, step
         logged["steps_per_sec"] = steps_per_sec
         logged["examples_per_sec"] = steps_per_sec * t.batch_size
+        # FLOP utilisation from the compiled step's FLOPs (flops.py) and the measured time,
+        # against the chip's bf16 peak (TPUs; none known elsewhere).
+        logged["tflops_per_chip"] = step_flops * steps_per_sec / 1e12
+        if flops.peak_flops(mesh.devices.flat[0]):
+          logged["mfu"] = flops.mfu(step_flops, 1.0 / steps_per_sec, mesh.devices.flat[0])
         writer.write_scalars(step, {f"train/{k}": v for k, v in logged.items()})
         logging.info("step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.2f steps/s  ETA %s",
                      step, t.num_steps, logged["loss"], logged["grad_norm"],
@@ -359,7 +280,7 @@ def _profile_steps(t) -> tuple:
 
 
 def _eval_params(state):
-  return state.ema_params if state.ema_params is not None else state.params
+  return state.model_params()
 
 
 def _flatten(d, prefix=""):

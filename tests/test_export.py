@@ -28,10 +28,11 @@ def _checkpointed_run(workdir, config):
   rng = np.random.default_rng(1)
   noisy = lambda tree, scale: jax.tree.map(  # noqa: E731  (every weight non-trivial)
       lambda p: np.asarray(p) + scale * rng.normal(size=p.shape).astype(np.float32), tree)
-  params = {**train_state.params, "unet": noisy(train_state.params["unet"], 0.05),
-            "context": noisy(train_state.params["context"], 1.0)}
-  ema = {**params, "unet": noisy(params["unet"], 0.05)}
-  train_state = train_state.replace(params=params, ema_params=ema, step=train_state.step + 3)
+  trained = {"unet": noisy(train_state.params["unet"], 0.05)}
+  frozen = {**train_state.frozen, "context": noisy(train_state.frozen["context"], 1.0)}
+  ema = {"unet": noisy(trained["unet"], 0.05)}
+  train_state = train_state.replace(params=trained, frozen=frozen, ema_params=ema,
+                                    step=train_state.step + 3)
   manager = checkpoint.make_manager(str(workdir), 2, async_save=False)
   checkpoint.save(manager, 3, train_state, {"position": 3}, model.checkpoint_record())
   manager.wait_until_finished()
@@ -39,7 +40,7 @@ def _checkpointed_run(workdir, config):
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
-  return model, jax.device_get(params), jax.device_get(ema)
+  return model, jax.device_get({**frozen, **trained}), jax.device_get({**frozen, **ema})
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """The sharded train step on 8 fake CPU devices computes what one device computes, for data
-parallel and FSDP meshes; FSDP really splits the large tensors; gradient accumulation works."""
+parallel and FSDP meshes; FSDP really splits the large tensors; gradient accumulation works;
+meshes put slices along the data axis; FSDP names the tensors it cannot split."""
 
 import jax
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 from semflow_jax import parallel, state as state_lib
 from semflow_jax.data import pipeline
 from semflow_jax.semflow import SemFlow
-from semflow_jax.train import make_train_step
+from semflow_jax.step import make_train_step
 
 
 def _run(config, devices, batches, initial):
@@ -16,7 +17,7 @@ def _run(config, devices, batches, initial):
   mesh = parallel.make_mesh(config, devices)
   model = SemFlow.from_config(config)
   tx = state_lib.make_optimizer(config)
-  shardings = state_lib.shardings(model, tx, config, mesh)
+  shardings = state_lib.shardings_of(state_lib.abstract(model, tx, config, mesh))
   state = jax.device_put(initial, shardings)
   batch = parallel.to_global(batches[0], mesh)
   step = jax.jit(make_train_step(model, tx, config, mesh),
@@ -127,3 +128,50 @@ def test_gradient_accumulation_matches_one_device_and_bounds_activation_memory(s
                       config.train.learning_rate)
   # The point of micro-batches: the compiled step's scratch memory (activations) shrinks.
   assert temp_accumulated < 0.5 * temp_full, (temp_accumulated, temp_full)
+
+
+def test_mesh_shape_per_slice_and_across_slices(tiny_config):
+  mesh = tiny_config.mesh
+  mesh.data, mesh.fsdp = -1, 1
+  assert parallel.mesh_shape(tiny_config, 8) == {"dcn_data": 1, "data": 8, "fsdp": 1}
+  mesh.data, mesh.fsdp = 1, -1
+  # -1 fills a slice's devices; dcn_data=-1 takes every slice.
+  assert parallel.mesh_shape(tiny_config, 32, slices=2) == {"dcn_data": 2, "data": 1, "fsdp": 16}
+  mesh.data, mesh.fsdp = -1, 8
+  assert parallel.mesh_shape(tiny_config, 32, slices=2) == {"dcn_data": 2, "data": 2, "fsdp": 8}
+  mesh.data, mesh.fsdp = 1, 32  # FSDP cannot cross slices: 32 devices are two slices of 16
+  with pytest.raises(ValueError, match="config.mesh: data=1 x fsdp=32 does not fill the 16 "
+                                       "devices of a slice"):
+    parallel.mesh_shape(tiny_config, 32, slices=2)
+  mesh.fsdp, mesh.dcn_data = -1, 3
+  with pytest.raises(ValueError, match="dcn_data=3 does not fill the 2 slices"):
+    parallel.mesh_shape(tiny_config, 32, slices=2)
+  mesh.data, mesh.fsdp, mesh.dcn_data = -1, -1, -1
+  with pytest.raises(ValueError, match="at most one of data, fsdp may be -1"):
+    parallel.mesh_shape(tiny_config, 8)
+
+
+def test_cpu_mesh_keeps_the_process_order(tiny_config):
+  tiny_config.mesh.data, tiny_config.mesh.fsdp = 2, 4
+  mesh = parallel.make_mesh(tiny_config)
+  assert mesh.axis_names == parallel.BATCH_AXES and dict(mesh.shape) == {"data": 2, "fsdp": 4}
+  assert list(mesh.devices.flat) == jax.devices()
+  assert parallel.round_up_to_devices(13, mesh) == 16
+  assert parallel.round_up_to_devices(16, mesh) == 16
+
+
+def test_fsdp_warns_naming_the_tensors_it_leaves_replicated(tiny_config, caplog):
+  tiny_config.mesh.data, tiny_config.mesh.fsdp = 1, 8
+  mesh = parallel.make_mesh(tiny_config)
+  tree = {"conv": {"kernel": jax.ShapeDtypeStruct((3, 3, 100, 300), np.float32)},
+          "dense": {"kernel": jax.ShapeDtypeStruct((256, 512), np.float32)},
+          "bias": jax.ShapeDtypeStruct((300,), np.float32)}
+  with caplog.at_level("WARNING"):
+    shardings = parallel.state_shardings(tree, mesh, tiny_config)
+  # The largest dimension that 8 divides: 512, the output features.
+  assert shardings["dense"]["kernel"].spec == jax.sharding.PartitionSpec(None, "fsdp")
+  assert shardings["conv"]["kernel"].spec == jax.sharding.PartitionSpec()
+  warnings = [r.getMessage() for r in caplog.records if "replicated" in r.getMessage()]
+  assert len(warnings) == 1
+  assert "conv/kernel (3, 3, 100, 300)" in warnings[0] and "dense" not in warnings[0]
+  assert "bias" not in warnings[0]  # small tensors are replicated by choice, not named

@@ -17,8 +17,16 @@ import clu.metric_writers, flax, jax, optax, orbax.checkpoint, tensorflow, tenso
 before = dict(os.environ)
 import semflow_jax.evaluate, semflow_jax.train, semflow_jax.sample, semflow_jax.checkpoint
 import semflow_jax.convert_eval_nets, semflow_jax.main, semflow_jax.export, semflow_jax.data
+import semflow_jax.plan, semflow_jax.step
 changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))
 print(json.dumps({"changed": changed, "orbax_registered": semflow_jax.checkpoint._replica_zero_writes}))
+"""
+
+# The compiled step and the planner compile without the input pipeline: no TensorFlow, no tfds.
+_LEAN_IMPORTS = """
+import sys
+import semflow_jax.plan, semflow_jax.step
+print(sorted(m for m in ("tensorflow", "tensorflow_datasets") if m in sys.modules))
 """
 
 
@@ -33,6 +41,12 @@ def test_imports_change_no_environment_and_register_nothing():
   proc = _run(["-c", _IMPORTS], env)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.strip().splitlines()[-1] == '{"changed": [], "orbax_registered": false}'
+
+
+def test_the_step_and_the_planner_import_neither_tensorflow_nor_tfds():
+  proc = _run(["-c", _LEAN_IMPORTS], dict(os.environ))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_a_misspelt_override_is_one_line_with_the_suggestion():

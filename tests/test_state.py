@@ -1,8 +1,12 @@
 """Learning-rate schedules against diffusers' (the official recipes' scheduler), the logged
-learning rate, and sampling's restore of the parameters alone."""
+learning rate, sampling's restore of the parameters alone, and checkpoints of the state layout
+before the lean train step."""
 
+import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 import torch
@@ -102,3 +106,70 @@ def test_sampling_restores_only_the_parameters_it_uses(tmp_path, monkeypatch):
   unwanted = [name for name in read if name.startswith(("opt_state", "params"))]
   assert not unwanted, unwanted[:5]
   assert sum(name.startswith("ema_params") for name in read) == len(jax.tree.leaves(expected))
+
+
+@flax.struct.dataclass
+class _StateBeforeLeanStep:
+  """The TrainState of semflow_jax before the lean step (issue 17): the frozen VAE and text
+  embedding inside params and the EMA, an optax.multi_transform optimiser over all of them."""
+  step: jax.Array
+  params: dict
+  opt_state: object
+  ema_params: object
+  rng: jax.Array
+  skipped: jax.Array
+
+
+def test_checkpoints_of_the_state_before_the_lean_step(tmp_path):
+  """Sampling and evaluation still read them; resuming training is refused in one line."""
+  from configs import sd15
+  config = sd15.get_config("tiny")
+  config.train.ema_decay = 0.5
+  mesh = parallel.make_mesh(config, jax.devices()[:2])
+  model = SemFlow.from_config(config, mesh)
+  params = model.init(jax.random.PRNGKey(0))
+  labels = {k: "frozen" if k in ("vae", "context") else "train" for k in params}
+  old_tx = optax.multi_transform({"train": state_lib.make_optimizer(config),
+                                  "frozen": optax.set_to_zero()}, labels)
+  ema = jax.tree.map(lambda x: x + 1.0, params)  # distinct, so reading the wrong copy shows
+  old = _StateBeforeLeanStep(jnp.asarray(7, jnp.int32), params, old_tx.init(params), ema,
+                             jax.random.PRNGKey(1), jnp.zeros((), jnp.int32))
+  manager = checkpoint.make_manager(str(tmp_path), 2, async_save=False)
+  checkpoint.save(manager, 7, old, {"position": 0}, model.checkpoint_record())
+
+  with pytest.raises(checkpoint.IncompatibleCheckpointError) as error:
+    state_lib.check_resumable(manager)
+  manager.close()
+  message = str(error.value)
+  assert "\n" not in message and f"{tmp_path}/checkpoints/7" in message
+  assert "before the lean train step" in message and "new --workdir" in message
+
+  restored, step = state_lib.load_params(config, str(tmp_path), mesh)
+  assert step == 7 and set(restored) == {"unet", "vae", "context"}
+  for got, want in zip(jax.tree.leaves(jax.device_get(restored)), jax.tree.leaves(ema),
+                       strict=True):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_lean_checkpoints_resume_and_hold_the_frozen_parts_once(tmp_path):
+  from configs import sd15
+  config = sd15.get_config("tiny")
+  mesh = parallel.make_mesh(config, jax.devices()[:2])
+  model, tx = SemFlow.from_config(config, mesh), state_lib.make_optimizer(config)
+  state = state_lib.create(model, tx, config, mesh)
+  manager = checkpoint.make_manager(str(tmp_path), 2, async_save=False)
+  checkpoint.save(manager, 3, state.replace(step=state.step + 3), {"position": 0},
+                  model.checkpoint_record())
+  state_lib.check_resumable(manager)  # no error
+  restored, _ = checkpoint.restore_latest(manager, state_lib.abstract(model, tx, config, mesh),
+                                          model.checkpoint_record())
+  manager.close()
+  assert int(restored.step) == 3 and restored.ema_params is None
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state.replace(step=3)),
+                       strict=True):
+    np.testing.assert_array_equal(got, want)
+  params, step = state_lib.load_params(config, str(tmp_path), mesh)
+  assert step == 3
+  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(state.model_params()),
+                       strict=True):
+    np.testing.assert_array_equal(got, want)

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from semflow_jax.models.normalization import GroupNorm
 
@@ -79,6 +79,18 @@ class ResnetBlock2D(nn.Module):
       x = conv(self.out_channels, 1, self.dtype, "conv_shortcut")(x)
     out = x + h
     return out / self.output_scale_factor if self.output_scale_factor != 1.0 else out
+
+
+def shard_batch(x, mesh: Optional[Mesh]):
+  """`x` with its leading (batch) dimension split over every axis of `mesh`, the rest whole.
+
+  Between blocks (as MaxText and maxdiffusion constrain activations): the weights are what
+  moves (FSDP all-gathers them per layer), never the activations, and XLA's partitioner has no
+  layout to guess. No-op without a mesh, on one device, or for a batch that does not split.
+  """
+  if mesh is None or mesh.devices.size == 1 or x.shape[0] % mesh.devices.size:
+    return x
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(mesh.axis_names)))
 
 
 # -- attention -----------------------------------------------------------------------------------
@@ -209,7 +221,7 @@ def attend(x, context, heads: int, dim_head: int, qkv_bias: bool, dtype: Dtype,
 
   def project(y, name):
     y = nn.Dense(inner, use_bias=qkv_bias, dtype=dtype, name=name)(y)
-    return y.reshape(*y.shape[:2], heads, dim_head)
+    return shard_batch(y.reshape(*y.shape[:2], heads, dim_head), impl.mesh)
 
   q, k, v = project(x, "to_q"), project(context, "to_k"), project(context, "to_v")
   kernel = impl.kernel(q.shape[0], q.shape[1], k.shape[1])

@@ -135,14 +135,16 @@ class _Blocks(nn.Module):
     resnet_cls, transformer_cls = remat(L.ResnetBlock2D), remat(L.Transformer2D)
     scale = cfg.mid_block_scale_factor if self.kind == "mid" else 1.0
 
+    shard = lambda h: L.shard_batch(h, self.attention.mesh)
+
     def resnet(j, h):
-      return resnet_cls(self.channels, cfg.norm_num_groups, cfg.norm_eps, scale, dt,
-                        name=f"resnets_{j}")(h, temb)
+      return shard(resnet_cls(self.channels, cfg.norm_num_groups, cfg.norm_eps, scale, dt,
+                              name=f"resnets_{j}")(h, temb))
 
     def transformer(j, h):
-      return transformer_cls(self.heads, self.channels // self.heads, self.depth,
-                             cfg.norm_num_groups, cfg.use_linear_projection, dt,
-                             attention=self.attention, name=f"attentions_{j}")(h, context)
+      return shard(transformer_cls(self.heads, self.channels // self.heads, self.depth,
+                                   cfg.norm_num_groups, cfg.use_linear_projection, dt,
+                                   attention=self.attention, name=f"attentions_{j}")(h, context))
 
     if self.kind == "mid":
       h = resnet(0, h)
@@ -157,10 +159,11 @@ class _Blocks(nn.Module):
         h = transformer(j, h)
       outputs.append(h)
     if self.resample and self.kind == "down":
-      h = L.Downsample2D(self.channels, cfg.downsample_padding, dt, name="downsamplers_0")(h)
+      h = shard(L.Downsample2D(self.channels, cfg.downsample_padding, dt,
+                               name="downsamplers_0")(h))
       outputs.append(h)
     if self.resample and self.kind == "up":
-      h = L.Upsample2D(self.channels, dt, name="upsamplers_0")(h)
+      h = shard(L.Upsample2D(self.channels, dt, name="upsamplers_0")(h))
     return h, outputs
 
 
@@ -196,7 +199,8 @@ class SDUNet(nn.Module):
       return _Blocks(kind, channels, num_layers, cross, resample, heads[block], depth[block], cfg,
                      dt, self.remat, attention=self.attention, name=name)
 
-    h = L.conv(cfg.block_out_channels[0], 3, dt, "conv_in")(x)
+    shard = lambda h: L.shard_batch(h, self.attention.mesh)
+    h = shard(L.conv(cfg.block_out_channels[0], 3, dt, "conv_in")(x))
     skips = [h]
     for i, (kind, channels) in enumerate(zip(cfg.down_block_types, cfg.block_out_channels)):
       h, outputs = blocks("down", i, i, channels, kind == CROSS_DOWN, i < n - 1, layers[i],
@@ -213,4 +217,4 @@ class SDUNet(nn.Module):
 
     h = L.group_norm(cfg.norm_num_groups, cfg.norm_eps, dt, "conv_norm_out")(h, silu=True)
     h = L.conv(cfg.out_channels, 3, dt, "conv_out")(h)
-    return h.astype(jnp.float32)
+    return shard(h.astype(jnp.float32))
