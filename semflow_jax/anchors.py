@@ -160,13 +160,17 @@ def make_palette(name: str, num_classes: int) -> Palette:
 
 
 def to_unit_range(rgb_uint8):
-  """uint8 0..255 -> float32 [-1, 1]."""
-  return jnp.asarray(rgb_uint8, jnp.float32) / 127.5 - 1.0
+  """uint8 0..255 -> float32 [-1, 1]. Host data stays on the host (numpy: evaluation's
+  scoring), a jax array or tracer on the device."""
+  x = rgb_uint8 if isinstance(rgb_uint8, jax.Array) else np.asarray(rgb_uint8)
+  return x.astype(np.float32) / 127.5 - 1.0
 
 
 def from_unit_range(x):
-  """float [-1, 1] -> uint8 0..255 (rounded, clipped)."""
-  return jnp.round(jnp.clip((jnp.asarray(x) + 1.0) * 127.5, 0, 255)).astype(jnp.uint8)
+  """float [-1, 1] -> uint8 0..255 (rounded, clipped), as a saved image is quantised. Host
+  data stays on the host (numpy), a jax array or tracer on the device."""
+  x = x if isinstance(x, jax.Array) else np.asarray(x)
+  return ((x + 1.0) * 127.5).clip(0, 255).round().astype(np.uint8)
 
 
 def render(labels, palette: Palette):

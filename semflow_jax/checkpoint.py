@@ -24,17 +24,27 @@ class IncompatibleCheckpointError(ValueError):
   """The workdir's checkpoint was written by a config with a different model."""
 
 
-# Orbax by default splits each replicated array among its replicas, slicing it with a jitted op
-# per shape: on 8 devices that compiles for seconds on the first save and blocks the loop for
-# about a second on every save. Replica 0 writes each shard instead (FSDP spreads large states
-# over processes anyway).
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+_replica_zero_writes = False
+
+
+def _write_each_shard_from_replica_zero() -> None:
+  """Orbax by default splits each replicated array among its replicas, slicing it with a jitted
+  op per shape: on 8 devices that compiles for seconds on the first save and blocks the loop for
+  about a second on every save. Replica 0 writes each shard instead (FSDP spreads large states
+  over processes anyway). Orbax takes this only as a process-wide registration, so it is made
+  here, when the first manager that writes is made, never at import."""
+  global _replica_zero_writes
+  if not _replica_zero_writes:
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+    _replica_zero_writes = True
 
 
 def make_manager(workdir: str, max_to_keep: int, async_save: bool = True,
                  read_only: bool = False) -> ocp.CheckpointManager:
   """`read_only`: for sampling; never writes, and can restore part of the state (`not_read`)."""
+  if not read_only:
+    _write_each_shard_from_replica_zero()
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
                                          enable_async_checkpointing=async_save and not read_only,
                                          cleanup_tmp_directories=not read_only,
@@ -198,6 +208,40 @@ def save_converted(path: str, params) -> None:
     checkpointer.wait_until_finished()
 
 
+def _stored_tree(params_dir: str):
+  """The shapes (Orbax metadata) of the checkpoint at `params_dir`, nothing read."""
+  with ocp.StandardCheckpointer() as checkpointer:
+    metadata = checkpointer.metadata(storage.as_path(params_dir))
+  return metadata.item_metadata if hasattr(metadata, "item_metadata") else metadata
+
+
+def read_params(params_dir: str, abstract, what: str, expected_by: str,
+                unrequested_ok=lambda key: False) -> dict:
+  """The parameters `abstract` (a tree of ShapeDtypeStructs) asks for, read from the Orbax
+  checkpoint at `params_dir` as host numpy arrays, every shape checked first.
+
+  Raises ConversionError starting with `what` and naming (at most 20) keys that are missing,
+  stored with another shape than `expected_by` expects, or stored but not asked for (unless
+  `unrequested_ok(key)`, key a tuple of names).
+  """
+  tree = _stored_tree(params_dir)
+  stored = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(dict(tree)).items()}
+  expected = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(dict(abstract)).items()}
+  problems = [f"{'/'.join(k)}: stored {stored.get(k)}, {expected_by} expects {shape}"
+              for k, shape in expected.items() if stored.get(k) != shape]
+  problems += [f"{'/'.join(k)}: stored, but {expected_by} has no such parameter"
+               for k in stored if k not in expected and not unrequested_ok(k)]
+  if problems:
+    raise ConversionError(f"{what}:\n  " + "\n  ".join(sorted(problems)[:20]) +
+                          (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20
+                           else ""))
+  target = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), dict(tree))
+  with ocp.StandardCheckpointer() as checkpointer:
+    restored = checkpointer.restore(storage.as_path(params_dir), target)
+  restored = traverse_util.flatten_dict(restored)
+  return traverse_util.unflatten_dict({k: np.asarray(restored[k]) for k in expected})
+
+
 def load_converted(path: str, abstract_params) -> dict:
   """The converted params that `abstract_params` (SemFlow's param shapes) needs, checked.
 
@@ -210,24 +254,13 @@ def load_converted(path: str, abstract_params) -> dict:
   if not storage.exists(storage.join(path, CONVERTED_MARKER)):
     raise FileNotFoundError(f"config.model.init_from={path}: incomplete conversion (no {CONVERTED_MARKER}: "
                             "the converter did not finish); convert again with --overwrite")
-  params_dir = storage.as_path(params_dir)
-  with ocp.StandardCheckpointer() as checkpointer:
-    metadata = checkpointer.metadata(params_dir)
-    tree = metadata.item_metadata if hasattr(metadata, "item_metadata") else metadata
-    stored = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(dict(tree)).items()}
-    missing_items = sorted(set(abstract_params) - {k[0] for k in stored})
-    if missing_items:
-      raise ConversionError(f"config.model.init_from={path} has no {missing_items} "
-                            f"(it holds {sorted({k[0] for k in stored})}); convert with "
-                            "--diffusers_dir to include the VAE and the text embedding")
-    expected = {k: tuple(v.shape) for k, v in
-                traverse_util.flatten_dict(dict(abstract_params)).items()}
-    problems = [f"{'/'.join(k)}: stored {stored.get(k)}, the config expects {shape}"
-                for k, shape in expected.items() if stored.get(k) != shape]
-    if problems:
-      raise ConversionError(f"config.model.init_from={path} does not match config.model:\n  " +
-                            "\n  ".join(sorted(problems)[:20]) +
-                            (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
-    target = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), dict(tree))
-    restored = checkpointer.restore(params_dir, target)
-  return {k: jax.tree.map(np.asarray, restored[k]) for k in abstract_params}
+  items = {k[0] for k in traverse_util.flatten_dict(dict(_stored_tree(params_dir)))}
+  missing_items = sorted(set(abstract_params) - items)
+  if missing_items:
+    raise ConversionError(f"config.model.init_from={path} has no {missing_items} "
+                          f"(it holds {sorted(items)}); convert with "
+                          "--diffusers_dir to include the VAE and the text embedding")
+  # Items this model does not use (the VAE of a pixel-space model) are not its business.
+  return read_params(params_dir, dict(abstract_params),
+                     f"config.model.init_from={path} does not match config.model", "the config",
+                     unrequested_ok=lambda key: key[0] not in abstract_params)

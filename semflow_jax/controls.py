@@ -64,6 +64,13 @@ def class_region(labels, classes: Sequence[int]):
   return jnp.isin(labels.astype(jnp.int32), jnp.asarray(list(classes) or [-1], jnp.int32))
 
 
+def _fold_in(rng, data: int):
+  """fold_in for one key or for one key per example."""
+  if anchors.is_key_batch(rng):
+    return jax.vmap(lambda key: jax.random.fold_in(key, data))(rng)
+  return jax.random.fold_in(rng, data)
+
+
 def _decode_image(model, params, z):
   return jnp.clip(model.decode(params, z), -1.0, 1.0)
 
@@ -116,7 +123,7 @@ def synthesize_styled(model: SemFlow, params, labels, references, rng, *, streng
   velocity = functools.partial(model.velocity, params)
   start_images = references
   for r in range(refine + 1):
-    z_mask = model.encode_labels(params, labels, rng if r == 0 else jax.random.fold_in(rng, r))
+    z_mask = model.encode_labels(params, labels, rng if r == 0 else _fold_in(rng, r))
     z_ref = model.encode_image(params, start_images)
     z = (1.0 - strength) * z_ref + strength * z_mask
     x = _decode_image(model, params, flow.integrate(velocity, z, strength, 0.0, n, method))

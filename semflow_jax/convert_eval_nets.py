@@ -34,12 +34,10 @@ import hashlib
 import sys
 from typing import Dict, Optional
 
-import jax
 import numpy as np
 from absl import app, flags, logging
-from flax import traverse_util
 
-from semflow_jax import storage
+from semflow_jax import checkpoint, storage
 from semflow_jax.convert import ConversionError, convert_state_dict, read_state_dict
 from semflow_jax.models import inception as inception_lib
 from semflow_jax.models import lpips as lpips_lib
@@ -91,11 +89,8 @@ def _read(path: str, flag: str) -> Dict[str, np.ndarray]:
 
 
 def _save(output: str, net: str, params, sources: dict) -> str:
-  import orbax.checkpoint as ocp
   target = storage.join(output, net)
-  with ocp.StandardCheckpointer() as checkpointer:  # atomic: a crash leaves no `params`
-    checkpointer.save(storage.join(target, "params"), params)
-    checkpointer.wait_until_finished()
+  checkpoint.save_converted(storage.join(target, "params"), params)  # atomic: no half `params`
   storage.write_json(storage.join(target, "conversion.json"), {"network": net, **sources})
   logging.info("wrote %s", target)
   return target
@@ -145,25 +140,13 @@ def convert(output: str, inception: Optional[str] = None, lpips_alex: Optional[s
 
 
 def _load(path: str, net: str, abstract, config_key: str, flag_hint: str):
-  import orbax.checkpoint as ocp
   params_dir = storage.join(path, net, "params")
   if not storage.exists(params_dir):
     raise FileNotFoundError(f"{config_key}={path}: no converted {net} weights (expected "
                             f"{params_dir}; create them with python -m "
                             f"semflow_jax.convert_eval_nets {flag_hint} --output={path})")
-  with ocp.StandardCheckpointer() as checkpointer:
-    metadata = checkpointer.metadata(params_dir)
-    tree = metadata.item_metadata if hasattr(metadata, "item_metadata") else metadata
-    stored = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(dict(tree)).items()}
-    expected = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract).items()}
-    problems = [f"{'/'.join(k)}: stored {stored.get(k)}, the network expects {shape}"
-                for k, shape in expected.items() if stored.get(k) != shape]
-    problems += [f"{'/'.join(k)}: stored, not in the network" for k in stored if k not in expected]
-    if problems:
-      raise ConversionError(f"{config_key}={path}: {params_dir} does not match the {net} "
-                            "network:\n  " + "\n  ".join(sorted(problems)[:20]))
-    target = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), abstract)
-    return jax.tree.map(np.asarray, checkpointer.restore(params_dir, target))
+  return checkpoint.read_params(params_dir, abstract, f"{config_key}={path}: {params_dir} does "
+                               f"not match the {net} network", "the network")
 
 
 def load_inception(path: str, config_key: str = "config.eval.fid_weights"):
@@ -194,6 +177,8 @@ def _define_flags():
 
 def main(argv):
   del argv
+  from semflow_jax import runtime
+  runtime.skip_absent_tpus()  # converting needs no TPU: no TPU start-up without TPUs
   f = flags.FLAGS
   if not f.output:
     raise app.UsageError("--output is required")

@@ -1,80 +1,61 @@
-"""Evaluation on the validation split, as the papers measure it.
+"""Evaluation on the validation split, as the papers measure it: the protocol.
 
-Segmentation (`miou_<method>_<n>`, `per_class_iou_<method>_<n>`): every image is resized whole
-to the model's input (no crop), segmented by integrating t 0 -> 1 with `n` steps of the sampler
-`method` (euler, heun, rk4: `config.eval.seg_methods` x `config.eval.seg_steps`), and the
-prediction is resized back to the label's native size with nearest neighbour and scored there:
-one confusion matrix over the split (ignore label 255 left out, padded examples masked out,
-summed over batches, devices and hosts), IoU per class named by the dataset's classes, mIoU
-over the classes present in truth or prediction (metrics.py; equal to Cityscapes' official
-pixel-level evaluation, tested). A class with no IoU is `null` in the JSON, never NaN.
+One `Evaluator` per run (train.py, --mode=eval, benchmarks/steps_quality.py) makes one pass over
+the validation split per evaluation for all the metrics `config.eval.metrics` names: one
+evaluator per metric in semflow_jax/evaluators/ (its docstring defines what it reports). Per
+batch of `config.eval.batch_size` examples (rounded up to the devices; the last batch padded and
+masked out):
 
-Synthesis (`config.eval.synth_method`, `config.eval.synth_steps`): from each true mask at the
-model's size, twice with different perturbation noise (a, b), t 1 -> 0. The noise of example i is
-keyed by i's index in the split, so every metric is the same on any number of processes.
-- roundtrip_miou: segment synthesis a (quantised to uint8, as a saved image) with ONE Euler
-  step, mIoU against the input mask at the model's size (one step, so it measures the images,
-  not how reversible the ODE is).
-- diversity: mean |a - b| in [-1, 1] units; diversity_real: the same between two real renderings
-  of one mask, where the dataset has them (`image_alt`).
-- colour_only_miou(_synth): a per-pixel Gaussian colour classifier fitted once per run on
-  training pixels, scored on real and on synthesised images at the model's size: what colour
-  alone gets (`config.eval.colour_only`; off for the real datasets, where it costs host time
-  and means little).
-- fid, lpips_diversity (SemFlow's: LPIPS between a and b of the same mask), lpips_to_real
-  (SymmFlow's: LPIPS between a and the real image): when `config.eval.fid_weights` /
-  `config.eval.lpips_weights` name converted networks; otherwise null, with the reason logged
-  and recorded under `skipped`.
+- on the devices, asynchronously: each image resized whole to the model's input (no crop) and
+  segmented with every sampler of `config.eval.seg_methods` x `config.eval.seg_steps`; from each
+  true mask at the model's size, two syntheses a and b (`config.eval.synth_method`,
+  `config.eval.synth_steps`) from perturbation noise keyed by the example's index in the split
+  (so every metric is the same on any number of processes), quantised to uint8 as saved images;
+  and the programs a metric adds (round trip, FID features, LPIPS);
+- on the host, while the devices work on the next batch: every metric scores this process's
+  examples of the previous batch.
 
-Every metric's cost in network (UNet) evaluations is recorded under `nfe`. An `Evaluator` is
-built once per run (train.py, --mode=eval): its programs come from the run's `Programs`, so
-evaluations during training never recompile, and the colour classifier is fitted once.
+At the end each metric combines its sums over processes and reports; process 0 writes
+`eval/metrics_<step>.json` (strict JSON: a metric that is not computed is null, with the reason
+under `skipped`; each metric's cost in UNet evaluations per example under `nfe`), the sample
+grids `samples/segmentation_<step>.png` and `samples/synthesis_<step>.png`, and TensorBoard
+scalars `eval/<metric>`. Programs come from the run's `Programs`: evaluations during training
+never recompile, and `Evaluator.compile` compiles them all ahead of time.
 """
 
-import dataclasses
 import json
 import math
 import time
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
-from semflow_jax import flow, images, metrics, parallel, state, storage
+from semflow_jax import anchors, flow, images, metrics, parallel, state, storage
 from semflow_jax.data import pipeline
-from semflow_jax.models import inception as inception_lib
-from semflow_jax.programs import Programs
+from semflow_jax.evaluators import common
+from semflow_jax.programs import Program, Programs
 from semflow_jax.semflow import SemFlow
 
-Sampler = Tuple[str, int]  # (method, steps)
-ROUNDTRIP_SAMPLER: Sampler = ("euler", 1)
-DEVICE_KEYS = ("image", "label", "mask", "index")
+Sampler = common.Sampler
+PROGRESS_EVERY_S = 10.0
 
 
-@jax.jit
-def _example_keys(base, index):
+def eval_batch_size(config: ml_collections.ConfigDict, mesh) -> int:
+  """The global evaluation batch: config.eval.batch_size rounded up to a multiple of the
+  mesh's devices."""
+  n = mesh.devices.size
+  return -(-config.eval.batch_size // n) * n
+
+
+def example_keys(base, index):
   """Two perturbation keys per example (syntheses a and b), from its index in the split."""
   keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(index)
   return (jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys),
           jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys))
-
-
-def local_rows(x: jax.Array) -> np.ndarray:
-  """This process's rows of a batch-sharded global array, in order (its own examples)."""
-  shards = {s.index[0].start or 0: s.data for s in x.addressable_shards}
-  return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
-
-
-def sum_over_processes(x: np.ndarray) -> np.ndarray:
-  """Sum of a host array over processes, bit-exact for int64/float64 (moved as uint32 words)."""
-  x = np.ascontiguousarray(x)
-  if jax.process_count() == 1:
-    return x
-  words = multihost_utils.process_allgather(x.view(np.uint32), tiled=False)
-  return np.asarray(words).view(x.dtype).reshape(-1, *x.shape).sum(0)
 
 
 def _samplers(methods: Sequence[str], steps: Sequence[int]) -> list:
@@ -87,13 +68,9 @@ def _samplers(methods: Sequence[str], steps: Sequence[int]) -> list:
   return out
 
 
-@dataclasses.dataclass
-class _Accumulator:
-  """What one evaluation sums up on this process (combined over processes at the end)."""
-  confusion: dict          # name -> (C, C) int64
-  per_example: dict        # name -> (num_examples,) float64, filled at each example's index
-  fid: dict                # name -> RunningStatistics of this process's synthesis features
-  shown: Optional[dict] = None
+def _duration(seconds: float) -> str:
+  minutes, seconds = divmod(int(round(seconds)), 60)
+  return f"{minutes}m{seconds:02d}s"
 
 
 class Evaluator:
@@ -107,334 +84,200 @@ class Evaluator:
                builder, mesh, *, seg_samplers: Optional[Sequence[Sampler]] = None,
                synth_samplers: Optional[Sequence[Sampler]] = None):
     e = config.eval
-    self.config, self.model, self.programs, self.builder, self.mesh = (config, model, programs,
-                                                                       builder, mesh)
-    self.seg_samplers = list(seg_samplers) if seg_samplers is not None else _samplers(
-        e.seg_methods, e.seg_steps)
-    self.synth_samplers = list(synth_samplers) if synth_samplers is not None else _samplers(
+    seg = list(seg_samplers) if seg_samplers is not None else _samplers(e.seg_methods,
+                                                                        e.seg_steps)
+    synth = list(synth_samplers) if synth_samplers is not None else _samplers(
         [e.synth_method], [e.synth_steps])
-    for m, n in self.seg_samplers + self.synth_samplers:
+    for m, n in seg + synth:
       flow.check_sampler(n, m)
-    if not self.seg_samplers or not self.synth_samplers:
+    if not seg or not synth:
       raise ValueError("config.eval: at least one segmentation and one synthesis sampler")
-    n_dev = mesh.devices.size
-    self.batch_size = -(-e.batch_size // n_dev) * n_dev  # a multiple of the devices
-    self.per_process = self.batch_size // jax.process_count()
-    self.has_alt = "image_alt" in builder.info.features
-    self.keys = ("image", "label", "image_alt") if self.has_alt else ("image", "label")
-    self.preprocess = pipeline.Preprocess.from_config(config.data)
     split = builder.info.splits["validation"].num_examples
-    self.num_examples = min(split, e.num_examples) if e.num_examples > 0 else split
-    self.class_names = pipeline.class_names(builder, model.num_classes)
-    self.base_key = jax.random.PRNGKey(config.seed + 1)
-    self.skipped = {}
-    self._colour = None
-    if not e.get("colour_only", True):
-      self.skipped["colour_only_miou"] = self.skipped["colour_only_miou_synth"] = (
-          "config.eval.colour_only is False")
-    # FID and LPIPS networks (semflow_jax/perceptual.py), loaded once per run when configured.
-    self.inception = self.lpips = None
-    self._fid_reference = None  # (mu, sigma) of the real split, computed or read once per run
-    if e.get("fid_weights"):
-      from semflow_jax import convert_eval_nets, perceptual
-      self.inception = perceptual.InceptionFeatures(
-          convert_eval_nets.load_inception(e.fid_weights), mesh)
-    else:
-      self.skipped["fid"] = ("config.eval.fid_weights is not set (convert pytorch-fid's "
-                             "weights with python -m semflow_jax.convert_eval_nets; README)")
-    if not e.get("lpips_weights"):
-      reason = ("config.eval.lpips_weights is not set (convert the AlexNet and v0.1 head "
-                "weights with python -m semflow_jax.convert_eval_nets; README)")
-    elif min(model.image_size) < 32:
-      reason = f"LPIPS' AlexNet needs images of at least 32x32, not {model.image_size}"
-    else:
-      from semflow_jax import convert_eval_nets, perceptual
-      self.lpips = perceptual.LpipsDistances(convert_eval_nets.load_lpips(e.lpips_weights), mesh)
-      reason = None
-    if reason:
-      self.skipped["lpips_diversity"] = self.skipped["lpips_to_real"] = reason
+    self.run = common.Run(
+        config=config, model=model, programs=programs, builder=builder, mesh=mesh,
+        seg_samplers=seg, synth_samplers=synth,
+        num_examples=min(split, e.num_examples) if e.num_examples > 0 else split,
+        batch_size=eval_batch_size(config, mesh),
+        class_names=pipeline.class_names(builder, model.num_classes),
+        has_alt="image_alt" in builder.info.features,
+        preprocess=pipeline.Preprocess.from_config(config.data))
+    names = list(e.metrics)
+    if len(set(names)) != len(names):
+      raise ValueError(f"config.eval.metrics={tuple(names)} names a metric twice")
+    self.names = names
+    self.metrics = [common.load(name)(self.run) for name in names]
+    self.uses = set().union(*(m.uses for m in self.metrics))
+    self.skipped = {k: v for m in self.metrics for k, v in m.skipped.items()}
     for metric, reason in sorted(self.skipped.items()):
       logging.info("evaluation: %s skipped: %s", metric, reason)
-
-  # -- the parts fixed for a run -----------------------------------------------------------------
-  @property
-  def colour_classifier(self) -> Optional[metrics.ColourClassifier]:
-    """Fitted on the first `eval.colour_fit_examples` training images, once per run."""
-    if "colour_only_miou" in self.skipped:
-      return None
-    if self._colour is None:
-      train = pipeline.load_arrays(self.builder, "train", self.config.eval.colour_fit_examples,
-                                   preprocess=self.preprocess)
-      self._colour = metrics.ColourClassifier.fit(train["image"], train["label"],
-                                                  self.model.num_classes)
-    return self._colour
-
-  def fid_reference(self, workdir: Optional[str]) -> tuple:
-    """(mu, sigma) of the real validation images as the model sees them (resized whole to its
-    input), computed once per run and cached as an .npz: `config.eval.fid_reference`, or
-    eval/fid_reference.npz in the workdir (refused if it describes other data)."""
-    if self._fid_reference is None:
-      from semflow_jax import perceptual
-      batches = pipeline.eval_batches(self.builder, "validation", self.per_process,
-                                      self.num_examples, ("image",), self.preprocess)
-      description = {"dataset": self.builder.info.full_name, "split": "validation",
-                     "num_examples": self.num_examples, "image_size": list(self.model.image_size)}
-      cache = self.config.eval.get("fid_reference") or (
-          storage.join(workdir, "eval", "fid_reference.npz") if workdir else None)
-      # Every process takes the same branch (computing is collective): process 0 decides.
-      cached = bool(cache) and bool(multihost_utils.broadcast_one_to_all(
-          np.asarray(storage.exists(cache))))
-      if cached:
-        logging.info("FID reference statistics from %s", cache)
-        self._fid_reference = perceptual.read_statistics(cache, description)
-      else:
-        mu, sigma, count = perceptual.statistics_of(batches, self.inception,
-                                                    what="the reference split")
-        if cache and jax.process_index() == 0:
-          perceptual.write_statistics(cache, mu, sigma, count, description)
-          logging.info("wrote FID reference statistics of %d images to %s", count, cache)
-        self._fid_reference = (mu, sigma)
-    return self._fid_reference
-
-  @property
-  def main_seg_sampler(self) -> Sampler:
-    """The first method's most-step sampler: its predictions are shown and its per-class IoU
-    goes to TensorBoard."""
-    method = self.seg_samplers[0][0]
-    return max((s for s in self.seg_samplers if s[0] == method), key=lambda s: s[1])
+    self.base_key = jax.random.PRNGKey(config.seed + 1)
+    self._example_keys = Program(example_keys, name="example_keys")
+    # Quantised syntheses get exactly a real image batch's sharding, so programs run on real
+    # images and on syntheses (the round trip's segmentation) share one executable.
+    self._to_uint8 = Program(anchors.from_unit_range, name="to_uint8",
+                             out_shardings=parallel.batch_sharding(mesh))
 
   def network_evaluations(self) -> dict:
     """{metric: UNet evaluations per example} for every metric this evaluator reports."""
-    nfe = {}
-    for m, n in self.seg_samplers:
-      nfe[f"miou_{m}_{n}"] = flow.network_evaluations(n, m)
-    for i, (m, n) in enumerate(self.synth_samplers):
-      suffix = "" if i == 0 else f"_{m}_{n}"
-      synth = flow.network_evaluations(n, m)
-      nfe[f"roundtrip_miou{suffix}"] = synth + flow.network_evaluations(ROUNDTRIP_SAMPLER[1],
-                                                                         ROUNDTRIP_SAMPLER[0])
-      for name in ("diversity", "colour_only_miou_synth", "fid", "lpips_diversity",
-                   "lpips_to_real"):
-        nfe[f"{name}{suffix}"] = synth
-    return nfe
+    return {k: v for m in self.metrics for k, v in m.network_evaluations().items()}
+
+  # -- compiling ahead of time -------------------------------------------------------------------
+  def abstract_batch(self) -> dict:
+    """ShapeDtypeStructs of the global batch an evaluation puts on the devices."""
+    b, (h, w) = self.run.batch_size, self.run.model.image_size
+    spec = {"image": ((b, h, w, 3), jnp.uint8), "label": ((b, h, w, 1), jnp.uint8),
+            "index": ((b,), jnp.int32)}
+    if self.run.has_alt:
+      spec["image_alt"] = spec["image"]
+    sharding = parallel.batch_sharding(self.run.mesh)
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+            for k, (shape, dtype) in spec.items()}
+
+  def compile(self, abstract_params) -> None:
+    """Compile every program an evaluation runs, at the evaluation batch's shapes, for
+    parameters shaped and sharded like `abstract_params` (ShapeDtypeStructs with shardings).
+
+    Evaluations afterwards run these executables (no second compile); a program that does not
+    fit in memory fails here, e.g. beside the train step's compile, before training starts.
+    """
+    start = time.time()
+    self._dispatch(abstract_params, self.abstract_batch(), for_grid=True)
+    logging.info("evaluation programs compiled in %.1f s", time.time() - start)
 
   # -- one evaluation ----------------------------------------------------------------------------
-  def __call__(self, params, step: int, workdir: Optional[str] = None, writer=None) -> dict:
-    """Evaluate `params`; with a workdir, write eval/metrics_<step>.json, sample grids and
-    TensorBoard scalars (process 0). Returns the metrics."""
+  def __call__(self, params, step: int, workdir: Optional[str] = None, writer=None, *,
+               should_stop: Optional[Callable[[], bool]] = None) -> Optional[dict]:
+    """Evaluate `params`; with a workdir, process 0 writes eval/metrics_<step>.json, the sample
+    grids and TensorBoard scalars. Returns the metrics.
+
+    `should_stop()` is asked between batches (it must answer the same on every process); when
+    it says True the evaluation ends at once, writes nothing and returns None.
+    """
     start = time.time()
-    c = self.model.num_classes
-    acc = _Accumulator(confusion={}, per_example={}, fid={})
-    for m, n in self.seg_samplers:
-      acc.confusion[f"miou_{m}_{n}"] = np.zeros((c, c), np.int64)
-    synth_names = []
-    for i, (m, n) in enumerate(self.synth_samplers):
-      suffix = "" if i == 0 else f"_{m}_{n}"
-      synth_names.append(suffix)
-      acc.confusion[f"roundtrip_miou{suffix}"] = np.zeros((c, c), np.int64)
-      acc.per_example[f"diversity{suffix}"] = np.zeros(self.num_examples)
-      if self.colour_classifier is not None:
-        acc.confusion[f"colour_only_miou_synth{suffix}"] = np.zeros((c, c), np.int64)
-      if self.inception is not None:
-        acc.fid[f"fid{suffix}"] = inception_lib.RunningStatistics()
-      if self.lpips is not None:
-        acc.per_example[f"lpips_diversity{suffix}"] = np.zeros(self.num_examples)
-        acc.per_example[f"lpips_to_real{suffix}"] = np.zeros(self.num_examples)
-    if self.colour_classifier is not None:
-      acc.confusion["colour_only_miou"] = np.zeros((c, c), np.int64)
-    if self.has_alt:
-      acc.per_example["diversity_real"] = np.zeros(self.num_examples)
-
-    batches = pipeline.eval_batches(self.builder, "validation", self.per_process,
-                                    self.num_examples, self.keys, self.preprocess,
-                                    native_labels=True)
-    # One batch in flight: the device works on batch k + 1 while the host scores batch k.
-    pending = None
-    num_batches = math.ceil(math.ceil(self.num_examples / jax.process_count()) /
-                            self.per_process)
-    last_log = time.time()
-    for k, local in enumerate(batches):
-      outputs = self._dispatch(params, local)
-      if pending is not None:
-        self._accumulate(acc, *pending, synth_names)
-      pending = (local, outputs)
-      if time.time() - last_log > 60:
-        last_log = time.time()
-        logging.info("evaluating: batch %d of %d (%.1f s per batch)", k + 1, num_batches,
-                     (last_log - start) / (k + 1))
-    if pending is not None:
-      self._accumulate(acc, *pending, synth_names)
-
-    result = self._finish(acc, step, time.time() - start, workdir)
+    self.run.should_stop = should_stop or (lambda: False)
+    try:
+      result, shown = self._evaluate(params, step, workdir, start)
+    except common.Stopped:
+      logging.warning("evaluation at step %d stopped after %.1f s: nothing written", step,
+                      time.time() - start)
+      return None
+    finally:
+      self.run.should_stop = lambda: False
     logging.info("eval at step %d: %s", step, json.dumps(
         {k: v for k, v in result.items() if not k.startswith("per_class_iou")}))
     if workdir is not None and jax.process_index() == 0:
-      self._write(result, acc.shown, step, workdir, writer)
+      self._write(result, shown, step, workdir, writer)
     return result
 
-  def _dispatch(self, params, local: dict) -> dict:
-    """Start every program on one batch (asynchronously); returns the device arrays."""
-    device_keys = DEVICE_KEYS + (("image_alt",) if self.has_alt else ())
-    batch = parallel.to_global({k: local[k] for k in device_keys}, self.mesh)
-    out = {"seg": {}, "synth": []}
-    for m, n in self.seg_samplers:
-      out["seg"][(m, n)] = self.programs.segment(n, m)(params, batch["image"])
-    keys_a, keys_b = _example_keys(self.base_key, batch["index"])
-    roundtrip = self.programs.segment(ROUNDTRIP_SAMPLER[1], ROUNDTRIP_SAMPLER[0])
-    for m, n in self.synth_samplers:
-      synthesize = self.programs.synthesize(n, m)
-      a = synthesize(params, batch["label"], keys_a)
-      b = synthesize(params, batch["label"], keys_b)
-      # The same sharding object as a real image batch, so the round trip reuses the
-      # one-step segmentation program compiled for real images instead of compiling another.
-      a_uint8 = jax.device_put(self.programs.to_uint8(a), batch["image"].sharding)
-      synth = {"a": a, "b": b, "a_uint8": a_uint8, "roundtrip": roundtrip(params, a_uint8)}
-      if not out["synth"]:  # the perturbed anchor image synthesis a starts from, for the grid
-        synth["anchors"] = self.programs.to_uint8(
-            self.programs.get("perturbed_anchors")(batch["label"], keys_a))
-      if self.inception is not None:
-        synth["features"] = self.inception.device(a_uint8)
-      if self.lpips is not None:
-        b_uint8 = jax.device_put(self.programs.to_uint8(b), batch["image"].sharding)
-        synth["lpips_ab"] = self.lpips.device(a_uint8, b_uint8)
-        synth["lpips_real"] = self.lpips.device(a_uint8, batch["image"])
-      out["synth"].append(synth)
-    return out
+  def _evaluate(self, params, step: int, workdir: Optional[str], start: float):
+    run = self.run
+    for metric in self.metrics:
+      metric.reset()
+    per_process = run.batch_size // jax.process_count()
+    keys = ("image", "label", "image_alt") if run.has_alt else ("image", "label")
+    batches = pipeline.eval_batches(run.builder, "validation", per_process, run.num_examples,
+                                    keys, run.preprocess,
+                                    native_labels=common.NATIVE_LABELS in self.uses)
+    num_batches = math.ceil(math.ceil(run.num_examples / jax.process_count()) / per_process)
+    logging.info("evaluating step %d: %d examples in %d batches of %d (%s)", step,
+                 run.num_examples, num_batches, run.batch_size, ", ".join(self.names))
+    # One batch in flight: the devices work on batch k + 1 while the host scores batch k.
+    pending, shown, last_log = None, None, start
+    for k, local in enumerate(batches):
+      run.check_stop()
+      on_device = parallel.to_global({key: local[key] for key in keys + ("index",)}, run.mesh)
+      outputs = self._dispatch(params, on_device, for_grid=k == 0)
+      if pending is not None:
+        shown = self._score(*pending, shown)
+      pending = (local, outputs)
+      now = time.time()
+      if now - last_log >= PROGRESS_EVERY_S and k + 1 < num_batches:
+        last_log = now
+        per_batch = (now - start) / (k + 1)
+        logging.info("evaluating step %d: batch %d of %d, %.1f s per batch, %s left", step,
+                     k + 1, num_batches, per_batch, _duration(per_batch * (num_batches - k - 1)))
+    if pending is not None:
+      shown = self._score(*pending, shown)
+    run.check_stop()
 
-  def _accumulate(self, acc: _Accumulator, local: dict, out: dict, synth_names) -> None:
-    """Score one batch on this process's examples (host)."""
-    c = self.model.num_classes
-    mask = local["mask"] > 0
-    index = local["index"][mask]
-    label = local["label"][..., 0]
-    for (m, n), prediction in out["seg"].items():
-      acc.confusion[f"miou_{m}_{n}"] += metrics.native_confusion(
-          local_rows(prediction), local[pipeline.NATIVE_LABEL_KEY],
-          local[pipeline.NATIVE_SIZE_KEY], c, mask)
-    colour = self.colour_classifier
-    if colour is not None:
-      acc.confusion["colour_only_miou"] += metrics.confusion_matrix(
-          label, colour.predict(local["image"]), c, mask)
-    if self.has_alt:
-      acc.per_example["diversity_real"][index] = metrics.per_example_mean_abs_difference(
-          _unit(local["image"][mask]), _unit(local["image_alt"][mask]))
-    for suffix, synth in zip(synth_names, out["synth"]):
-      a, b = local_rows(synth["a"]), local_rows(synth["b"])
-      a_uint8 = local_rows(synth["a_uint8"])
-      acc.confusion[f"roundtrip_miou{suffix}"] += metrics.confusion_matrix(
-          label, local_rows(synth["roundtrip"]), c, mask)
-      acc.per_example[f"diversity{suffix}"][index] = metrics.per_example_mean_abs_difference(
-          a[mask], b[mask])
-      if colour is not None:
-        acc.confusion[f"colour_only_miou_synth{suffix}"] += metrics.confusion_matrix(
-            label, colour.predict(a_uint8), c, mask)
-      if "features" in synth:
-        acc.fid[f"fid{suffix}"].update(local_rows(synth["features"])[mask])
-      if "lpips_ab" in synth:
-        acc.per_example[f"lpips_diversity{suffix}"][index] = local_rows(synth["lpips_ab"])[mask]
-        acc.per_example[f"lpips_to_real{suffix}"][index] = local_rows(synth["lpips_real"])[mask]
-      if acc.shown is None and suffix == "":
-        acc.shown = dict(image=local["image"], label=label,
-                         seg=local_rows(out["seg"][self.main_seg_sampler]), synth_a=a_uint8,
-                         synth_b=np.asarray(_to_uint8(b)), anchors=local_rows(synth["anchors"]),
-                         alt=local.get("image_alt"), mask=mask)
-
-  def _finish(self, acc: _Accumulator, step: int, seconds: float, workdir=None) -> dict:
-    """Combine over processes and turn sums into metrics (plain Python, None for undefined)."""
-    names = sorted(acc.confusion)
-    confusion = sum_over_processes(np.stack([acc.confusion[k] for k in names]))
-    per_names = sorted(acc.per_example)
-    per_example = dict(zip(per_names, sum_over_processes(
-        np.stack([acc.per_example[k] for k in per_names]))))
     result = {"step": int(step)}
-    for m, n in self.seg_samplers:
-      scores = metrics.iou_from_confusion(confusion[names.index(f"miou_{m}_{n}")])
-      result[f"miou_{m}_{n}"] = scores["miou"]
-    for name in names:
-      if not name.startswith("miou_"):
-        result[name] = metrics.iou_from_confusion(confusion[names.index(name)])["miou"]
-    for name, values in per_example.items():
-      result[name] = float(np.mean(values)) if len(values) else None
-    if acc.fid:
-      reference = self.fid_reference(workdir)
-      for name, running in sorted(acc.fid.items()):
-        # Per-process sums of features and their outer products add up to the split's.
-        total = inception_lib.RunningStatistics(running.dim)
-        total.count = int(sum_over_processes(np.array([running.count], np.int64))[0])
-        total.sum = sum_over_processes(running.sum)
-        total.outer = sum_over_processes(running.outer)
-        result[name] = (metrics.frechet_distance(*total.result(), *reference)
-                        if total.count >= 2 else None)  # a covariance needs two images
-    for name in ("diversity_real", "colour_only_miou", "colour_only_miou_synth", "fid",
-                 "lpips_diversity", "lpips_to_real"):
-      result.setdefault(name, None)  # JSON null: not computed (see `skipped`)
-    for m, n in self.seg_samplers:
-      per_class = metrics.iou_from_confusion(confusion[names.index(f"miou_{m}_{n}")])
-      result[f"per_class_iou_{m}_{n}"] = dict(zip(self.class_names, per_class["per_class_iou"]))
+    for metric in self.metrics:
+      result.update(metric.result(workdir))
+    result = dict(sorted(result.items(), key=lambda kv: isinstance(kv[1], dict)))  # tables last
     result["nfe"] = {k: v for k, v in self.network_evaluations().items()
                      if result.get(k) is not None}
     result["skipped"] = dict(self.skipped)
-    result["num_examples"] = self.num_examples
-    result["eval_seconds"] = seconds
-    return result
+    result["num_examples"] = run.num_examples
+    result["eval_seconds"] = time.time() - start
+    return metrics.plain(result), shown
+
+  def _dispatch(self, params, batch: dict, for_grid: bool):
+    """Start the shared programs and every metric's own on one global batch (asynchronously);
+    with ShapeDtypeStructs, compile them instead. Returns (shared outputs, [each metric's]).
+    `for_grid`: also what only the sample grids show."""
+    run, programs = self.run, self.run.programs
+    shared = {}
+    if common.SEGMENTATION in self.uses:
+      for s in run.seg_samplers:
+        shared[common.segmentation_key(s)] = programs.segment(s[1], s[0])(params,
+                                                                          batch["image"])
+    if common.SYNTHESIS in self.uses:
+      keys_a, keys_b = self._example_keys(self.base_key, batch["index"])
+      for s in run.synth_samplers:
+        synthesize, suffix = programs.synthesize(s[1], s[0]), run.suffix(s)
+        for name, keys in (("a", keys_a), ("b", keys_b)):
+          x = synthesize(params, batch["label"], keys)
+          shared[common.synthesis_key(name, suffix)] = x
+          shared[common.synthesis_key(f"{name}_uint8", suffix)] = self._to_uint8(x)
+      if for_grid:  # the perturbed anchor image synthesis a starts from: the grid's 1st column
+        shared["anchors"] = programs.get("perturbed_anchors")(batch["label"], keys_a)
+    return shared, [metric.device(params, batch, shared) for metric in self.metrics]
+
+  def _score(self, local: dict, outputs, shown: Optional[dict]) -> dict:
+    """Score one batch on the host; returns the rows the sample grids show (the first
+    batch's)."""
+    shared, own = outputs
+    batch = common.HostBatch(local, common.Rows(shared))
+    for metric, out in zip(self.metrics, own):
+      metric.update(batch, common.Rows(out))
+    if shown is not None:
+      return shown
+    m = batch.mask
+    shown = {"image": local["image"][m], "label": batch.label[m]}
+    if common.SEGMENTATION in self.uses:
+      shown["segmentation"] = batch.shared[common.segmentation_key(self.run.main_seg_sampler)][m]
+    if common.SYNTHESIS in self.uses:
+      shown.update(anchors=anchors.from_unit_range(batch.shared["anchors"][m]),
+                   a=batch.shared[common.synthesis_key("a_uint8", "")][m],
+                   b=batch.shared[common.synthesis_key("b_uint8", "")][m])
+      if self.run.has_alt:
+        shown["alt"] = local["image_alt"][m]
+    return shown
 
   def _write(self, result: dict, shown: Optional[dict], step: int, workdir: str, writer):
-    storage.write_json(storage.join(workdir, "eval", f"metrics_{step}.json"), _strict(result))
+    storage.write_json(storage.join(workdir, "eval", f"metrics_{step}.json"), result)
+    grids = {}
+    n = self.run.config.eval.num_sample_images
+    if shown is not None and len(shown["image"]) and n > 0:
+      s = {k: v[:n] for k, v in shown.items()}
+      if "segmentation" in s:
+        grids["segmentation"] = images.segmentation_grid(s["image"], s["label"],
+                                                         s["segmentation"])
+      if "a" in s:
+        grids["synthesis"] = images.synthesis_grid(s["anchors"], s["a"], s["b"], s["image"],
+                                                   s.get("alt"))
+      for name, grid in grids.items():
+        images.write_png(storage.join(workdir, "samples", f"{name}_{step}.png"), grid)
     if writer is None:
       return
     scalars = {f"eval/{k}": v for k, v in result.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
-    main = self.main_seg_sampler
-    for name, value in result[f"per_class_iou_{main[0]}_{main[1]}"].items():
-      if value is not None:
-        tag = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
-        scalars[f"eval/per_class_iou_{main[0]}_{main[1]}/{tag}"] = value
+    for metric in self.metrics:
+      scalars.update(metric.tensorboard(result))
     writer.write_scalars(step, scalars)
-    if shown is not None:
-      n = self.config.eval.num_sample_images
-      s = {k: v[shown["mask"]][:n] for k, v in shown.items() if v is not None and k != "mask"}
-      if len(s["image"]):
-        seg_grid = images.grid([s["image"], images.colourise(s["label"]),
-                                images.colourise(s["seg"])])
-        # The synthesis grid starts with the perturbed anchor image synthesis a started from
-        # (the model's palette and perturbation, as the model sees them).
-        columns = [s["anchors"], s["synth_a"], s["synth_b"], s["image"]]
-        if "alt" in s:
-          columns.append(s["alt"])
-        synth_grid = images.grid(columns)
-        images.write_png(storage.join(workdir, "samples", f"segmentation_{step}.png"), seg_grid)
-        images.write_png(storage.join(workdir, "samples", f"synthesis_{step}.png"), synth_grid)
-        writer.write_images(step, {"eval/segmentation": seg_grid[None],
-                                   "eval/synthesis": synth_grid[None]})
+    if grids:
+      writer.write_images(step, {f"eval/{k}": v[None] for k, v in grids.items()})
     writer.flush()
-
-
-def _strict(obj):
-  """Strict JSON has no NaN or infinity: a number that is not finite is written null."""
-  if isinstance(obj, dict):
-    return {k: _strict(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [_strict(v) for v in obj]
-  if isinstance(obj, (float, np.floating)):
-    return metrics.valid_or_none(obj)
-  return obj
-
-
-def _unit(x_uint8: np.ndarray) -> np.ndarray:
-  """uint8 -> float64 in [-1, 1] (as anchors.to_unit_range, on the host)."""
-  return np.asarray(x_uint8, np.float64) / 127.5 - 1.0
-
-
-def _to_uint8(x: np.ndarray) -> np.ndarray:
-  """[-1, 1] -> uint8 (as anchors.from_unit_range, on the host)."""
-  return np.round(np.clip((np.asarray(x) + 1.0) * 127.5, 0, 255)).astype(np.uint8)
-
-
-def run(model: SemFlow, params, builder, config: ml_collections.ConfigDict, mesh, step: int,
-        workdir: str, writer, programs: Optional[Programs] = None) -> dict:
-  """One evaluation with a fresh Evaluator (a run that evaluates repeatedly keeps one)."""
-  evaluator = Evaluator(config, model, programs or Programs(model), builder, mesh)
-  return evaluator(params, step, workdir, writer)
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -1,4 +1,4 @@
-"""Small image helpers shared by evaluation and sampling: previews, grids, PNG writing."""
+"""Images for people: label previews, the evaluation's sample grids, PNG files (local or gs://)."""
 
 import colorsys
 import io
@@ -39,3 +39,15 @@ def write_png(path: str, array: np.ndarray) -> None:
   buffer = io.BytesIO()
   Image.fromarray(array).save(buffer, format="PNG")
   storage.write_bytes(path, buffer.getvalue())
+
+
+def segmentation_grid(image, label, prediction) -> np.ndarray:
+  """One row per example: the image, its true labels, the predicted labels (previews)."""
+  return grid([image, colourise(label), colourise(prediction)])
+
+
+def synthesis_grid(anchors, a, b, image, alt=None) -> np.ndarray:
+  """One row per mask: the perturbed anchor image synthesis a started from (the model's palette
+  and perturbation, as the model sees them), syntheses a and b, the real image, and the second
+  real rendering where the dataset has one. All uint8 (N, H, W, 3)."""
+  return grid([anchors, a, b, image] + ([alt] if alt is not None else []))

@@ -21,10 +21,8 @@ metadata server for its peers); elsewhere pass --coordinator_address=HOST:PORT
 
 import logging as py_logging
 import os
+import re
 import sys
-
-# Before TensorFlow loads: keep its C++ INFO chatter off the console.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -116,16 +114,52 @@ def _check_storage(config) -> None:
 
 
 class _QuietLibraries(py_logging.Filter):
-  """Orbax and tfds log every file they touch at INFO; keep their warnings and errors."""
+  """Orbax and tfds log every file they touch at INFO; keep their warnings and errors, except
+  those that alarm without cause: every read-only checkpoint manager (sampling, --mode=eval)
+  says "Given directory is read only" (which reads like a permissions problem) and that it
+  changes options it does not use, and checkpoint.py's choice of array writer says it
+  overrides Orbax's default."""
+
+  MISLEADING = ("Given directory is read only", "CheckpointManagerOptions.read_only=True",
+                "Type handler registry type")
 
   def filter(self, record):
     noisy = any(part in record.pathname for part in ("/orbax/", "/tensorflow_datasets/"))
+    if noisy and str(record.msg).startswith(self.MISLEADING):
+      return False
     return record.levelno >= py_logging.WARNING or not noisy
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, except that a config override naming no key (--config.train.num_stepz)
+  ends in one line with ml_collections' suggestion instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    text = str(e)
+    hint = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', text)
+    name = hint.group(2) if hint else next(iter(re.findall(r"\w+", text)), "?")
+    for arg in argv[1:]:
+      path = arg.split("=", 1)[0][len("--config."):].split(".")
+      if arg.startswith("--config.") and name in path:
+        key = ".".join(path[:path.index(name) + 1])
+        guess = ".".join(path[:path.index(name)] + [hint.group(1)]) if hint else None
+        print(f"error: {arg}: the config has no key {key}" +
+              (f" (did you mean {guess}?)" if guess else ""), file=sys.stderr)
+        break
+    else:
+      print(f"error: a --config. override names no key of the config: {text}", file=sys.stderr)
+    sys.exit(2)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from semflow_jax import runtime
+  runtime.skip_absent_tpus()  # before anything starts JAX: no TPU start-up without TPUs
   logging.get_absl_handler().addFilter(_QuietLibraries())
   from semflow_jax import storage
   config = _CONFIG.value
@@ -177,4 +211,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  # Before TensorFlow loads (flag parsing loads the config): keep its C++ INFO chatter and its
+  # oneDNN notice off the console (oneDNN speeds up matrix products and convolutions, which the
+  # input pipeline does not run: its batches are identical without it).
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+  app.run(main, flags_parser=_parse_flags)

@@ -1,6 +1,7 @@
-"""Evaluation math, no I/O: confusion matrices and mIoU, the Frechet distance, diversity, and the
-colour-only classifier. Numpy in, plain Python out (None where a number is undefined, never NaN,
-so every result is valid JSON).
+"""Evaluation math, no I/O: confusion matrices and mIoU, the Frechet distance, diversity (also
+after downsampling), high-frequency energy, and the colour-only classifier. Numpy in, plain
+Python out (None where a number is undefined, never NaN, so every result is valid JSON; `plain`
+makes a whole result so).
 
 Segmentation is scored as the literature scores it (Cityscapes' evalPixelLevelSemanticLabeling,
 mmsegmentation): one confusion matrix over every pixel of the split whose label is not the ignore
@@ -69,24 +70,6 @@ def iou_from_confusion(confusion: np.ndarray) -> dict:
   }
 
 
-def mean_iou(pred, label, num_classes: int, ignore_label: int = IGNORE_LABEL) -> dict:
-  """mIoU of predicted against true label maps: {'miou', 'per_class_iou', 'pixel_accuracy',
-  'num_pixels'} (see `iou_from_confusion`).
-
-  pred, label: integer arrays of one shape ((H, W) or (N, H, W)), or two sequences of such
-  arrays (images of different sizes); each prediction must have its label's size.
-  """
-  if isinstance(pred, np.ndarray) or isinstance(label, np.ndarray):
-    pairs = [(np.asarray(pred), np.asarray(label))]
-  else:
-    pairs = list(zip(pred, label, strict=True))
-  confusion = np.zeros((num_classes, num_classes), np.int64)
-  for p, l in pairs:
-    p, l = np.asarray(p), np.asarray(l)
-    confusion += confusion_matrix(l[None], p[None], num_classes, ignore_label=ignore_label)
-  return iou_from_confusion(confusion)
-
-
 def nearest_indices(size_in: int, size_out: int) -> np.ndarray:
   """Source index of each output index when resizing `size_in` -> `size_out` with nearest
   neighbour at pixel centres: floor((i + 1/2) * size_in / size_out), in exact integers."""
@@ -150,24 +133,48 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt)
 
 
-def mean_and_covariance(features) -> tuple:
-  """(mean, covariance) of (N, D) features in float64, as FID statistics (rows = samples)."""
-  x = np.asarray(features, np.float64)
-  return x.mean(0), np.cov(x, rowvar=False)
+def _per_example_mean(x: np.ndarray) -> np.ndarray:
+  return x.reshape(len(x), int(np.prod(x.shape[1:]))).mean(1)  # (0, ...) -> (0,)
 
 
 def per_example_mean_abs_difference(a, b) -> np.ndarray:
   """(N,) mean |a - b| per example, in float64; a, b (N, ...) in [-1, 1]."""
   diff = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
-  return diff.reshape(len(diff), -1).mean(1)
+  return _per_example_mean(diff)
 
 
-def mean_abs_difference(a, b, mask=None) -> float:
-  """Mean |a - b| over all pixels of the (unmasked) examples; a, b in [-1, 1]."""
-  per_example = per_example_mean_abs_difference(a, b)
-  if mask is None:
-    return float(per_example.mean())
-  return float(per_example[np.asarray(mask, bool)].mean())
+def average_pool(images, factor: int) -> np.ndarray:
+  """(N, H, W, C) -> (N, H // factor, W // factor, C) float64: the mean of each factor x factor
+  block (rows and columns past the last whole block are left out)."""
+  x = np.asarray(images, np.float64)
+  n, h, w, c = x.shape
+  h, w = h // factor * factor, w // factor * factor
+  if not h or not w:
+    raise ValueError(f"images of {x.shape[1:3]} have no whole {factor}x{factor} block")
+  x = x[:, :h, :w].reshape(n, h // factor, factor, w // factor, factor, c)
+  return x.mean((2, 4))
+
+
+def per_example_downsampled_difference(a, b, factor: int = 4) -> np.ndarray:
+  """(N,) mean |a - b| per example after `factor` x `factor` average pooling of both; a, b
+  (N, H, W, C) in [-1, 1]. Differences finer than the blocks (pixel noise) average out, so this
+  is diversity at the scale of objects and colours."""
+  return per_example_mean_abs_difference(average_pool(a, factor), average_pool(b, factor))
+
+
+def box3(images) -> np.ndarray:
+  """(N, H, W, C) -> the 3x3 mean of each pixel's neighbourhood per channel, edges replicated."""
+  x = np.asarray(images, np.float64)
+  padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+  h, w = x.shape[1:3]
+  return sum(padded[:, dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)) / 9.0
+
+
+def high_frequency_energy(images) -> np.ndarray:
+  """(N,) per example: the mean over pixels and channels of (x - box3(x))^2, images (N, H, W, C)
+  in [-1, 1]. Pixel noise and sharp edges raise it; a blurry image has little."""
+  x = np.asarray(images, np.float64)
+  return _per_example_mean((x - box3(x)) ** 2)
 
 
 class ColourClassifier:
@@ -235,51 +242,17 @@ def valid_or_none(value: Optional[float]) -> Optional[float]:
   return value if np.isfinite(value) else None
 
 
-
-# -- controls (benchmarks/controls.py): preservation, style, re-sampling -----------------------
-def dilate(mask, radius: int) -> np.ndarray:
-  """bool (B, H, W) mask grown by `radius` pixels (a (2r + 1)^2 square)."""
-  mask = np.asarray(mask, bool)
-  padded = np.pad(mask, ((0, 0), (radius, radius), (radius, radius)))
-  h, w = mask.shape[1:]
-  out = np.zeros_like(mask)
-  for dy in range(2 * radius + 1):
-    for dx in range(2 * radius + 1):
-      out |= padded[:, dy:dy + h, dx:dx + w]
-  return out
-
-
-def psnr(a, b, where=None) -> float:
-  """PSNR in dB between uint8 images (B, H, W, 3) over the pixels where `where` (B, H, W) is
-  True, from their pooled squared error; inf when they are identical there."""
-  err = (np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2
-  err = err.mean(-1) if where is None else err.mean(-1)[np.asarray(where, bool)]
-  mse = float(err.mean()) if err.size else 0.0
-  return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
-
-
-def colour_histogram_distance(a, b, bins: int = 4) -> float:
-  """Mean over image pairs of the total-variation distance (0 = same, 1 = disjoint) between
-  the joint RGB histograms (bins^3 cells) of uint8 images a[i] and b[i]."""
-  def histograms(x):
-    cells = (np.asarray(x, np.int64) * bins) // 256
-    index = (cells[..., 0] * bins + cells[..., 1]) * bins + cells[..., 2]
-    index = index.reshape(len(index), -1)
-    counts = np.stack([np.bincount(row, minlength=bins**3) for row in index])
-    return counts / counts.sum(1, keepdims=True)
-  return float(0.5 * np.abs(histograms(a) - histograms(b)).sum(1).mean())
-
-
-def class_mean_colour_distance(a, labels_a, b, labels_b, num_classes: int) -> float:
-  """Mean CIE76 Delta E (Lab, D65) between the mean colour of class c in a[i] and in b[i], over
-  every (i, c) where c occurs in both label maps; uint8 images, (B, H, W) labels."""
-  from semflow_jax import colour  # jnp; only this metric needs it
-  lab_a = np.asarray(colour.rgb_to_lab(np.asarray(a) / 255.0), np.float64)
-  lab_b = np.asarray(colour.rgb_to_lab(np.asarray(b) / 255.0), np.float64)
-  distances = []
-  for i in range(len(lab_a)):
-    for c in range(num_classes):
-      in_a, in_b = labels_a[i] == c, labels_b[i] == c
-      if in_a.any() and in_b.any():
-        distances.append(np.linalg.norm(lab_a[i][in_a].mean(0) - lab_b[i][in_b].mean(0)))
-  return float(np.mean(distances)) if distances else float("nan")
+def plain(obj):
+  """A result as plain Python for strict JSON: numpy numbers become int / float, non-finite
+  floats None, tuples lists (dicts and lists recursively)."""
+  if isinstance(obj, dict):
+    return {k: plain(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [plain(v) for v in obj]
+  if isinstance(obj, (bool, np.bool_)):
+    return bool(obj)
+  if isinstance(obj, (int, np.integer)):
+    return int(obj)
+  if isinstance(obj, (float, np.floating)):
+    return valid_or_none(obj)
+  return obj

@@ -1,42 +1,43 @@
-"""FID and LPIPS on the device mesh: features sharded like training, FID statistics of a dataset
-split computed once and cached, LPIPS distances, and the two diversity scores papers report.
+"""FID and LPIPS on the device mesh: Inception features and LPIPS distances sharded like
+training, and FID statistics of image sets (with an .npz cache format).
 
   params = convert_eval_nets.load_inception(config.eval.fid_weights)
   extractor = perceptual.InceptionFeatures(params, mesh)
-  ref_mu, ref_sigma = perceptual.reference_statistics(real_batches, extractor, cache_path, key)
-  mu, sigma, _ = perceptual.statistics_of(synth_batches, extractor)
+  mu, sigma, _ = perceptual.statistics_of(batches, extractor)
   fid = metrics.frechet_distance(mu, sigma, ref_mu, ref_sigma)
 
 Two ways in, one compiled program each:
 - on the device: `extractor.device(images)` / `lpips.device(a, b)` take batch-sharded global
   uint8 arrays (as evaluation already holds them) and return batch-sharded results, without a
-  trip through the host; `local_rows` of the result are this process's examples.
-- from the host: `extractor(images, mask)` etc. take this process's uint8 numpy batch (B, H, W, 3)
-  and an optional per-example mask (0 = padding); batches may also be dicts with "image" and
-  "mask", as `pipeline.eval_batches` yields them. Every process gets the rows of the whole
-  global batch back, padding removed, so statistics are the same on 1 and N processes.
+  trip through the host (semflow_jax/evaluators/fid.py and lpips.py use these);
+- from the host: `extractor(images, mask)` / `lpips.between(a, b, mask)` take this process's
+  uint8 numpy batch (B, H, W, 3) and an optional per-example mask (0 = padding); batches may
+  also be dicts with "image" and "mask", as `pipeline.eval_batches` yields them. Every process
+  gets the rows of the whole global batch back, padding removed, so statistics are the same on
+  1 and N processes.
 Images are uint8: syntheses are quantised first, as the files pytorch-fid and lpips read are.
 
-The cache is an .npz with pytorch-fid's keys (`mu`, `sigma`, float64), so statistics computed
-by `python -m pytorch_fid --save-stats` can be used as the reference, and ours read by it; it
-also records the number of images and a description of what was measured (dataset, split, image
-size), and a cache whose description differs from the one asked for is refused by name.
+The statistics files are .npz with pytorch-fid's keys (`mu`, `sigma`, float64), so statistics
+computed by `python -m pytorch_fid --save-stats` can be read as a reference, and ours by it;
+ours also record the number of images and a description of what was measured (dataset, split,
+image size), and `read_statistics` refuses a file whose description differs from the one asked
+for, by name.
 """
 
 import io
 import json
 import time
-from typing import Iterable, Optional, Tuple
+from typing import Callable, Iterable, Optional, Tuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from semflow_jax import parallel, storage
+from semflow_jax import anchors, parallel, storage
 from semflow_jax.models import inception as inception_lib
 from semflow_jax.models import lpips as lpips_lib
+from semflow_jax.programs import Program
 
 
 def _local_batch(batch) -> Tuple[np.ndarray, np.ndarray]:
@@ -55,14 +56,14 @@ class _ShardedNet:
   """A network's params replicated on the mesh and one jitted program from batch-sharded global
   arrays to batch-sharded results."""
 
-  def __init__(self, params, mesh, fn, device_params=None):
+  def __init__(self, params, mesh, fn, name: str):
     self.mesh = mesh
-    self.params = (jax.device_put(params, parallel.replicated(mesh)) if device_params is None
-                   else device_params)
-    self.program = jax.jit(fn, out_shardings=parallel.batch_sharding(mesh))
+    self.params = jax.device_put(params, parallel.replicated(mesh))
+    self.program = Program(fn, name=name, out_shardings=parallel.batch_sharding(mesh))
     self._local_size = 0
 
   def device(self, *global_arrays: jax.Array) -> jax.Array:
+    """Batch-sharded global arrays -> batch-sharded results (ShapeDtypeStructs: compiles)."""
     return self.program(self.params, *global_arrays)
 
   def run(self, *arrays: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -93,7 +94,8 @@ class InceptionFeatures:
   def __init__(self, params, mesh, precision=jax.lax.Precision.HIGHEST):
     self.module = inception_lib.InceptionV3(precision)
     module = self.module
-    self._net = _ShardedNet(params, mesh, lambda p, x: inception_lib.features(p, x, module))
+    self._net = _ShardedNet(params, mesh, lambda p, x: inception_lib.features(p, x, module),
+                            "inception_features")
 
   def device(self, images: jax.Array) -> jax.Array:
     """Global uint8 (B, H, W, 3), batch-sharded -> float32 (B, 2048), batch-sharded."""
@@ -108,11 +110,15 @@ class InceptionFeatures:
 
 
 def statistics_of(batches: Iterable, extractor: InceptionFeatures, log_every_s: float = 60.0,
-                  what: str = "images") -> Tuple[np.ndarray, np.ndarray, int]:
-  """(mu, sigma, number of images) of the pool3 features of every valid image in `batches`."""
+                  what: str = "images", between_batches: Optional[Callable[[], None]] = None
+                  ) -> Tuple[np.ndarray, np.ndarray, int]:
+  """(mu, sigma, number of images) of the pool3 features of every valid image in `batches`.
+  `between_batches()` is called before each batch (e.g. to stop by raising)."""
   running = inception_lib.RunningStatistics()
   start = last_log = time.time()
   for batch in batches:
+    if between_batches is not None:
+      between_batches()
     images, mask = _local_batch(batch)
     running.update(extractor(images, mask))
     if time.time() - last_log > log_every_s:
@@ -136,7 +142,10 @@ def write_statistics(path: str, mu: np.ndarray, sigma: np.ndarray, num_images: i
 def read_statistics(path: str, description: Optional[dict] = None):
   """(mu, sigma) from an .npz with pytorch-fid's keys; refuses one that describes other data."""
   try:
-    with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as f:
+    f = np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False)
+    if not isinstance(f, np.lib.npyio.NpzFile):
+      raise ValueError(f"an .npy array {getattr(f, 'shape', '')}, not an .npz archive")
+    with f:
       mu, sigma = np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64)
       stored = json.loads(str(f["description"])) if "description" in f.files else None
   except (KeyError, ValueError, OSError) as e:
@@ -151,35 +160,7 @@ def read_statistics(path: str, description: Optional[dict] = None):
   return mu, sigma
 
 
-def reference_statistics(batches: Iterable, extractor: InceptionFeatures, cache_path: str,
-                         description: Optional[dict] = None) -> Tuple[np.ndarray, np.ndarray]:
-  """FID statistics of a dataset split, read from `cache_path` if it exists, else computed from
-  `batches` (consumed only then) and written there by process 0.
-
-  `description` (e.g. {"dataset": ..., "split": ..., "image_size": ...}) is stored with the
-  statistics and checked on reading, so a cache of other data is never used silently. A
-  pytorch-fid .npz (no description) is used as given.
-  """
-  if storage.exists(cache_path):
-    logging.info("FID reference statistics from %s", cache_path)
-    return read_statistics(cache_path, description)
-  mu, sigma, count = statistics_of(batches, extractor, what="the reference split")
-  if jax.process_index() == 0:
-    write_statistics(cache_path, mu, sigma, count, description)
-    logging.info("wrote FID reference statistics of %d images to %s", count, cache_path)
-  return mu, sigma
-
-
 # -- LPIPS -----------------------------------------------------------------------------------------
-def pair_indices(n: int) -> Tuple[np.ndarray, np.ndarray]:
-  """(i, j) with i < j over n items, in row-major order: n (n - 1) / 2 pairs."""
-  return np.triu_indices(n, k=1)
-
-
-def _unit_range(images):
-  return images.astype(jnp.float32) / 127.5 - 1.0  # lpips.im2tensor
-
-
 class LpipsDistances:
   """LPIPS (AlexNet, v0.1) between uint8 images, sharded over the mesh's batch axes."""
 
@@ -188,27 +169,13 @@ class LpipsDistances:
     module = self.module
 
     def between(p, a, b):
-      return module.apply({"params": p}, _unit_range(a), _unit_range(b))
+      return module.apply({"params": p}, anchors.to_unit_range(a), anchors.to_unit_range(b))
 
-    def all_pairs(p, x):
-      b, n = x.shape[:2]
-      feats = module.apply({"params": p}, _unit_range(x.reshape((b * n,) + x.shape[2:])),
-                           method=module.features)
-      feats = [f.reshape((b, n) + f.shape[1:]) for f in feats]
-      i, j = pair_indices(n)
-      return module.apply({"params": p}, [f[:, i] for f in feats], [f[:, j] for f in feats],
-                          method=module.distance)
-
-    self._between = _ShardedNet(params, mesh, between)
-    self._all_pairs = _ShardedNet(None, mesh, all_pairs, device_params=self._between.params)
+    self._between = _ShardedNet(params, mesh, between, "lpips")
 
   def device(self, images_a: jax.Array, images_b: jax.Array) -> jax.Array:
     """Global uint8 (B, H, W, 3) pairs, batch-sharded -> float32 (B,) distances, batch-sharded."""
     return self._between.device(images_a, images_b)
-
-  def device_all_pairs(self, images: jax.Array) -> jax.Array:
-    """Global uint8 (B, n, H, W, 3), batch-sharded -> (B, n (n - 1) / 2), batch-sharded."""
-    return self._all_pairs.device(images)
 
   def between(self, images_a: np.ndarray, images_b: np.ndarray,
               mask: Optional[np.ndarray] = None) -> np.ndarray:
@@ -217,38 +184,3 @@ class LpipsDistances:
                            {"image": images_a, "mask": mask})
     b, _ = _local_batch(images_b)
     return self._between.run(a, b, mask=mask)
-
-  def all_pairs(self, images: np.ndarray, mask: Optional[np.ndarray] = None) -> np.ndarray:
-    """Per-process uint8 (B, n, H, W, 3): n images per example (e.g. syntheses of one mask) ->
-    (valid examples of the global batch, n (n - 1) / 2) distances, pairs as `pair_indices(n)`."""
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 5 or images.shape[1] < 2:
-      raise ValueError(f"all_pairs expects uint8 (B, n >= 2, H, W, 3), got {images.dtype} "
-                       f"{images.shape}")
-    mask = np.ones(len(images), bool) if mask is None else np.asarray(mask, bool)
-    return self._all_pairs.run(images, mask=mask)
-
-
-def semflow_diversity(pairwise_distances) -> float:
-  """SemFlow's LPIPS diversity (0.393 on CelebAMask-HQ in the paper): the mean LPIPS between
-  syntheses of the same mask, over all pairs of each mask's syntheses and over masks.
-
-  `pairwise_distances`: (masks, pairs), as `LpipsDistances.all_pairs` returns. Higher is more
-  diverse; it says nothing about fidelity.
-  """
-  d = np.asarray(pairwise_distances, np.float64)
-  if d.ndim != 2 or d.size == 0:
-    raise ValueError(f"expected (masks, pairs) distances, got shape {d.shape}")
-  return float(d.mean())
-
-
-def symmflow_lpips(distances) -> float:
-  """SymmFlow's LPIPS: the mean LPIPS between each synthesis and the ground-truth image of its
-  mask (`LpipsDistances.between(synthesis, real)`, shape (examples,) or (examples, samples)).
-
-  Lower is closer to the real image; with a one-to-many task it also falls as diversity falls.
-  """
-  d = np.asarray(distances, np.float64)
-  if d.size == 0:
-    raise ValueError("no LPIPS distances")
-  return float(d.mean())

@@ -2,9 +2,12 @@
 ensemble of several), including the controls of `controls.py` (style reference, regional
 re-sampling, editing through the label map).
 
-Inputs of any size are resized to the model's resolution (bicubic for images, nearest for label
-maps) and outputs come back at the input's size. Bad input raises `InputError`, whose one-line
-message names the file and the problem.
+`Predictor` is the model loaded once, working on arrays (the studio uses it too); the
+`*_file` functions read and write files around it. Inputs of any size are resized to the
+model's resolution (bicubic for images, nearest for label maps) and outputs come back at the
+input's size. Sample i of a seed is drawn with its own key (`example_keys`), so it does not
+depend on how many samples are asked for. Bad input raises `InputError`, whose one-line message
+names the file and the problem.
 """
 
 import io
@@ -92,16 +95,133 @@ def _load(config, workdir, ensemble=()):
   return SemFlow.from_config(config, mesh), params
 
 
+@jax.jit
+def _example_keys(seed_key, indices):
+  return jax.vmap(lambda i: jax.random.fold_in(seed_key, i))(indices)
+
+
+def example_keys(seed: int, num_samples: int):
+  """One perturbation key per sample: sample i of a seed is the same however many are drawn."""
+  return _example_keys(jax.random.PRNGKey(seed), jnp.arange(num_samples))
+
+
+class Predictor:
+  """A trained model (or an ensemble) loaded once with its programs, working on arrays of any
+  size: inputs are resized to the model's resolution (bicubic images, nearest label maps) and
+  outputs come back at the input's size. The file CLI below and the studio both call it, so
+  the same seed gives the same pixels everywhere.
+
+  Sampling settings default to `config.sample` (seg_steps, synth_steps, method, seed).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, model: SemFlow, params,
+               programs: Optional[Programs] = None):
+    self.config, self.model, self.params = config, model, params
+    self.programs = programs or Programs(model)
+
+  @classmethod
+  def load(cls, config: ml_collections.ConfigDict, workdir: str, ensemble=()) -> "Predictor":
+    """From the latest checkpoint in `workdir` (with `ensemble` workdirs: their mean velocity)."""
+    model, params = _load(config, workdir, ensemble)
+    return cls(config, model, params)
+
+  @property
+  def num_classes(self) -> int:
+    return self.model.num_classes
+
+  def _sampler(self, steps, sampler, default_steps):
+    s = self.config.sample
+    return int(steps if steps is not None else default_steps), sampler or s.method
+
+  def _labels_batch(self, labels: np.ndarray, num_samples: int):
+    small = _resize(np.asarray(labels, np.uint8), self.model.image_size, Image.NEAREST)
+    return jnp.broadcast_to(jnp.asarray(small)[None], (num_samples, *small.shape))
+
+  def _images_out(self, x, size) -> np.ndarray:
+    out = np.asarray(self.programs.to_uint8(x))
+    return np.stack([_resize(image, size, Image.BICUBIC) for image in out])
+
+  def segment(self, image: np.ndarray, steps: Optional[int] = None,
+              sampler: Optional[str] = None) -> np.ndarray:
+    """uint8 (H, W, 3) photo -> uint8 (H, W) class ids."""
+    steps, sampler = self._sampler(steps, sampler, self.config.sample.seg_steps)
+    small = _resize(np.asarray(image, np.uint8), self.model.image_size, Image.BICUBIC)
+    labels = np.asarray(self.programs.segment(steps, sampler)(self.params, small[None]))[0]
+    return _resize(labels.astype(np.uint8), image.shape[:2], Image.NEAREST)
+
+  def synthesize(self, labels: np.ndarray, num_samples: int, seed: Optional[int] = None,
+                 steps: Optional[int] = None, sampler: Optional[str] = None) -> np.ndarray:
+    """uint8 (H, W) class ids -> uint8 (num_samples, H, W, 3) images."""
+    steps, sampler = self._sampler(steps, sampler, self.config.sample.synth_steps)
+    keys = example_keys(self._seed(seed), num_samples)
+    out = self.programs.synthesize(steps, sampler)(self.params,
+                                                   self._labels_batch(labels, num_samples), keys)
+    return self._images_out(out, labels.shape)
+
+  def synthesize_styled(self, labels: np.ndarray, reference: np.ndarray, num_samples: int,
+                        strength: float = None, colour_transfer: bool = False, refine: int = 0,
+                        seed: Optional[int] = None, steps: Optional[int] = None,
+                        sampler: Optional[str] = None) -> np.ndarray:
+    """`synthesize` in the style of the uint8 (h, w, 3) `reference` (controls.synthesize_styled;
+    strength 1 is plain synthesis, 0 the reference)."""
+    steps, sampler = self._sampler(steps, sampler, self.config.sample.synth_steps)
+    strength = DEFAULT_STYLE_STRENGTH if strength is None else float(strength)
+    reference = _resize(np.asarray(reference, np.uint8), self.model.image_size, Image.BICUBIC)
+    references = jnp.broadcast_to(jnp.asarray(reference)[None], (num_samples, *reference.shape))
+    run = self.programs.synthesize_styled(strength, steps, sampler, colour_transfer, refine)
+    out = run(self.params, self._labels_batch(labels, num_samples), references,
+              example_keys(self._seed(seed), num_samples))
+    return self._images_out(out, labels.shape)
+
+  def resample(self, labels: np.ndarray, region: np.ndarray, num_samples: int,
+               seed: Optional[int] = None, new_seed: Optional[int] = None,
+               steps: Optional[int] = None, sampler: Optional[str] = None) -> np.ndarray:
+    """Sample i of `synthesize(labels, num_samples, seed)` with new perturbation noise (from
+    `new_seed`, default seed + 1) in the bool (H, W) `region` only (controls.resample)."""
+    steps, sampler = self._sampler(steps, sampler, self.config.sample.synth_steps)
+    seed = self._seed(seed)
+    new_seed = seed + 1 if new_seed is None else int(new_seed)
+    region = _resize(np.asarray(region).astype(np.uint8), self.model.image_size,
+                     Image.NEAREST).astype(bool)
+    regions = jnp.broadcast_to(jnp.asarray(region)[None], (num_samples, *region.shape))
+    out = self.programs.resample(steps, sampler)(
+        self.params, self._labels_batch(labels, num_samples), regions,
+        example_keys(seed, num_samples), example_keys(new_seed, num_samples))
+    return self._images_out(out, labels.shape)
+
+  def edit(self, photo: np.ndarray, edited_labels: np.ndarray, edit_method: str = "blend",
+           steps: Optional[int] = None, sampler: Optional[str] = None):
+    """Edit the uint8 (H, W, 3) `photo` through its label map: `edited_labels` (H, W) is its
+    segmentation with some labels changed (255 = leave as is). Returns (the edited photo, uint8
+    (H, W, 3); how many model-resolution pixels were edited)."""
+    if edit_method not in EDIT_METHODS:
+      raise InputError(f"edit method {edit_method!r}: expected one of {', '.join(EDIT_METHODS)}")
+    seg_steps, seg_sampler = self._sampler(None, sampler, self.config.sample.seg_steps)
+    steps, sampler = self._sampler(steps, sampler, self.config.sample.synth_steps)
+    small = _resize(np.asarray(photo, np.uint8), self.model.image_size, Image.BICUBIC)
+    source = np.asarray(self.programs.segment(seg_steps, seg_sampler)(self.params, small[None]))[0]
+    source = source.astype(np.uint8)
+    # The region is found at the photo's size, against the label map `segment` returns, so
+    # resizing never invents an edit; a model-size pixel is edited if any of its pixels is.
+    changed = (edited_labels != _resize(source, photo.shape[:2], Image.NEAREST)) & (
+        edited_labels != anchors.IGNORE_LABEL)
+    region = _resize(changed.astype(np.uint8) * 255, self.model.image_size, Image.BOX) > 0
+    target = np.where(region, _resize(np.asarray(edited_labels, np.uint8), self.model.image_size,
+                                      Image.NEAREST), source)
+    out = self.programs.edit(steps, sampler, edit_method == "blend")(
+        self.params, small[None], source[None], target[None])
+    return self._images_out(out, photo.shape[:2])[0], int(region.sum())
+
+  def _seed(self, seed) -> int:
+    return int(self.config.sample.seed if seed is None else seed)
+
+
 def segment_file(config: ml_collections.ConfigDict, workdir: str, input_path: str,
                  output_path: str, ensemble=()) -> np.ndarray:
   """Write the label map of `input_path` to `output_path` and a preview beside it."""
   output_path = _check_output(output_path, "the label map PNG to write")
   image = read_image(input_path)
-  model, params = _load(config, workdir, ensemble)
-  s = config.sample
-  segment = Programs(model).segment(s.seg_steps, s.method)
-  labels = np.asarray(segment(params, _resize(image, model.image_size, Image.BICUBIC)[None]))[0]
-  labels = _resize(labels.astype(np.uint8), image.shape[:2], Image.NEAREST)
+  labels = Predictor.load(config, workdir, ensemble).segment(image)
   images.write_png(output_path, labels)
   preview = storage.join(storage.parent(output_path),
                          storage.as_path(output_path).stem + "_preview.png")
@@ -138,30 +258,18 @@ def synthesize_file(config: ml_collections.ConfigDict, workdir: str, input_path:
   reference = read_image(style) if style else None
   region = _resample_region(labels, input_path, resample_classes, resample_mask,
                             config.data.num_classes) if resampling else None
-  model, params = _load(config, workdir, ensemble)
-  programs = Programs(model)
-  small = _resize(labels, model.image_size, Image.NEAREST)
-  batch = jnp.broadcast_to(jnp.asarray(small)[None], (num_samples, *small.shape))
-  rng = jax.random.PRNGKey(s.seed)
+  predictor = Predictor.load(config, workdir, ensemble)
   if reference is not None:
-    reference = _resize(reference, model.image_size, Image.BICUBIC)
-    references = jnp.broadcast_to(jnp.asarray(reference)[None], (num_samples, *reference.shape))
-    run = programs.synthesize_styled(style_strength if style_strength is not None else
-                                     DEFAULT_STYLE_STRENGTH, s.synth_steps, s.method,
-                                     colour_transfer, refine)
-    out = run(params, batch, references, rng)
+    out = predictor.synthesize_styled(labels, reference, num_samples, style_strength,
+                                      colour_transfer, refine)
   elif region is not None:
-    region = _resize(region.astype(np.uint8), model.image_size, Image.NEAREST).astype(bool)
-    regions = jnp.broadcast_to(jnp.asarray(region)[None], batch.shape)
-    new_rng = jax.random.PRNGKey(resample_seed if resample_seed is not None else s.seed + 1)
-    out = programs.resample(s.synth_steps, s.method)(params, batch, regions, rng, new_rng)
+    out = predictor.resample(labels, region, num_samples, new_seed=resample_seed)
   else:
-    out = programs.synthesize(s.synth_steps, s.method)(params, batch, rng)
-  out = np.asarray(programs.to_uint8(out))
+    out = predictor.synthesize(labels, num_samples)
   paths = []
   for i, x in enumerate(out):
     path = storage.join(output_dir, f"sample_{i}.png")
-    images.write_png(path, _resize(x, labels.shape, Image.BICUBIC))
+    images.write_png(path, x)
     paths.append(path)
   logging.info("wrote %d samples to %s", num_samples, output_dir)
   return paths
@@ -226,27 +334,14 @@ def edit_file(config: ml_collections.ConfigDict, workdir: str, input_path: str,
     raise InputError(f"{labels_path}: label map is {edited.shape[0]}x{edited.shape[1]}, the photo "
                      f"{input_path} is {photo.shape[0]}x{photo.shape[1]}; edit the label map "
                      "--mode=segment wrote for it")
-  model, params = _load(config, workdir, ensemble)
-  programs = Programs(model)
-  s = config.sample
-  small = _resize(photo, model.image_size, Image.BICUBIC)
-  source = np.asarray(programs.segment(s.seg_steps, s.method)(params, small[None]))[0]
-  source = source.astype(np.uint8)
-  # The region is found at the photo's size, against the label map --mode=segment writes, so
-  # resizing never invents an edit; a model-size pixel is edited if any of its pixels is.
-  changed = (edited != _resize(source, photo.shape[:2], Image.NEAREST)) & (
-      edited != anchors.IGNORE_LABEL)
-  if not changed.any():
+  predictor = Predictor.load(config, workdir, ensemble)
+  result, edited_pixels = predictor.edit(photo, edited, method)
+  if not edited_pixels:
     logging.warning("%s: no label differs from the photo's segmentation; nothing to edit",
                     labels_path)
-  region = _resize(changed.astype(np.uint8) * 255, model.image_size, Image.BOX) > 0
-  target = np.where(region, _resize(edited, model.image_size, Image.NEAREST), source)
-  out = programs.edit(s.synth_steps, s.method, method == "blend")(
-      params, small[None], source[None], target[None])
-  result = _resize(np.asarray(programs.to_uint8(out))[0], photo.shape[:2], Image.BICUBIC)
   images.write_png(output_path, result)
-  logging.info("wrote %s (%d pixels edited at the model's %dx%d)", output_path, int(region.sum()),
-               *model.image_size)
+  logging.info("wrote %s (%d pixels edited at the model's %dx%d)", output_path, edited_pixels,
+               *predictor.model.image_size)
   return result
 
 

@@ -248,8 +248,10 @@ def test_running_statistics_equal_numpy_mean_and_covariance():
   running, other = inception.RunningStatistics(dim=6), inception.RunningStatistics(dim=6)
   for chunk in np.array_split(acts[:20], [5, 6]):
     running.update(chunk)
-  other.update(acts[20:])  # e.g. another process's examples
-  running.merge(other)
+  other.update(acts[20:])  # e.g. another process's examples: the sums add up
+  running.count, running.sum, running.outer = (running.count + other.count,
+                                               running.sum + other.sum,
+                                               running.outer + other.outer)
   mu, sigma = running.result()
   np.testing.assert_allclose(mu, acts.mean(0), rtol=1e-12)
   np.testing.assert_allclose(sigma, np.cov(acts, rowvar=False), rtol=1e-9)
@@ -258,42 +260,42 @@ def test_running_statistics_equal_numpy_mean_and_covariance():
     inception.RunningStatistics(dim=6).result()
 
 
-def test_reference_statistics_are_cached_and_checked(fid_net, fid_extractor, tmp_path):
+def test_statistics_of_masked_batches_and_the_npz_files(fid_net, fid_extractor, tmp_path):
   images = fid_net["images"]
   more = np.ascontiguousarray(images[:, ::-1])  # two more images (flipped)
   # Per-process batches as the eval pipeline yields them: the last one padded and masked.
   batches = [{"image": images, "mask": np.ones(2, bool)},
              {"image": np.stack([more[0], more[0]]), "mask": np.array([True, False])},
              more[1:]]  # a bare uint8 batch, shorter than the others
-  extractor = fid_extractor
-  cache = str(tmp_path / "stats" / "celeba_val.npz")
-  description = {"dataset": "test", "split": "validation", "image_size": [240, 400]}
-  mu, sigma = perceptual.reference_statistics(iter(batches), extractor, cache, description)
+  stops = []
+  mu, sigma, count = perceptual.statistics_of(iter(batches), fid_extractor,
+                                              between_batches=lambda: stops.append(1))
+  assert count == 4 and len(stops) == 3  # asked before every batch
 
   reference = np.concatenate([fid_net["features"], fid_net["reference"](more)])
   np.testing.assert_allclose(mu, reference.astype(np.float64).mean(0), rtol=1e-4,
                              atol=1e-4 * np.abs(reference).max())
   ref_sigma = np.cov(reference.astype(np.float64), rowvar=False)
   assert _relative_error(sigma, ref_sigma) < 1e-4
-  with np.load(cache) as f:  # pytorch-fid's keys, float64, and what was measured
+  # The .npz: pytorch-fid's keys in float64, plus what was measured; read back as written.
+  path = str(tmp_path / "stats" / "celeba_val.npz")
+  description = {"dataset": "test", "split": "validation", "image_size": [240, 400]}
+  perceptual.write_statistics(path, mu, sigma, count, description)
+  with np.load(path) as f:
     assert f["mu"].dtype == np.float64 and f["sigma"].shape == (2048, 2048)
     assert int(f["num_images"]) == 4
-
-  def must_not_run():
-    raise AssertionError("the cache was not used")
-    yield
-  cached_mu, cached_sigma = perceptual.reference_statistics(must_not_run(), extractor, cache,
-                                                            description)
-  np.testing.assert_array_equal(cached_mu, mu)
-  np.testing.assert_array_equal(cached_sigma, sigma)
+  read_mu, read_sigma = perceptual.read_statistics(path, description)
+  np.testing.assert_array_equal(read_mu, mu)
+  np.testing.assert_array_equal(read_sigma, sigma)
   with pytest.raises(ValueError, match="celeba_val.npz: cached FID statistics are of"):
-    perceptual.reference_statistics(must_not_run(), extractor, cache,
-                                    dict(description, split="train"))
-  # A pytorch-fid --save-stats file (mu and sigma only) is accepted as the reference.
+    perceptual.read_statistics(path, dict(description, split="train"))
+  # A pytorch-fid --save-stats file (mu and sigma only) is accepted as it is.
   np.savez(str(tmp_path / "pytorch_fid.npz"), mu=mu, sigma=sigma)
-  theirs, _ = perceptual.reference_statistics(must_not_run(), extractor,
-                                              str(tmp_path / "pytorch_fid.npz"), description)
+  theirs, _ = perceptual.read_statistics(str(tmp_path / "pytorch_fid.npz"), description)
   np.testing.assert_array_equal(theirs, mu)
+  np.save(str(tmp_path / "not_stats.npy"), mu)
+  with pytest.raises(ValueError, match="not FID statistics"):
+    perceptual.read_statistics(str(tmp_path / "not_stats.npy"))
 
 
 # -- the converter ---------------------------------------------------------------------------------
@@ -426,27 +428,6 @@ def test_lpips_matches_the_lpips_forward_with_real_heads(lpips_files, lpips_net)
   distances = scorer.device(batch["a"], batch["b"])
   assert distances.sharding.is_equivalent_to(batch["a"].sharding, 1)
   np.testing.assert_allclose(np.asarray(distances)[:3], reference, rtol=1e-4)
-
-
-def test_diversity_scores_against_the_reference(lpips_files, lpips_net):
-  scorer, _ = lpips_net
-  rng = np.random.default_rng(5)
-  syntheses = rng.integers(0, 256, size=(2, 3, 48, 48, 3), dtype=np.uint8)  # 2 masks x 3 samples
-  real = rng.integers(0, 256, size=(2, 48, 48, 3), dtype=np.uint8)
-  trunk, heads = lpips_files["trunk"], lpips_files["heads"]
-  pairwise = scorer.all_pairs(syntheses)
-  assert pairwise.shape == (2, 3)
-  expected_pairs = [[torch_lpips(trunk, heads, syntheses[m, i:i + 1], syntheses[m, j:j + 1])[0]
-                     for i in range(3) for j in range(i + 1, 3)] for m in range(2)]
-  np.testing.assert_allclose(pairwise, expected_pairs, rtol=1e-4)
-  # SemFlow: mean over masks of the mean LPIPS between that mask's syntheses.
-  semflow = np.mean([np.mean(p) for p in expected_pairs])
-  assert abs(perceptual.semflow_diversity(pairwise) - semflow) < 1e-4 * semflow
-  # SymmFlow: mean LPIPS between each synthesis and its mask's ground-truth image.
-  to_real = np.stack([scorer.between(syntheses[:, s], real) for s in range(3)], axis=1)
-  symmflow = np.mean([torch_lpips(trunk, heads, syntheses[m, s:s + 1], real[m:m + 1])[0]
-                      for m in range(2) for s in range(3)])
-  assert abs(perceptual.symmflow_lpips(to_real) - symmflow) < 1e-4 * symmflow
 
 
 LPIPS_DAMAGE = {

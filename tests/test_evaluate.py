@@ -1,6 +1,7 @@
 """The evaluation protocol end to end: native-size scoring against cityscapesscripts, the same
-metrics on 1 device, 8 devices and 2 processes (uneven split), one compile per program per run,
-strict JSON with class names and network-evaluation counts."""
+metrics on 1 device, 8 devices and 2 processes (uneven split), one compile per program per run
+(also when compiled ahead of time), stopping on request, strict JSON with class names and
+network-evaluation counts, and a metric added as one module plus its name in the config."""
 
 import json
 import os
@@ -13,8 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from semflow_jax import evaluate, metrics, parallel, state as state_lib, train
+from semflow_jax import anchors, evaluate, metrics, parallel, state as state_lib, train
 from semflow_jax.data import pipeline, synthetic
+from semflow_jax.evaluators import common
 from semflow_jax.programs import Programs
 from semflow_jax.semflow import SemFlow
 from tests import dataset_fixtures as fx
@@ -22,7 +24,8 @@ from tests.conftest import REPO
 
 NUM_VALIDATION = 13  # eval batch 8: 8 + 5 (+3 padding); on 2 processes 4 + 3 and 4 + 2
 SCALAR_KEYS = ("miou_euler_1", "miou_rk4_1", "roundtrip_miou", "diversity",
-               "diversity_real", "colour_only_miou", "colour_only_miou_synth")
+               "diversity_real", "colour_only_miou", "colour_only_miou_synth", "hf_energy_synth",
+               "hf_energy_real", "diversity_down4", "diversity_real_down4")
 
 
 def _strict_json(path):
@@ -53,7 +56,7 @@ def trained(tmp_path_factory, tfds_dir):
   config = _config(tfds_dir)
   workdir = str(tmp_path_factory.mktemp("evaluated"))
   evaluators, fits = [], []
-  real_init, real_fit = evaluate.Evaluator.__init__, evaluate.metrics.ColourClassifier.fit
+  real_init, real_fit = evaluate.Evaluator.__init__, metrics.ColourClassifier.fit
 
   def init(self, *args, **kwargs):
     evaluators.append(self)
@@ -65,7 +68,7 @@ def trained(tmp_path_factory, tfds_dir):
 
   with pytest.MonkeyPatch.context() as m:
     m.setattr(evaluate.Evaluator, "__init__", init)
-    m.setattr(evaluate.metrics.ColourClassifier, "fit", fit)
+    m.setattr(metrics.ColourClassifier, "fit", fit)
     result = train.train_and_evaluate(config, workdir)
   return config, workdir, result, evaluators, fits
 
@@ -75,28 +78,29 @@ def test_training_evaluates_with_one_evaluator_and_compiles_each_program_once(tr
   assert len(evaluators) == 1 and len(fits) == 1  # one per run, not one per evaluation
   first = _strict_json(os.path.join(workdir, "eval", "metrics_1.json"))
   assert first["step"] == 1 and result["step"] == 2
-  programs = evaluators[0].programs
-  names = {(name, tuple(sorted(static.items()))) for name, static in programs.compiled()}
-  assert names == {("segment", (("method", m), ("steps", 1))) for m in ("euler", "rk4")} | {
-                       ("synthesize", (("method", "euler"), ("steps", 2))),
-                       ("perturbed_anchors", ())}  # the first column of the synthesis grid
+  evaluator = evaluators[0]
+  programs = evaluator.run.programs._cache
+  assert set(programs) == {("segment", (("method", m), ("steps", 1))) for m in ("euler", "rk4")} | {
+                              ("synthesize", (("method", "euler"), ("steps", 2))),
+                              ("perturbed_anchors", ())}  # the first column of the synthesis grid
   # Two evaluations, real images and round-trip syntheses alike: one executable per program.
-  assert {key: fn._cache_size() for key, fn in programs._cache.items()} == {
-      key: 1 for key in programs._cache}
+  own = [evaluator._example_keys, evaluator._to_uint8]
+  assert [p.num_executables for p in list(programs.values()) + own] == [1] * (len(programs) + 2)
 
 
 def test_metrics_json_is_strict_with_class_names_nfe_and_skip_reasons(trained):
   config, workdir, result, _, _ = trained
   written = _strict_json(os.path.join(workdir, "eval", "metrics_2.json"))
   assert written == json.loads(json.dumps(result))
-  for key in SCALAR_KEYS:
-    assert isinstance(written[key], float) and 0 <= written[key] <= 1 + (key == "diversity_real")
+  for key in SCALAR_KEYS:  # mIoU in [0, 1]; mean |differences| in [0, 2]; hf energy in [0, 4]
+    top = 4 if key.startswith("hf_") else 2 if key.startswith("diversity") else 1
+    assert isinstance(written[key], float) and 0 <= written[key] <= top, key
   per_class = written["per_class_iou_rk4_1"]
   assert list(per_class) == list(synthetic.CLASS_NAMES)
   assert all(v is None or 0 <= v <= 1 for v in per_class.values())
   assert written["nfe"] == {"miou_euler_1": 1, "miou_rk4_1": 4, "roundtrip_miou": 3,
-                            "diversity": 2,
-                            "colour_only_miou_synth": 2}
+                            "diversity": 2, "colour_only_miou_synth": 2, "hf_energy_synth": 2,
+                            "diversity_down4": 2}
   assert written["fid"] is None and "config.eval.fid_weights" in written["skipped"]["fid"]
   assert written["lpips_diversity"] is None and "lpips_weights" in written["skipped"][
       "lpips_diversity"]
@@ -104,10 +108,11 @@ def test_metrics_json_is_strict_with_class_names_nfe_and_skip_reasons(trained):
 
 
 def _same_metrics(a, b):
-  # Confusion-matrix metrics exactly. The diversity sums per-example float32 pixels that XLA may
-  # round differently for another per-device batch size (the noise itself is identical).
+  # Confusion-matrix metrics exactly; on the real images, per-example values exactly (combined
+  # bit for bit) and sums up to the fixed-point reduction. Syntheses are float32 pixels that XLA
+  # may round differently for another per-device batch size (the noise itself is identical).
   for key in SCALAR_KEYS:
-    if "miou" in key:
+    if "miou" in key or key in ("diversity_real", "diversity_real_down4"):
       assert a[key] == b[key], (key, a[key], b[key])
     else:
       assert a[key] == pytest.approx(b[key], rel=1e-6), key
@@ -123,6 +128,66 @@ def test_one_device_gives_the_metrics_of_eight(trained):
   builder = pipeline.get_builder(config.data)
   one = evaluate.Evaluator(config, model, Programs(model), builder, mesh)(params, step)
   _same_metrics(one, result)
+
+
+def test_compiled_ahead_of_time_runs_those_executables_and_stops_on_request(trained, tmp_path):
+  config, workdir, result, _, _ = trained
+  mesh = parallel.make_mesh(config)
+  params, step = state_lib.load_params(config, workdir, mesh)
+  model = SemFlow.from_config(config, mesh)
+  evaluator = evaluate.Evaluator(config, model, Programs(model), pipeline.get_builder(config.data),
+                                 mesh)
+  evaluator.compile(jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params))
+  programs = list(evaluator.run.programs._cache.values()) + [evaluator._example_keys,
+                                                             evaluator._to_uint8]
+  assert all(len(p._executables) == 1 for p in programs)
+
+  # Asked between batches: the first answer lets batch 1 start, the second stops the run.
+  answers = iter([False, True])
+  out = str(tmp_path / "run")
+  assert evaluator(params, step, out, should_stop=lambda: next(answers)) is None
+  assert not os.path.exists(out)  # nothing written
+  again = evaluator(params, step, out)
+  _same_metrics(again, result)
+  assert os.path.exists(os.path.join(out, "eval", f"metrics_{step}.json"))
+  # Both evaluations ran the executables compiled ahead of time: nothing compiled again.
+  assert [(p.name, len(p._executables), p.jitted._cache_size()) for p in programs] == [
+      (p.name, 1, 0) for p in programs]
+
+
+# The docs/DESIGN.md example of a new metric ("Adding a metric"), run as written there.
+def _design_example() -> str:
+  with open(os.path.join(REPO, "docs", "DESIGN.md")) as f:
+    text = f.read()
+  section = text[text.index("## Adding a metric"):]
+  return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_a_metric_is_one_module_plus_its_name_in_the_config(trained, monkeypatch):
+  import types
+  config, workdir, result, _, _ = trained
+  module = types.ModuleType("semflow_jax.evaluators.brightness")
+  exec(compile(_design_example(), "docs/DESIGN.md", "exec"), module.__dict__)
+  monkeypatch.setitem(sys.modules, module.__name__, module)  # as if the file were there
+  config = config.copy_and_resolve_references()
+  config.eval.metrics = ("brightness", "miou")
+  mesh = parallel.make_mesh(config)
+  params, step = state_lib.load_params(config, workdir, mesh)
+  model = SemFlow.from_config(config, mesh)
+  builder = pipeline.get_builder(config.data)
+  evaluator = evaluate.Evaluator(config, model, Programs(model), builder, mesh)
+  out = evaluator(params, step)
+  real = pipeline.load_arrays(builder, "validation", NUM_VALIDATION)
+  keys_a, _ = evaluate.example_keys(evaluator.base_key, np.arange(NUM_VALIDATION, dtype=np.int32))
+  synthesis = np.asarray(jax.jit(model.synthesize, static_argnums=(3,))(
+      params, real["label"], keys_a, 2))
+  assert out["brightness_synth"] == pytest.approx(float(synthesis.mean()), rel=1e-5)
+  assert out["miou_euler_1"] == result["miou_euler_1"]
+  assert "diversity" not in out  # only what config.eval.metrics names runs
+  with pytest.raises(ValueError, match="no metric evaluator 'brightnes'.*miou"):
+    config.eval.metrics = ("brightnes",)
+    evaluate.Evaluator(config, model, Programs(model), builder, mesh)
 
 
 def _free_port():
@@ -281,19 +346,31 @@ def test_fid_and_lpips_are_those_of_the_networks_on_the_synthesised_images(eval_
 
   # The same quantities from the networks' own host path, on the images evaluation makes.
   real = pipeline.load_arrays(builder, "validation", 4)
-  keys_a, keys_b = evaluate._example_keys(evaluator.base_key, np.arange(4, dtype=np.int32))
+  keys_a, keys_b = evaluate.example_keys(evaluator.base_key, np.arange(4, dtype=np.int32))
   synth = jax.jit(model.synthesize, static_argnums=(3,))
-  a = np.asarray(evaluate._to_uint8(synth(params, real["label"], keys_a, 1)))
-  b = np.asarray(evaluate._to_uint8(synth(params, real["label"], keys_b, 1)))
-  extractor, distances = evaluator.inception, evaluator.lpips
-  reference = metrics.mean_and_covariance(extractor(real["image"]))
-  expected_fid = metrics.frechet_distance(*metrics.mean_and_covariance(extractor(a)), *reference)
+  a_float = np.asarray(synth(params, real["label"], keys_a, 1))
+  b_float = np.asarray(synth(params, real["label"], keys_b, 1))
+  a, b = anchors.from_unit_range(a_float), anchors.from_unit_range(b_float)
+  by_name = {m.__module__.rsplit(".", 1)[-1]: m for m in evaluator.metrics}
+  extractor, distances = by_name["fid"].features, by_name["lpips"].distances
+
+  def mean_and_covariance(x):
+    return np.mean(x, 0, dtype=np.float64), np.cov(x.astype(np.float64), rowvar=False)
+  reference = mean_and_covariance(extractor(real["image"]))
+  expected_fid = metrics.frechet_distance(*mean_and_covariance(extractor(a)), *reference)
   assert result["fid"] == pytest.approx(expected_fid, rel=1e-4)
   assert result["lpips_diversity"] == pytest.approx(float(np.mean(distances.between(a, b))),
                                                     rel=1e-4)
   assert result["lpips_to_real"] == pytest.approx(
       float(np.mean(distances.between(a, real["image"]))), rel=1e-4)
   assert result["lpips_to_real"] > result["lpips_diversity"] > 0
+  # The issue #23 figures from the same syntheses (float, before quantisation) and real images.
+  assert result["hf_energy_synth"] == pytest.approx(
+      float(np.mean(metrics.high_frequency_energy(a_float))), rel=1e-5)
+  assert result["hf_energy_real"] == pytest.approx(float(np.mean(metrics.high_frequency_energy(
+      anchors.to_unit_range(real["image"])))), rel=1e-6)
+  assert result["diversity_down4"] == pytest.approx(float(np.mean(
+      metrics.per_example_downsampled_difference(a_float, b_float))), rel=1e-5)
 
   # The reference statistics were cached; a new run's evaluator reads them instead.
   cached = os.path.join(workdir, "eval", "fid_reference.npz")

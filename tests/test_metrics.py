@@ -4,6 +4,7 @@ import os
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.ndimage
 import scipy.stats
 from PIL import Image
 
@@ -31,11 +32,19 @@ def test_classes_absent_from_truth_and_prediction_are_none_and_left_out():
   assert empty["miou"] is None and empty["per_class_iou"] == [None] * 3
 
 
+def _miou(preds, labels, num_classes):
+  """mIoU of prediction / label maps of any sizes through the public functions: one confusion
+  matrix summed over the images."""
+  confusion = sum(metrics.confusion_matrix(np.asarray(l)[None], np.asarray(p)[None], num_classes)
+                  for p, l in zip(preds, labels, strict=True))
+  return metrics.iou_from_confusion(confusion)
+
+
 def test_out_of_range_values_are_refused():
   with pytest.raises(ValueError, match=r"prediction values \[7\] are outside 0..4"):
-    metrics.mean_iou(np.array([[1, 7]]), np.array([[1, 2]]), 5)
+    metrics.confusion_matrix(np.array([[1, 2]]), np.array([[1, 7]]), 5)
   with pytest.raises(ValueError, match=r"label values \[9\]"):
-    metrics.mean_iou(np.array([[1, 2]]), np.array([[9, 2]]), 5)
+    metrics.confusion_matrix(np.array([[9, 2]]), np.array([[1, 2]]), 5)
 
 
 def _reference_miou(preds, labels, num_classes, ignore=255):
@@ -53,7 +62,7 @@ def _reference_miou(preds, labels, num_classes, ignore=255):
   return sum(ious.values()) / len(ious), ious
 
 
-def test_mean_iou_matches_an_independent_reference_on_images_of_different_sizes():
+def test_miou_matches_an_independent_reference_on_images_of_different_sizes():
   rng = np.random.default_rng(0)
   num_classes = 12
   labels, preds = [], []
@@ -63,7 +72,7 @@ def test_mean_iou_matches_an_independent_reference_on_images_of_different_sizes(
     pred = np.where(rng.random((h, w)) < 0.6, label % num_classes, rng.integers(0, 11, (h, w)))
     labels.append(label.astype(np.uint8))
     preds.append(pred.astype(np.int32))
-  result = metrics.mean_iou(preds, labels, num_classes)
+  result = _miou(preds, labels, num_classes)
   expected, per_class = _reference_miou(preds, labels, num_classes)
   assert abs(result["miou"] - expected) < 1e-12
   for c in range(num_classes):
@@ -71,9 +80,11 @@ def test_mean_iou_matches_an_independent_reference_on_images_of_different_sizes(
       assert abs(result["per_class_iou"][c] - per_class[c]) < 1e-12
     else:
       assert result["per_class_iou"][c] is None
-  # One array of a stack gives the same as the list of its images.
-  same = metrics.mean_iou(np.stack(preds[:1] * 2), np.stack(labels[:1] * 2), num_classes)
-  assert same["miou"] == metrics.mean_iou(preds[:1], labels[:1], num_classes)["miou"]
+  # One call on a stack gives the same as the sum over its images.
+  stacked = metrics.confusion_matrix(np.stack(labels[:1] * 2), np.stack(preds[:1] * 2),
+                                     num_classes)
+  assert metrics.iou_from_confusion(stacked)["miou"] == _miou(preds[:1], labels[:1],
+                                                              num_classes)["miou"]
 
 
 def test_nearest_resize_uses_pixel_centres_exactly():
@@ -151,7 +162,7 @@ def test_miou_equals_cityscapes_official_pixel_level_evaluation_at_native_size(t
   args = cs_eval.args
   args.evalInstLevelScore, args.JSONOutput, args.quiet = False, False, True
   official = cs_eval.evaluateImgLists(pred_files, gt_files, args)
-  ours = metrics.mean_iou(preds_native, truths, 19)
+  ours = _miou(preds_native, truths, 19)
   assert abs(ours["miou"] - official["averageScoreClasses"]) < 1e-9
   names = [next(l.name for l in cs_labels.labels if l.trainId == t) for t in range(19)]
   for t, name in enumerate(names):
@@ -189,11 +200,52 @@ def test_frechet_distance_matches_scipy_sqrtm_in_float64():
     metrics.frechet_distance(mu1, sigma1, mu2[:10], sigma2)
 
 
-def test_mean_abs_difference_respects_the_mask():
+def test_per_example_mean_abs_difference_and_empty_batches():
   a = np.zeros((2, 4, 4, 3))
   b = np.stack([np.full((4, 4, 3), 0.5), np.full((4, 4, 3), 2.0)])
-  assert metrics.mean_abs_difference(a, b) == 1.25
-  assert metrics.mean_abs_difference(a, b, mask=np.array([1, 0])) == 0.5
+  np.testing.assert_array_equal(metrics.per_example_mean_abs_difference(a, b), [0.5, 2.0])
+  # A process whose batch is all padding scores no example.
+  assert metrics.per_example_mean_abs_difference(a[:0], b[:0]).shape == (0,)
+  assert metrics.high_frequency_energy(a[:0]).shape == (0,)
+
+
+def test_high_frequency_energy_against_scipy_uniform_filter():
+  rng = np.random.default_rng(6)
+  x = np.tanh(rng.normal(size=(3, 9, 14, 3)))  # odd sizes: every edge case of the padding
+  # scipy's 3x3 mean filter, edges replicated ('nearest'), per image and channel.
+  box = scipy.ndimage.uniform_filter(x, size=(1, 3, 3, 1), mode="nearest")
+  expected = ((x - box) ** 2).mean((1, 2, 3))
+  np.testing.assert_allclose(metrics.high_frequency_energy(x), expected, rtol=1e-12)
+  flat = np.full((1, 5, 5, 3), 0.3)  # no detail, no energy; a checkerboard, a lot
+  assert metrics.high_frequency_energy(flat)[0] < 1e-30
+  checker = np.where((np.arange(6)[:, None] + np.arange(6)) % 2, 1.0, -1.0)
+  assert metrics.high_frequency_energy(np.repeat(checker[None, ..., None], 3, -1))[0] > 0.5
+
+
+def test_downsampled_difference_against_torch_average_pooling():
+  import torch
+  rng = np.random.default_rng(7)
+  a, b = rng.uniform(-1, 1, size=(2, 4, 18, 13, 3))  # 18x13: the last rows/columns left out
+  pool = lambda x: torch.nn.functional.avg_pool2d(
+      torch.from_numpy(x).permute(0, 3, 1, 2), kernel_size=4).permute(0, 2, 3, 1).numpy()
+  expected = np.abs(pool(a) - pool(b)).mean((1, 2, 3))
+  np.testing.assert_allclose(metrics.per_example_downsampled_difference(a, b), expected,
+                             rtol=1e-12)
+  # Pixel noise averages out: it raises the plain difference far more than the pooled one.
+  noise = rng.uniform(-0.5, 0.5, size=a.shape)
+  plain = metrics.per_example_mean_abs_difference(a, a + noise).mean()
+  assert metrics.per_example_downsampled_difference(a, a + noise).mean() < plain / 3
+  with pytest.raises(ValueError, match="no whole 4x4 block"):
+    metrics.per_example_downsampled_difference(a[:, :3], b[:, :3])
+
+
+def test_plain_results_are_strict_json():
+  import json
+  result = metrics.plain({"a": np.float32(0.5), "b": np.nan, "c": [np.int64(3), float("inf")],
+                          "d": (np.bool_(True), None), "e": {"f": np.float64(-np.inf)}})
+  assert result == {"a": 0.5, "b": None, "c": [3, None], "d": [True, None], "e": {"f": None}}
+  assert type(result["a"]) is float and type(result["c"][0]) is int
+  json.dumps(result, allow_nan=False)
 
 
 def test_colour_classifier_separates_separable_colours_and_uses_priors():

@@ -278,20 +278,12 @@ def features(params, images: jax.Array, module: InceptionV3 = InceptionV3()) -> 
   return module.apply({"params": params}, fid_input(images, module.precision))
 
 
-def statistics(activations) -> Tuple[np.ndarray, np.ndarray]:
-  """(mu, sigma) of (N, D) activations in float64, as pytorch-fid: mean and np.cov (N - 1)."""
-  activations = np.asarray(activations, np.float64)
-  if activations.ndim != 2 or len(activations) < 2:
-    raise ValueError(f"FID statistics need (N >= 2, D) activations, got shape {activations.shape}")
-  return activations.mean(axis=0), np.cov(activations, rowvar=False)
-
-
 class RunningStatistics:
   """(mu, sigma) of activations seen in batches, in float64, without keeping them all.
 
   Keeps the count, the sum and the sum of outer products, so partial statistics (e.g. one per
-  process) add up: `merge` them, or sum `count`, `sum` and `outer` yourself. Equals
-  `statistics` of all the batches concatenated to float64 rounding (pool3 features are O(1)
+  process) add up: sum `count`, `sum` and `outer` (evaluators/fid.py). Equals pytorch-fid's
+  mean and np.cov of all the batches concatenated, to float64 rounding (pool3 features are O(1)
   with O(1) spread, so E[xx^T] - mu mu^T loses nothing that float32 features had).
   """
 
@@ -306,11 +298,6 @@ class RunningStatistics:
     self.count += len(a)
     self.sum += a.sum(axis=0)
     self.outer += a.T @ a
-
-  def merge(self, other: "RunningStatistics") -> None:
-    self.count += other.count
-    self.sum += other.sum
-    self.outer += other.outer
 
   def result(self) -> Tuple[np.ndarray, np.ndarray]:
     if self.count < 2:

@@ -330,6 +330,7 @@ class Transformer2D(nn.Module):
 
 
 def upsample_nearest(x):
+  """(B, H, W, C) -> (B, 2H, 2W, C), each pixel repeated 2x2."""
   return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 

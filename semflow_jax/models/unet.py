@@ -2,21 +2,13 @@
 GroupNorm, self-attention at low resolution. NHWC in, NHWC out. Sizes come from config.
 """
 
-import math
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from semflow_jax.models.normalization import GroupNorm
-
-
-def timestep_embedding(timesteps, dim: int, max_period: float = 10000.0):
-  """Sinusoidal embedding of (B,) timesteps in [0, 1000] -> (B, dim), cos first."""
-  half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-  args = timesteps.astype(jnp.float32)[:, None] * freqs[None]
-  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+from semflow_jax.models.sd_layers import timestep_embedding, upsample_nearest
 
 
 class ResBlock(nn.Module):
@@ -83,7 +75,8 @@ class UNet(nn.Module):
       raise ValueError(f"input {height}x{width} is not divisible by patch_size {p}")
     x = _space_to_depth(x.astype(dt), p)
     temb_dim = 4 * self.base_channels
-    temb = timestep_embedding(timesteps, self.base_channels)
+    # Sinusoids of (B,) timesteps on the 0..1000 scale, cos first.
+    temb = timestep_embedding(timesteps, self.base_channels, flip_sin_to_cos=True, freq_shift=0)
     temb = nn.Dense(temb_dim, dtype=dt, name="time_mlp_0")(temb)
     temb = nn.Dense(temb_dim, dtype=dt, name="time_mlp_1")(nn.swish(temb))
 
@@ -114,9 +107,8 @@ class UNet(nn.Module):
         if h.shape[1] in self.attention_resolutions:
           h = SelfAttention(self.num_heads, self.groups, dt, name=f"up_{level}_attn_{i}")(h)
       if level > 0:
-        b, hh, ww, c = h.shape
-        h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest upsample
-        h = nn.Conv(c, (3, 3), dtype=dt, name=f"up_{level}_upsample")(h)
+        h = nn.Conv(h.shape[-1], (3, 3), dtype=dt, name=f"up_{level}_upsample")(
+            upsample_nearest(h))
 
     h = GroupNorm(self.groups, dtype=dt, name="norm_out")(h, silu=True)
     h = nn.Conv(self.out_channels * p * p, (3, 3), dtype=dt, name="conv_out",
