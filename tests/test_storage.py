@@ -31,6 +31,34 @@ def test_writes_are_atomic_and_leave_no_temporaries(tmp_path):
   assert os.listdir(target.parent) == ["m.json"]
 
 
+def test_a_failure_between_the_temporary_write_and_the_rename_keeps_the_old_file(
+    tmp_path, monkeypatch):
+  """The temporary is complete when the rename fails (a full disk, a kill): the target keeps its
+  old content, no reader sees the new bytes half-written, and the temporary is cleaned up."""
+  target = tmp_path / "m.json"
+  storage.write_json(target, {"old": True})
+  path_class = type(storage.as_path(target))  # epath's concrete class for local paths
+  written = []
+  real_write = path_class.write_bytes
+
+  def write_then_record(self, data):
+    written.append((str(self), real_write(self, data)))
+
+  def failing_replace(self, destination):
+    assert os.path.exists(self) and str(self) != str(destination)  # the new bytes are on disk
+    raise OSError("injected: rename failed")
+
+  monkeypatch.setattr(path_class, "write_bytes", write_then_record)
+  monkeypatch.setattr(path_class, "replace", failing_replace)
+  with pytest.raises(OSError, match="injected"):
+    storage.write_json(target, {"new": True})
+  (temporary, _), = written
+  assert os.path.basename(temporary).startswith(".m.json.tmp-")  # written beside, not in place
+  monkeypatch.undo()
+  assert storage.read_json(target) == {"old": True}
+  assert os.listdir(tmp_path) == ["m.json"]
+
+
 def test_staged_directory_moves_into_place(tmp_path):
   final = tmp_path / "out"
   staging = storage.staging_dir(final)
