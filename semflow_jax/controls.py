@@ -138,7 +138,9 @@ def resample(model: SemFlow, params, labels, region, rng, new_rng, *, steps: int
              method: str = "euler", blend: bool = False):
   """Re-sample the pixels in `region` (bool (B, H, W)) of `model.synthesize(params, labels, rng)`:
   perturbation noise from `new_rng` inside the region, from `rng` (the original sample's)
-  everywhere else. An empty region gives the original sample exactly. With `blend`, the
+  everywhere else. An empty region gives the original sample (bit for bit with per-pixel
+  noise; with coarse grids to float rounding, as XLA may fuse their resize differently in the
+  two programs). With `blend`, the
   latents outside the region also follow the original sample's trajectory at every step, so
   the image changes only where the region's latent cells reach."""
   original = model.perturbation_noise(rng, labels)

@@ -284,17 +284,20 @@ def format_report(report: dict) -> str:
   return "\n".join(lines)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with :arg.",
-                                          lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None,
-                                "v5e-16, v4-32, v5p-8, v6e-8, v5e-16x2 (two slices), ... or cpu-N.")
-_PROGRAMS = flags.DEFINE_list("programs", list(PROGRAMS), "Which programs to compile.")
-_INFER_BATCH = flags.DEFINE_integer("infer_batch", 0, "Global batch of segment/synthesize "
-                                    "(0: eval.batch_size rounded up to the chips; 1: one file).")
-_HEADROOM = flags.DEFINE_float("headroom", 0.1, "Fraction of HBM kept free for the runtime.")
-_HBM_GIB = flags.DEFINE_float("hbm_gib", 0.0, "Override the memory per device (GiB).")
-_JSON = flags.DEFINE_string("json", None, "Also write the report as JSON to this file.")
-flags.mark_flags_as_required(["config", "topology"])
+def _define_flags():
+  """Defined only when run as a program (tests and benchmarks import plan's functions, and
+  importing it beside semflow_jax.main must not define --config twice)."""
+  config_flags.DEFINE_config_file("config", None, "Config file, optionally with :arg.",
+                                  lock_config=True)
+  flags.DEFINE_string("topology", None,
+                      "v5e-16, v4-32, v5p-8, v6e-8, v5e-16x2 (two slices), ... or cpu-N.")
+  flags.DEFINE_list("programs", list(PROGRAMS), "Which programs to compile.")
+  flags.DEFINE_integer("infer_batch", 0, "Global batch of segment/synthesize "
+                       "(0: eval.batch_size rounded up to the chips; 1: one file).")
+  flags.DEFINE_float("headroom", 0.1, "Fraction of HBM kept free for the runtime.")
+  flags.DEFINE_float("hbm_gib", 0.0, "Override the memory per device (GiB).")
+  flags.DEFINE_string("json", None, "Also write the report as JSON to this file.")
+  flags.mark_flags_as_required(["config", "topology"])
 
 
 def _configure_process(topology: str) -> None:
@@ -334,29 +337,31 @@ def _one_per_process(programs) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  _configure_process(_TOPOLOGY.value)
-  programs = tuple(_PROGRAMS.value)
+  f = flags.FLAGS
+  _configure_process(f.topology)
+  programs = tuple(f.programs)
   try:
     unknown = set(programs) - set(PROGRAMS)
     if unknown:
       raise ValueError(f"--programs: unknown {sorted(unknown)}; expected some of {PROGRAMS}")
-    if not re.fullmatch(r"cpu-(\d+)", _TOPOLOGY.value):
-      tpu_slice(_TOPOLOGY.value)  # a bad name is one line here, not one per child
+    if not re.fullmatch(r"cpu-(\d+)", f.topology):
+      tpu_slice(f.topology)  # a bad name is one line here, not one per child
     if len(programs) > 1:
       report = _one_per_process(programs)
     else:
-      topology = get_topology(_TOPOLOGY.value, _HBM_GIB.value)
-      report = plan(_CONFIG.value, topology, programs, _INFER_BATCH.value, _HEADROOM.value)
+      topology = get_topology(f.topology, f.hbm_gib)
+      report = plan(f.config, topology, programs, f.infer_batch, f.headroom)
       for result in report["programs"].values():
         result.update(_process_cost())
   except (ValueError, RuntimeError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(format_report(report))
-  if _JSON.value:
+  if f.json:
     from semflow_jax import storage
-    storage.write_json(_JSON.value, report)
+    storage.write_json(f.json, report)
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -301,7 +301,7 @@ def test_native_resolution_miou_equals_cityscapesscripts(cityscapes_native, tmp_
 def eval_nets(tmp_path_factory):
   """Random-weight FID Inception and LPIPS, saved where config.eval.*_weights point (their
   agreement with the published networks is tests/test_eval_nets.py's concern)."""
-  import orbax.checkpoint as ocp
+  from semflow_jax import checkpoint
   from semflow_jax.models import inception, lpips
   root = tmp_path_factory.mktemp("eval_nets")
   rng = np.random.default_rng(0)
@@ -316,10 +316,8 @@ def eval_nets(tmp_path_factory):
     return np.full(leaf.shape, fill, np.float32)
   nets = {"inception": jax.tree_util.tree_map_with_path(random, inception.abstract_params()),
           "lpips": jax.tree_util.tree_map_with_path(random, lpips.abstract_params())}
-  with ocp.StandardCheckpointer() as checkpointer:
-    for name, params in nets.items():
-      checkpointer.save(str(root / name / "params"), params)
-      checkpointer.wait_until_finished()
+  for name, params in nets.items():  # as the converter writes them (a version and its marker)
+    checkpoint.save_converted(str(root / name), params, {}, {"network": name})
   return str(root)
 
 

@@ -67,6 +67,10 @@ def _close(a, b, rtol=2e-5, atol=1e-7):
     np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
 
 
+def _host_copy(tree):
+  return jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get(tree))
+
+
 def _same_update(a, b, lr, steps):
   """Parameters after Adam steps: Adam divides each gradient by its own size, so where a
   gradient is near zero the last-bit differences of another reduction order become a visible
@@ -91,7 +95,8 @@ def test_lean_step_matches_the_step_before_it_and_keeps_an_ema_of_the_unet_only(
   assert len(jax.tree.leaves(state.opt_state)) == 2 * unet_leaves + 2  # mu, nu, two counts
   assert any("fsdp" in x.sharding.spec for x in jax.tree.leaves(state.params))
 
-  full = jax.device_get(state.model_params(ema=False))
+  # Host copies: on CPU device_get may share the buffers that the step donates and reuses.
+  full = _host_copy(state.model_params(ema=False))
   tx_before, step_before = _step_before(SemFlow.from_config(config), config)
   before = _StateBefore(jnp.zeros((), jnp.int32), full, tx_before.init(full), full,
                         jax.device_get(state.rng))  # the lean step donates its state
@@ -99,20 +104,20 @@ def test_lean_step_matches_the_step_before_it_and_keeps_an_ema_of_the_unet_only(
   train_step, _ = step_lib.compile_train_step(model, tx, config, mesh,
                                               state_lib.abstract(model, tx, config, mesh),
                                               step_lib.train_batch_spec(model, config))
-  emas = [jax.device_get(state.ema_params)]
-  params = [jax.device_get(state.params)]
+  emas = [_host_copy(state.ema_params)]
+  params = [_host_copy(state.params)]
   for seed in range(2):
     batch = _batch(config, seed)
     state, metrics = train_step(state, parallel.to_global(batch, mesh))
     before, (loss, grad_norm) = step_before(before, batch)
     np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
     np.testing.assert_allclose(metrics["grad_norm"], grad_norm, rtol=1e-4)
-    emas.append(jax.device_get(state.ema_params))
-    params.append(jax.device_get(state.params))
+    emas.append(_host_copy(state.ema_params))
+    params.append(_host_copy(state.params))
   assert not np.allclose(params[0]["unet"]["conv_in"]["kernel"],
                          params[2]["unet"]["conv_in"]["kernel"])  # the UNet really moved
   _same_update(state.params["unet"], before.params["unet"], config.train.learning_rate, 2)
-  _close(state.frozen, full)  # untouched, bit for bit up to the copy
+  _close(state.frozen, {k: full[k] for k in FROZEN}, rtol=0, atol=0)  # untouched, bit for bit
   for key in FROZEN:
     _close(before.params[key], full[key], rtol=0, atol=0)
 
@@ -133,7 +138,7 @@ def test_gradient_accumulation_equals_the_micro_batches_with_the_same_times_and_
   mesh = parallel.make_mesh(config, jax.devices()[:1])
   model, tx = SemFlow.from_config(config, mesh), state_lib.make_optimizer(config)
   state = state_lib.create(model, tx, config, mesh)
-  initial = jax.device_get(state)
+  initial = _host_copy(state)  # the step donates `state`
   train_step, _ = step_lib.compile_train_step(model, tx, config, mesh,
                                               state_lib.abstract(model, tx, config, mesh),
                                               step_lib.train_batch_spec(model, config))
