@@ -22,7 +22,7 @@ batch costs B reads, whatever the split's size.
 The work runs in one tf.data graph: computing indices, reading records (batched, through
 `tfds`' ArrayRecord data source), then, on tf.data's thread pool (C++ threads, no extra
 processes), parsing, decoding, cropping, resizing and flipping each example, then batching with
-a prefetch that autotunes its depth. Images are resized bicubic with antialiasing, labels
+a fixed prefetch (PREFETCH_BATCHES), so what a process reads ahead is bounded. Images are resized bicubic with antialiasing, labels
 nearest (`resize_image` / `resize_label` are the same operations on numpy arrays, for callers
 outside the pipeline).
 
@@ -405,7 +405,9 @@ def _train_dataset(builder, feed: _Feed, batch_size: int, seed: int, flip: bool,
 
   ds = tf.data.Dataset.range(np.iinfo(np.int64).max).map(feed.dequeue)  # in order
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)  # ordered: deterministic
-  return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  # A fixed read-ahead, not AUTOTUNE's: on a loaded host autotuning grew it to tens of batches,
+  # host memory and reads that a pod's hosts cannot plan for.
+  return ds.batch(batch_size, drop_remainder=True).prefetch(PREFETCH_BATCHES)
 
 
 class TrainIterator:
@@ -489,6 +491,10 @@ class TrainIterator:
 NATIVE_LABEL_KEY = "label_native"  # evaluation: the label at its stored size, padded with 255
 NATIVE_SIZE_KEY = "label_size"     # evaluation: that label's (height, width)
 _EVAL_READ = 16                    # records per read in evaluation
+# Training batches prepared ahead of the one the step takes; with the feed's queue (2 batches)
+# and the records in the parallel map (at most one per core) this bounds what a process reads
+# beyond what it has consumed.
+PREFETCH_BATCHES = 4
 
 
 def _eval_feed(source, start: int, stop: int) -> _Feed:
