@@ -626,14 +626,18 @@ def _finish(what: str, written: int, skipped: int, failures: list, output_dir: s
   return {"written": written, "skipped": skipped, "output": output_dir}
 
 
-def _split_builder(config, split: str):
-  """The config's dataset (built when needed) and its split, checked."""
+def _split_source(config, workdir, ensemble, input_spec, split: str, predictor):
+  """(builder, predictor, number of examples) for --split: the config's dataset (built when
+  needed) and its split, checked, and the model (loaded unless given)."""
   from semflow_jax.data import pipeline
+  if input_spec:
+    raise InputError(f"--input={input_spec} and --split={split}: give one of them")
   builder = pipeline.get_builder(config.data)
   if split not in builder.info.splits:
     raise InputError(f"--split={split}: {config.data.name} has the splits "
                      f"{', '.join(sorted(builder.info.splits))}")
-  return builder
+  predictor = predictor or Predictor.load(config, workdir, ensemble)
+  return builder, predictor, builder.info.splits[split].num_examples
 
 
 def _split_batches(predictor: Predictor, builder, split: str, keys, outputs_of: Callable,
@@ -712,11 +716,8 @@ def segment_many(config: ml_collections.ConfigDict, workdir: str, input_spec: Op
 
   existing = _Existing(output_dir)
   if split:
-    if input_spec:
-      raise InputError(f"--input={input_spec} and --split={split}: give one of them")
-    builder = _split_builder(config, split)
-    predictor = predictor or Predictor.load(config, workdir, ensemble)
-    total = builder.info.splits[split].num_examples
+    builder, predictor, total = _split_source(config, workdir, ensemble, input_spec, split,
+                                              predictor)
     progress = _Progress(f"segment {split}", "images", total, 0)
     with concurrent.futures.ThreadPoolExecutor(_workers()) as pool:
       batches = _split_batches(predictor, builder, split, ("image",), outputs_of, existing)
@@ -768,11 +769,8 @@ def synthesize_many(config: ml_collections.ConfigDict, workdir: str, input_spec:
 
   existing = _Existing(output_dir)
   if split:
-    if input_spec:
-      raise InputError(f"--input={input_spec} and --split={split}: give one of them")
-    builder = _split_builder(config, split)
-    predictor = predictor or Predictor.load(config, workdir, ensemble)
-    total = builder.info.splits[split].num_examples
+    builder, predictor, total = _split_source(config, workdir, ensemble, input_spec, split,
+                                              predictor)
     progress = _Progress(f"synthesize {split}", "images", total * num_samples, 0)
     written = 0
     with concurrent.futures.ThreadPoolExecutor(_workers()) as pool:
