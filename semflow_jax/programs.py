@@ -128,6 +128,11 @@ class Programs:
     """(params, labels, bool region, rng, new_rng) -> images in [-1, 1], re-sampled in region."""
     return self.get("resample", steps=int(steps), method=method, blend=bool(blend))
 
+  def compiled(self) -> dict[str, int]:
+    """{program label: executables compiled so far} for every program asked for (a progress and
+    start-up log line: which programs a run has paid to compile)."""
+    return {program.name: program.num_executables for program in self._cache.values()}
+
   @functools.cached_property
   def to_uint8(self) -> Program:
     """Images in [-1, 1] -> uint8, on the device (as a saved image would be quantised)."""
