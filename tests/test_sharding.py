@@ -2,6 +2,8 @@
 parallel and FSDP meshes; FSDP really splits the large tensors; gradient accumulation works;
 meshes put slices along the data axis; FSDP names the tensors it cannot split."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -149,6 +151,39 @@ def test_mesh_shape_per_slice_and_across_slices(tiny_config):
   mesh.data, mesh.fsdp, mesh.dcn_data = -1, -1, -1
   with pytest.raises(ValueError, match="at most one of data, fsdp may be -1"):
     parallel.mesh_shape(tiny_config, 8)
+
+
+def test_mesh_of_two_slices_crosses_them_on_the_data_axis_only(tiny_config):
+  """What launch/tpu.sh --slices=2 gives the run: devices carrying slice_index 0 and 1 (stand-ins,
+  two processes per slice). With config.mesh.dcn_data unset or -1 (the default) the mesh takes
+  every slice, as the planner's v5e-16x2 assumes: each row of the `data` axis lies in one slice
+  (FSDP stays on a slice's interconnect) and the slices follow each other along `data`."""
+  @dataclasses.dataclass(frozen=True)
+  class Device:  # not a tuple: numpy would make its fields an axis
+    id: int
+    slice_index: int
+    process_index: int
+    platform: str = "cpu"
+    device_kind: str = "cpu"
+
+  devices = [Device(i, slice_index=i // 8, process_index=i // 4) for i in range(16)]
+  mesh_config = tiny_config.mesh
+  assert mesh_config.dcn_data == -1
+  for data, fsdp, shape in ((1, -1, {"data": 2, "fsdp": 8}), (-1, 4, {"data": 4, "fsdp": 4})):
+    mesh_config.data, mesh_config.fsdp = data, fsdp
+    for unset in (False, True):
+      config = tiny_config.copy_and_resolve_references()
+      if unset:
+        del config.mesh["dcn_data"]
+      mesh = parallel.make_mesh(config, devices)
+      assert dict(mesh.shape) == shape
+      slice_of = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+      assert (slice_of == slice_of[:, :1]).all()             # a row (an FSDP group): one slice
+      rows = shape["data"] // 2
+      assert list(slice_of[:, 0]) == [0] * rows + [1] * rows  # slice 0's rows, then slice 1's
+      assert sorted(d.id for d in mesh.devices.flat) == list(range(16))
+  mesh_config.data, mesh_config.fsdp, mesh_config.dcn_data = 1, -1, 2
+  assert dict(parallel.make_mesh(tiny_config, devices).shape) == {"data": 2, "fsdp": 8}
 
 
 def test_cpu_mesh_keeps_the_process_order(tiny_config):
