@@ -3,6 +3,7 @@ and SLURM's environment reaching jax.distributed through the real entry point.""
 
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -322,6 +323,141 @@ def test_watch_recreates_and_resumes_until_the_run_completes(tmp_path):
   missing = subprocess.run(["bash", TPU, "watch", *BASE, "--", "--workdir=/local/run"],
                            capture_output=True, text=True, timeout=60)
   assert missing.returncode == 2 and "needs --workdir=gs://" in missing.stderr
+
+
+SLICES = [*BASE, "--slices=2"]
+
+
+def _nodes(commands):
+  """The TPU VM each gcloud compute tpus tpu-vm command names (scp: its destination's)."""
+  return [c[6].split(":")[0] if c[4] == "scp" else c[5] for c in commands
+          if c[1:4] == ["compute", "tpus", "tpu-vm"]]
+
+
+def test_two_slices_are_one_multislice_queued_resource_and_every_command_acts_on_each(tmp_path):
+  """--slices=2: one queued resource of two slices, the VMs semflow-0 and semflow-1 (gcloud's
+  --node-prefix naming), and setup, build-data, train, logs, stop, watch and delete on both."""
+  for spot in ([], ["--spot"]):
+    queued, wait = _commands(_tpu("create", *SLICES, "--accelerator=v5litepod-16", *spot))
+    assert queued[:6] == ["gcloud", "compute", "tpus", "queued-resources", "create", "semflow"]
+    assert _option(queued, "node-count") == "2" and _option(queued, "node-prefix") == "semflow"
+    assert not any(a.startswith("--node-id") for a in queued)
+    assert _option(queued, "accelerator-type") == "v5litepod-16"
+    assert _option(queued, "runtime-version") == "v2-alpha-tpuv5-lite"
+    assert ("--spot" in queued) == bool(spot)
+    assert wait[:6] == ["gcloud", "compute", "tpus", "queued-resources", "describe", "semflow"]
+  (delete,) = _commands(_tpu("delete", *SLICES))  # the queued resource takes its VMs with it
+  assert delete[:6] == ["gcloud", "compute", "tpus", "queued-resources", "delete", "semflow"]
+  assert "--force" in delete
+
+  setup = _commands(_tpu("setup", *SLICES))
+  assert [c[4] for c in setup] == ["scp", "ssh", "scp", "ssh"]
+  assert _nodes(setup) == ["semflow-0", "semflow-0", "semflow-1", "semflow-1"]
+  assert "semflow-1:semflow_jax.tar.gz" in setup[2]
+  assert all(_option(c, "worker") == "all" for c in setup)
+
+  train = _commands(_tpu("train", *SLICES, "--", *TRICKY))
+  assert _nodes(train) == ["semflow-0", "semflow-1"]
+  assert all(_option(c, "worker") == "all" for c in train)
+  for i, c in enumerate(train):
+    script = _option(c, "command")
+    assert f'dest="$logs/slice-{i}/worker-$worker/' in script and "setsid nohup" in script
+    # The runtime puts MEGASCALE_* in each VM's tpu-env metadata; nothing here overrides it.
+    assert "MEGASCALE" not in script
+  stop = _commands(_tpu("stop", *SLICES))
+  assert _nodes(stop) == ["semflow-0", "semflow-1"] and "kill -TERM" in _option(stop[1], "command")
+  logs = _commands(_tpu("logs", *SLICES))
+  assert _nodes(logs) == ["semflow-0", "semflow-1"] and _option(logs[1], "worker") == "0"
+  (logs,) = _commands(_tpu("logs", *SLICES, "--slice=1", "--worker=2"))
+  assert _nodes([logs]) == ["semflow-1"] and _option(logs, "worker") == "2"
+
+  watch = _commands(_tpu("watch", *SLICES, "--spot", "--accelerator=v5litepod-16", "--", *TRICKY))
+  kinds = [" ".join(c[3:5]) if c[1:3] == ["compute", "tpus"] else " ".join(c[1:3]) for c in watch]
+  assert kinds[:5] == ["tpu-vm describe", "tpu-vm describe", "queued-resources delete",
+                       "queued-resources create", "queued-resources describe"], kinds
+  assert _nodes(watch[:2]) == ["semflow-0", "semflow-1"]
+  assert _option(watch[3], "node-count") == "2"
+  starts = [c for c in watch
+            if c[3:5] == ["tpu-vm", "ssh"] and "setsid nohup" in _option(c, "command")]
+  assert _nodes(starts) == ["semflow-0", "semflow-1"]
+  assert _nodes(watch[-1:]) == ["semflow-0"] and _option(watch[-1], "worker") == "0"  # process 0
+
+  # build-data: the workers of both slices share the shards, numbered slice by slice (as
+  # jax.distributed numbers processes): worker 3 of slice 1 of two 4-host slices is 7 of 8.
+  args = ["--", "cityscapes_semantic", "--manual_dir=/data/city scapes", "--data_dir=gs://b/tfds"]
+  build = _commands(_tpu("build-data", *SLICES, *args))
+  assert _nodes(build) == ["semflow-0", "semflow-1"]
+  bin_dir, home = tmp_path / "bin", tmp_path / "home"
+  for d in (bin_dir, home / "semflow_jax", home / "semflow_jax_venv" / "bin"):
+    d.mkdir(parents=True)
+  _executable(bin_dir / "curl", """#!/usr/bin/env bash
+case "${@: -1}" in
+  */agent-worker-number) echo 3 ;;
+  */worker-network-endpoints) echo 'w-0:u:10.0.0.1,w-1:u:10.0.0.2,w-2:u:10.0.0.3,w-3:u:10.0.0.4' ;;
+  *) exit 22 ;;
+esac
+""")
+  _executable(home / "semflow_jax_venv" / "bin" / "python", f"""#!{sys.executable}
+import json, sys
+json.dump(sys.argv[1:], open("{home}/argv.json", "w"))
+""")
+  env = {**os.environ, "HOME": str(home), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+  for i, expected in ((0, "3"), (1, "7")):
+    subprocess.run(["bash", "-c", _option(build[i], "command")], env=env, check=True, timeout=30)
+    assert json.loads((home / "argv.json").read_text())[-2:] == [
+        "--num_workers=8", f"--worker_index={expected}"]
+  (one,) = _commands(_tpu("build-data", *SLICES, "--worker=0", "--slice=1", *args))
+  assert _nodes([one]) == ["semflow-1"] and _option(one, "worker") == "0"
+
+  # --slices=1 is the default, exactly.
+  for command in ("create --accelerator=v4-32 --spot", "setup", "stop", "logs", "delete"):
+    name, *rest = command.split()
+    strip = lambda out: [re.sub(r"semflow_jax\.\w+\.tar\.gz", "ARCHIVE", l)  # mktemp's name
+                         for l in out.splitlines() if l.startswith("gcloud ")]
+    assert strip(_tpu(name, *BASE, *rest, "--slices=1")) == strip(_tpu(name, *BASE, *rest))
+  for bad, message in (("--slices=0", "--slices must be a positive number"),
+                       ("--slices=two", "--slices must be a positive number"),
+                       ("--slice=2", "--slice=2, but there are 2 slices"),
+                       ("--slice=x", "--slice must be a slice's index")):
+    proc = subprocess.run(["bash", TPU, "logs", *SLICES, bad], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_two_slices_run_at_once_and_a_preempted_slice_recreates_both(tmp_path):
+  """Without --dry_run each slice's commands run at once, their output prefixed with the VM's
+  name; one slice preempted re-creates the multislice queued resource and sets up both."""
+  env = _stand_in_gcloud(tmp_path, {
+      "compute tpus tpu-vm describe semflow-1": [[0, "PREEMPTED\n"]],
+      "compute tpus tpu-vm describe": [[0, "READY\n"]],
+      "compute tpus queued-resources describe": [[0, "ACTIVE\n"]],
+      "compute tpus tpu-vm ssh semflow-1": [[0, "stopped on slice 1\n"]],
+      "compute tpus tpu-vm ssh": [[0, "stopped\n"]]})
+  args = [a for a in SLICES if a != "--dry_run"]
+  proc = subprocess.run(["bash", TPU, "train", *args, "--spot", "--accelerator=v5litepod-16",
+                         "--", *TRICKY], capture_output=True, text=True, timeout=60, env=env)
+  assert proc.returncode == 0, proc.stderr
+  assert "semflow is PREEMPTED (semflow-1); re-creating it" in proc.stderr
+  calls, steps = _calls(tmp_path)
+  assert steps[:5] == ["tpu-vm describe", "tpu-vm describe", "queued-resources delete",
+                       "queued-resources create", "queued-resources describe"], steps
+  assert calls[3][calls[3].index("create") + 1] == "semflow" and "--node-count=2" in calls[3]
+  # setup (scp, ssh) and the start (ssh) on both VMs, each slice's in its own order
+  rest = [(c[3], c[5].split(":")[0] if c[3] == "scp" else c[4]) for c in calls[5:]]
+  for node in ("semflow-0", "semflow-1"):
+    assert [s for s, n in rest if n == node] == ["scp", "ssh", "ssh"], rest
+  assert "setsid nohup" in _option(calls[-1], "command")
+
+  (tmp_path / "gcloud.jsonl").unlink()
+  proc = subprocess.run(["bash", TPU, "stop", *args], capture_output=True, text=True, timeout=60,
+                        env=env)
+  assert proc.returncode == 0, proc.stderr
+  assert sorted(proc.stdout.splitlines()) == ["[semflow-0] stopped",
+                                              "[semflow-1] stopped on slice 1"]
+  env = _stand_in_gcloud(tmp_path, {"compute tpus tpu-vm ssh semflow-1": [[255, "unreachable\n"]]})
+  proc = subprocess.run(["bash", TPU, "stop", *args], capture_output=True, text=True, timeout=60,
+                        env=env)
+  assert proc.returncode != 0 and "[semflow-1] unreachable" in proc.stdout
 
 
 def _port_for_slurm_job():
