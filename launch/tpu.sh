@@ -60,7 +60,8 @@
 # NAME --node-count=N --node-prefix=NAME`, whose slices are the TPU VMs NAME-0 .. NAME-(N-1) (spot
 # with --spot, on demand without). Every command acts on each of them (at once, each line of its
 # output prefixed with the VM's name; one after the other with --dry_run), delete removes the
-# queued resource with its VMs, and a preempted slice re-creates all of them. Logs go to
+# queued resource with its VMs, a preempted slice re-creates all of them, and build-data shares the
+# shards among the workers of every slice (numbered slice by slice). Logs go to
 # <logs>/slice-<S>/worker-<N>/. The TPU runtime gives each VM the variables that join the slices
 # (MEGASCALE_COORDINATOR_ADDRESS, MEGASCALE_NUM_SLICES, MEGASCALE_SLICE_ID, in the VM's tpu-env
 # metadata); libtpu and jax.distributed read them there, so this script sets none (a value set
