@@ -206,6 +206,10 @@ def main(argv):
   from semflow_jax import storage
   config = _CONFIG.value
   _initialize_distributed()
+  # Before the job watcher starts: a peer that fails at once cannot end this process before it
+  # has said who it is and what it sees.
+  logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(),
+               jax.process_count(), jax.devices())
   # From here on every exit goes through the runtime, so the other processes of a job learn
   # why this one stopped instead of waiting for it.
   runtime.start_job()
@@ -226,8 +230,6 @@ def main(argv):
 
   from semflow_jax import checkpoint, sample
   from semflow_jax.data import manual
-  logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(),
-               jax.process_count(), jax.devices())
   try:
     if _ENSEMBLE.value and mode in ("train", "eval"):
       raise sample.InputError(f"--ensemble is for segment, synthesize and edit, not "
