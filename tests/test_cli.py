@@ -160,6 +160,8 @@ BAD_COMMAND_LINES = [  # (module, arguments, what the one error line must name)
     ("main", [_TINY, "--workdir={wd}", "--inptu=photo.png"], ["inptu"]),
     ("main", [_TINY], ["--workdir is required"]),
     ("main", [_TINY, "--workdir={wd}", "segment"], ["unexpected arguments ['segment']"]),
+    ("main", [_TINY, "--workdir={wd}", "--mode=eval"],
+     ["no checkpoint in {wd}/checkpoints", "--mode=train --workdir={wd}"]),
     ("main", [_TINY, "--workdir={wd}", "--mode=segment", "--input={tmp}/photo.pgn",
               "--output={tmp}/mask.png"], ["{tmp}/photo.pgn: no such file"]),
     ("export", ["--workdir={wd}", "--output={tmp}/unet"], ["{wd}/config.json: no such file"]),
@@ -173,9 +175,10 @@ BAD_COMMAND_LINES = [  # (module, arguments, what the one error line must name)
 def test_a_bad_command_line_is_one_error_line_and_leaves_nothing(tmp_path, module, args, named):
   paths = {"wd": str(tmp_path / "run"), "tmp": str(tmp_path)}  # the workdir does not exist
   module = "semflow_jax.studio" if module == "studio" else f"semflow_jax.{module}"
+  env = {**os.environ, "XLA_FLAGS": ""}
+  env.pop("JAX_COMPILATION_CACHE_DIR")  # the default: train and eval cache in the workdir
   proc = subprocess.run([sys.executable, "-m", module, *(a.format(**paths) for a in args)],
-                        cwd=REPO, capture_output=True, text=True, timeout=300,
-                        env={**os.environ, "XLA_FLAGS": ""})
+                        cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = [l for l in proc.stderr.splitlines()
            if l.strip() and not re.match(r"[IW]\d{4} ", l)]  # absl's INFO and WARNING lines
