@@ -192,11 +192,6 @@ def main(argv):
   if problem:
     runtime.fail_job(2, f"error: {problem}")
   mode = _MODE.value
-  if mode == "eval" and not storage.is_dir(storage.join(_WORKDIR.value, "checkpoints")):
-    # Before the compilation cache is put in the workdir: a refused command leaves nothing.
-    runtime.fail_job(2, f"error: no checkpoint in {_WORKDIR.value}/checkpoints; train first "
-                     f"with --mode=train --workdir={_WORKDIR.value}")
-  runtime.enable_compilation_cache(config, _WORKDIR.value if mode in ("train", "eval") else None)
   if mode in ("train", "eval") or _SPLIT.value:
     # TF is only the input pipeline (loaded only by the modes that read a dataset: a few
     # seconds less for segmenting files): keep it off any accelerator JAX should own.
@@ -207,6 +202,12 @@ def main(argv):
   from semflow_jax.data import manual
   logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(),
                jax.process_count(), jax.devices())
+  if mode == "eval" and not storage.is_dir(storage.join(_WORKDIR.value, "checkpoints")):
+    # Before the compilation cache is put in the workdir: a refused command leaves nothing.
+    runtime.fail_job(2, f"error: no checkpoint in {_WORKDIR.value}/checkpoints; train first "
+                     f"with --mode=train --workdir={_WORKDIR.value}")
+  # Before anything compiles (jax.devices() compiles nothing).
+  runtime.enable_compilation_cache(config, _WORKDIR.value if mode in ("train", "eval") else None)
   try:
     if _ENSEMBLE.value and mode in ("train", "eval"):
       raise sample.InputError(f"--ensemble is for segment, synthesize and edit, not "
