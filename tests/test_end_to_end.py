@@ -225,6 +225,8 @@ README_FILE_COMMANDS = [
     "--colour_transfer --output=styled/",
     "--mode=synthesize --input=mask.png --resample_classes=3,5 --output=resampled/",
     "--mode=segment --input=photo.png --output=mask.png --ensemble=runs/synthetic_seed1",
+    "--mode=segment --input=photos/ --output=predictions/",  # "Predict a whole folder"
+    "--mode=synthesize --input=predictions/labels/ --num_samples=2 --output=syntheses/",
 ]
 
 
@@ -244,6 +246,9 @@ def test_the_readmes_file_commands_run_as_written(trained, tmp_path):
   for name in ("photo.png", "reference.png"):
     Image.fromarray(rng.integers(0, 255, (size, size + 4, 3), dtype=np.uint8)).save(
         tmp_path / name)
+  os.makedirs(tmp_path / "photos" / "sub")
+  for name in ("a.png", "sub/b.png"):
+    shutil.copy(tmp_path / "photo.png", tmp_path / "photos" / name)
   os.makedirs(tmp_path / "runs")
   os.symlink(workdir, tmp_path / "runs" / "synthetic")
   shutil.copytree(workdir, tmp_path / "runs" / "synthetic_seed1")
@@ -272,3 +277,9 @@ def test_the_readmes_file_commands_run_as_written(trained, tmp_path):
     assert written == [f"sample_{i}.png" for i in range(count)], (folder, written)
     assert np.asarray(Image.open(tmp_path / folder / written[0])).shape == photo.shape
   assert np.asarray(Image.open(tmp_path / "edited.png")).shape == photo.shape
+  for name in ("a", "sub/b"):  # the folder: the photo's labels under each name, two samples each
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(tmp_path / "predictions" / "labels" / f"{name}.png")), mask)
+    for i in range(2):
+      assert np.asarray(Image.open(tmp_path / "syntheses" / f"{name}_{i}.png")).shape == \
+          photo.shape
