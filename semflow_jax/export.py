@@ -31,7 +31,7 @@ import numpy as np
 from absl import app, flags, logging
 from flax import traverse_util
 
-from semflow_jax import parallel, state, storage
+from semflow_jax import cli, parallel, state, storage
 from semflow_jax.checkpoint import ConversionError
 from semflow_jax.convert import _flax_path
 from semflow_jax.semflow import SemFlow
@@ -275,4 +275,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -25,11 +25,11 @@ metadata server for its peers); elsewhere pass --coordinator_address=HOST:PORT
 
 import logging as py_logging
 import os
-import re
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from semflow_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/synthetic.py",
                                           "Config file, optionally with :argument.",
@@ -171,31 +171,6 @@ class _QuietLibraries(py_logging.Filter):
     return record.levelno >= py_logging.WARNING or not noisy
 
 
-def _parse_flags(argv):
-  """absl's flag parsing, except that a config override naming no key (--config.train.num_stepz)
-  ends in one line with ml_collections' suggestion instead of a traceback."""
-  try:
-    return flags.FLAGS(argv)
-  except (AttributeError, KeyError) as e:
-    text = str(e)
-    hint = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', text)
-    name = hint.group(2) if hint else next(iter(re.findall(r"\w+", text)), "?")
-    for arg in argv[1:]:
-      path = arg.split("=", 1)[0][len("--config."):].split(".")
-      if arg.startswith("--config.") and name in path:
-        key = ".".join(path[:path.index(name) + 1])
-        guess = ".".join(path[:path.index(name)] + [hint.group(1)]) if hint else None
-        print(f"error: {arg}: the config has no key {key}" +
-              (f" (did you mean {guess}?)" if guess else ""), file=sys.stderr)
-        break
-    else:
-      print(f"error: a --config. override names no key of the config: {text}", file=sys.stderr)
-    sys.exit(2)
-  except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -221,7 +196,10 @@ def main(argv):
   if problem:
     runtime.fail_job(2, f"error: {problem}")
   mode = _MODE.value
-  runtime.enable_compilation_cache(config, _WORKDIR.value if mode in ("train", "eval") else None)
+  if mode == "eval" and not storage.is_dir(storage.join(_WORKDIR.value, "checkpoints")):
+    # Before the compilation cache is put in the workdir: a refused command leaves nothing.
+    runtime.fail_job(2, f"error: no checkpoint in {_WORKDIR.value}/checkpoints; train first "
+                     f"with --mode=train --workdir={_WORKDIR.value}")
   if mode in ("train", "eval") or _SPLIT.value:
     # TF is only the input pipeline (loaded only by the modes that read a dataset: a few
     # seconds less for segmenting files): keep it off any accelerator JAX should own.
@@ -230,6 +208,8 @@ def main(argv):
 
   from semflow_jax import checkpoint, sample
   from semflow_jax.data import manual
+  # Before anything compiles.
+  runtime.enable_compilation_cache(config, _WORKDIR.value if mode in ("train", "eval") else None)
   try:
     if _ENSEMBLE.value and mode in ("train", "eval"):
       raise sample.InputError(f"--ensemble is for segment, synthesize and edit, not "
@@ -284,4 +264,4 @@ if __name__ == "__main__":
   # input pipeline does not run: its batches are identical without it).
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -48,7 +48,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from semflow_jax import flops as flops_lib, parallel, programs as programs_lib
+from semflow_jax import cli, flops as flops_lib, parallel, programs as programs_lib
 from semflow_jax import state as state_lib, step as step_lib
 from semflow_jax.models import sd_layers
 from semflow_jax.semflow import SemFlow
@@ -364,4 +364,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -540,14 +540,15 @@ class _Progress:
   def add(self, n: int, force: bool = False):
     self.done += n
     now = time.time()
+    if force and self.done == 0:  # nothing was written: the summary says so
+      return
     if (force and self.logged != self.done) or now - self.last >= PROGRESS_EVERY_S:
       self.last, self.logged = now, self.done
       rate = self.done / max(now - self.start, 1e-9)
-      left = (self.total - self.done) / rate if rate > 0 else float("nan")
-      logging.info("%s: %d of %d %s written%s, %.1f %s/s, about %.0f s left", self.what,
-                   self.done, self.total, self.unit,
-                   f" ({self.skipped} already there)" if self.skipped else "", rate, self.unit,
-                   left)
+      left = (f", about {(self.total - self.done) / rate:.0f} s left" if rate > 0 else "")
+      logging.info("%s: %d of %d %s written%s, %.1f %s/s%s", self.what, self.done, self.total,
+                   self.unit, f" ({self.skipped} already there)" if self.skipped else "", rate,
+                   self.unit, left)
 
 
 def _max_over_processes(n: int) -> int:
@@ -621,6 +622,10 @@ def _finish(what: str, written: int, skipped: int, failures: list, output_dir: s
     more = (f" (and {len(messages) - 1} more inputs that could not be read, each in a warning "
             "above)" if len(messages) > 1 else "")
     raise InputError(f"{messages[0]}{more}; the other outputs are in {output_dir}")
+  if written == 0 and skipped:
+    logging.info("%s: the outputs of all %d inputs already exist in %s; nothing left to do",
+                 what, skipped, output_dir)
+    return {"written": 0, "skipped": skipped, "output": output_dir}
   logging.info("%s: wrote the outputs of %d inputs, skipped %d already there, in %s", what,
                written, skipped, output_dir)
   return {"written": written, "skipped": skipped, "output": output_dir}
@@ -727,9 +732,11 @@ def segment_many(config: ml_collections.ConfigDict, workdir: str, input_spec: Op
   items = list_inputs(input_spec, images.IMAGE_EXTENSIONS)
   mine = items[jax.process_index()::jax.process_count()]
   todo = [it for it in mine if not existing.all_there(outputs_of(it.name))]
+  most = _max_over_processes(len(todo))
+  if most == 0:  # a rerun with nothing left to do (on any process): no model to load
+    return _finish("segment", 0, len(mine), [], output_dir)
   predictor = predictor or Predictor.load(config, workdir, ensemble)
   size = predictor.model.image_size
-  most = _max_over_processes(len(todo))
   batch_rows = predictor.batch_rows(most)
 
   def load(item):
@@ -794,12 +801,14 @@ def synthesize_many(config: ml_collections.ConfigDict, workdir: str, input_spec:
   items = list_inputs(input_spec, (".png",))
   mine = items[jax.process_index()::jax.process_count()]
   todo = [it for it in mine if not existing.all_there(outputs_of(it.name))]
-  predictor = predictor or Predictor.load(config, workdir, ensemble)
-  size = predictor.model.image_size
   rows = [(item, i) for item in todo for i in range(num_samples)]
+  most = _max_over_processes(len(rows))
+  if most == 0:  # a rerun with nothing left to do (on any process): no model to load
+    return _finish("synthesize", 0, len(mine), [], output_dir)
   keys = _name_keys(seed, [item.name for item, _ in rows], [i for _, i in rows]) if rows else []
   rows = [(item, i, key) for (item, i), key in zip(rows, keys)]
-  most = _max_over_processes(len(rows))
+  predictor = predictor or Predictor.load(config, workdir, ensemble)
+  size = predictor.model.image_size
   batch_rows = predictor.batch_rows(most)
 
   @functools.lru_cache(maxsize=None)  # each file read once for all its samples (rows in order)

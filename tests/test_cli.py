@@ -2,6 +2,7 @@
 
 import functools
 import os
+import re
 import subprocess
 import sys
 
@@ -133,3 +134,55 @@ def test_control_cli_errors_are_one_line(tmp_path, args, named):
   error_lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
   assert len(error_lines) == 1 and named.format(**paths) in error_lines[0], proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr and not os.path.exists(out)
+
+
+# -- the command lines a new user gets wrong (issue #28) -----------------------------------------
+_TINY = "--config=configs/synthetic.py:tiny"
+# A missing --input file, an unreadable image, a bad label map, a studio --password_file and a
+# bad --topology are one line too: test_cli_prints_one_error_line_and_exits_2 above,
+# test_studio.py, test_plan.py.
+BAD_COMMAND_LINES = [  # (module, arguments, what the one error line must name)
+    ("main", ["--config=configs/synthetc.py", "--workdir={wd}"],
+     ["--config=configs/synthetc.py: no such config file", "current directory",
+      "repository root", "did you mean configs/synthetic.py?"]),
+    ("studio", ["--config=configs/synthetc.py", "--workdir={wd}"],
+     ["--config=configs/synthetc.py: no such config file", "configs/synthetic.py?"]),
+    ("plan", ["--config=configs/sd15.p:tiny", "--topology=cpu-8"],
+     ["--config=configs/sd15.p:tiny: no such config file", "configs/sd15.py?"]),
+    ("export", ["--config=configs/synthetc.py", "--workdir={wd}", "--output={tmp}/unet"],
+     ["--config=configs/synthetc.py: no such config file", "configs/synthetic.py?"]),
+    ("main", ["--config=configs/synthetic.py:tinyy", "--workdir={wd}"],
+     ["--config=configs/synthetic.py:tinyy", "argument 'tinyy'"]),
+    ("main", [_TINY, "--workdir={wd}", "--mode=trian"], ["--mode=trian", "train|eval"]),
+    ("main", [_TINY, "--config.train.num_stepz=3", "--workdir={wd}"],
+     ["--config.train.num_stepz=3: the config has no key train.num_stepz",
+      "did you mean train.num_steps?"]),
+    ("main", [_TINY, "--config.train.num_steps=abc", "--workdir={wd}"],
+     ["--config.train.num_steps=abc"]),
+    ("main", [_TINY, "--workdir={wd}", "--num_samples=four"], ["--num_samples=four"]),
+    ("main", [_TINY, "--workdir={wd}", "--inptu=photo.png"], ["inptu"]),
+    ("main", [_TINY], ["--workdir is required"]),
+    ("main", [_TINY, "--workdir={wd}", "segment"], ["unexpected arguments ['segment']"]),
+    ("main", [_TINY, "--workdir={wd}", "--mode=eval"],
+     ["no checkpoint in {wd}/checkpoints", "--mode=train --workdir={wd}"]),
+    ("export", ["--workdir={wd}", "--output={tmp}/unet"], ["{wd}/config.json: no such file"]),
+]
+
+
+@pytest.mark.parametrize("module,args,named", BAD_COMMAND_LINES,
+                         ids=[" ".join([m] + a[1:] if a[0] == _TINY else [m] + a)
+                              for m, a, _ in BAD_COMMAND_LINES])
+def test_a_bad_command_line_is_one_error_line_and_leaves_nothing(tmp_path, module, args, named):
+  paths = {"wd": str(tmp_path / "run"), "tmp": str(tmp_path)}  # the workdir does not exist
+  module = "semflow_jax.studio" if module == "studio" else f"semflow_jax.{module}"
+  env = {**os.environ, "XLA_FLAGS": ""}
+  env.pop("JAX_COMPILATION_CACHE_DIR")  # the default: train and eval cache in the workdir
+  proc = subprocess.run([sys.executable, "-m", module, *(a.format(**paths) for a in args)],
+                        cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = [l for l in proc.stderr.splitlines()
+           if l.strip() and not re.match(r"[IW]\d{4} ", l)]  # absl's INFO and WARNING lines
+  assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+  for part in named:
+    assert part.format(**paths) in lines[0], lines[0]
+  assert os.listdir(tmp_path) == []  # a refused command writes nothing (no workdir, no cache)

@@ -213,3 +213,73 @@ def test_two_processes_segment_a_folder_each_its_own_files(trained, tmp_path):
     photo = sample.read_image(str(tmp_path / "photos" / f"p{i}.png"))
     np.testing.assert_array_equal(
         np.asarray(Image.open(tmp_path / "out" / "labels" / f"p{i}.png")), predictor.segment(photo))
+
+
+# The README's file commands ("Segment and synthesise", "Editing photos, ..."), after
+# `python -m semflow_jax.main --config=configs/synthetic.py --workdir=runs/synthetic`.
+README_FILE_COMMANDS = [
+    "--mode=segment --input=photo.png --output=mask.png",
+    "--mode=synthesize --input=mask.png --num_samples=4 --output=samples/",
+    "--mode=edit --input=photo.png --labels=edited_mask.png --output=edited.png",
+    "--mode=synthesize --input=mask.png --style=reference.png --style_strength=0.7 "
+    "--colour_transfer --output=styled/",
+    "--mode=synthesize --input=mask.png --resample_classes=3,5 --output=resampled/",
+    "--mode=segment --input=photo.png --output=mask.png --ensemble=runs/synthetic_seed1",
+    "--mode=segment --input=photos/ --output=predictions/",  # "Predict a whole folder"
+    "--mode=synthesize --input=predictions/labels/ --num_samples=2 --output=syntheses/",
+]
+
+
+def test_the_readmes_file_commands_run_as_written(trained, tmp_path):
+  """Each command as the README writes it, in a folder holding the user's files, shortened only
+  by the tiny config (the trained run's) and its data directory."""
+  import re
+  import shutil
+  config, workdir, _ = trained
+  with open(os.path.join(REPO, "README.md")) as f:
+    readme = re.sub(r"\\\n\s*", "", f.read())  # continuation lines joined
+  head = ("python -m semflow_jax.main --config=configs/synthetic.py --workdir=runs/synthetic ")
+  for args in README_FILE_COMMANDS:
+    assert head + args in readme, args
+  size = config.data.image_size
+  rng = np.random.default_rng(5)
+  for name in ("photo.png", "reference.png"):
+    Image.fromarray(rng.integers(0, 255, (size, size + 4, 3), dtype=np.uint8)).save(
+        tmp_path / name)
+  os.makedirs(tmp_path / "photos" / "sub")
+  for name in ("a.png", "sub/b.png"):
+    shutil.copy(tmp_path / "photo.png", tmp_path / "photos" / name)
+  os.makedirs(tmp_path / "runs")
+  os.symlink(workdir, tmp_path / "runs" / "synthetic")
+  shutil.copytree(workdir, tmp_path / "runs" / "synthetic_seed1")
+  env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": REPO}
+  for i, args in enumerate(README_FILE_COMMANDS):
+    if i == 2:  # the user changes some labels of the segmentation
+      labels = np.asarray(Image.open(tmp_path / "mask.png"))
+      edited = labels.copy()
+      edited[:size // 2] = (labels[:size // 2] + 1) % config.data.num_classes
+      Image.fromarray(edited).save(tmp_path / "edited_mask.png")
+    if i == 5:
+      first = np.asarray(Image.open(tmp_path / "mask.png"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "semflow_jax.main",
+         f"--config={REPO}/configs/synthetic.py:tiny", "--workdir=runs/synthetic",
+         f"--config.data.tfds_data_dir={config.data.tfds_data_dir}", *args.split()],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (args, proc.stderr[-3000:])
+  photo = np.asarray(Image.open(tmp_path / "photo.png"))
+  mask = np.asarray(Image.open(tmp_path / "mask.png"))
+  assert mask.shape == photo.shape[:2] and mask.max() < config.data.num_classes
+  assert (tmp_path / "mask_preview.png").exists()
+  np.testing.assert_array_equal(mask, first)  # a run and its copy: the run's velocity exactly
+  for folder, count in (("samples", 4), ("styled", 4), ("resampled", 4)):
+    written = sorted(os.listdir(tmp_path / folder))
+    assert written == [f"sample_{i}.png" for i in range(count)], (folder, written)
+    assert np.asarray(Image.open(tmp_path / folder / written[0])).shape == photo.shape
+  assert np.asarray(Image.open(tmp_path / "edited.png")).shape == photo.shape
+  for name in ("a", "sub/b"):  # the folder: the photo's labels under each name, two samples each
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(tmp_path / "predictions" / "labels" / f"{name}.png")), mask)
+    for i in range(2):
+      assert np.asarray(Image.open(tmp_path / "syntheses" / f"{name}_{i}.png")).shape == \
+          photo.shape

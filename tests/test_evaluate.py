@@ -5,6 +5,7 @@ network-evaluation counts, and a metric added as one module plus its name in the
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -197,7 +198,12 @@ def _free_port():
 
 
 def test_two_processes_with_an_uneven_split_give_the_metrics_of_one(trained, tmp_path):
-  config, workdir, result, _, _ = trained
+  config, trained_workdir, result, _, _ = trained
+  # A copy of the run: --mode=eval rewrites eval/metrics_2.json, which other tests read as
+  # training wrote it.
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained_workdir, workdir)
+  os.remove(os.path.join(workdir, "eval", "metrics_2.json"))  # the evaluation must write it
   address = f"127.0.0.1:{_free_port()}"
   overrides = [f"--config.data.tfds_data_dir={config.data.tfds_data_dir}",
                f"--config.data.num_validation={NUM_VALIDATION}",

@@ -64,7 +64,13 @@ def _velocities(model, params, exported_dir, z, t):
 
 def test_the_exported_unet_gives_the_projects_velocity_in_diffusers(run, tmp_path):
   config, workdir, model, params, ema = run
-  out = export.export(workdir, str(tmp_path / "unet"))
+  # The README's command (`python -m semflow_jax.export --workdir=runs/celeba
+  # --output=exported/celeba_unet`) on this run.
+  out = str(tmp_path / "unet")
+  proc = subprocess.run(
+      [sys.executable, "-m", "semflow_jax.export", f"--workdir={workdir}", f"--output={out}"],
+      cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "XLA_FLAGS": ""})
+  assert proc.returncode == 0, proc.stderr[-3000:]
   assert sorted(os.listdir(out)) == sorted(["config.json", export.WEIGHTS_FILE, export.CONTEXT_FILE,
                                             export.CONVENTIONS_FILE, "README.md"])
   rng = np.random.default_rng(0)

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from semflow_jax import train
 from semflow_jax.data import folder, manual, pipeline
 from tests import dataset_fixtures as fx
 from tests.conftest import REPO
@@ -42,7 +41,20 @@ def test_a_folder_with_two_splits_trains_and_evaluates(tmp_path):
   root = tmp_path / "my_data"
   written = fx.write_folder_dataset(str(root))
   config = _tiny_folder_config(root, tmp_path / "tfds")
-  result = train.train_and_evaluate(config, str(tmp_path / "run"))  # builds on first use
+  # The README's command (`python -m semflow_jax.main --config=configs/folder.py:local
+  # --workdir=runs/my_data --config.data.folder=/data/my_dataset --config.data.num_classes=5`),
+  # shortened by the overrides of _tiny_folder_config; it builds the dataset on first use.
+  overrides = {"data.folder": root, "data.num_classes": 5, "data.tfds_data_dir": tmp_path / "tfds",
+               "data.image_size": "(16,16)", "model.attention_resolutions": "(4,)",
+               "model.patch_size": 1, "train.num_steps": 2, "train.checkpoint_every": 2,
+               "train.tensorboard": False, "eval.seg_steps": "(1,)", "eval.synth_steps": 1}
+  run = subprocess.run(
+      [sys.executable, "-m", "semflow_jax.main", "--config=configs/folder.py:local",
+       f"--workdir={tmp_path / 'run'}"] + [f"--config.{k}={v}" for k, v in overrides.items()],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  with open(tmp_path / "run" / "eval" / "metrics_2.json") as f:
+    result = json.load(f)
   assert result["step"] == 2 and result["num_examples"] == len(written["validation"]) == 4
   assert np.isfinite(result["miou_euler_1"]) and np.isfinite(result["roundtrip_miou"])
   assert list(result["per_class_iou_euler_1"]) == list(fx.FOLDER_CLASSES)

@@ -2,7 +2,11 @@
 labels as one image at a time, one compilation, resumable, the official output formats scored
 by the official tools."""
 
+import contextlib
+import logging
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -14,6 +18,24 @@ from semflow_jax.data import classes, pipeline
 from semflow_jax.programs import Programs
 from semflow_jax.semflow import SemFlow
 from tests import dataset_fixtures as fx
+from tests.conftest import REPO
+
+
+@contextlib.contextmanager
+def _absl_info(lines):
+  """The INFO lines absl logs meanwhile, appended to `lines`."""
+  class Collect(logging.Handler):
+    def emit(self, record):
+      lines.append(record.getMessage())
+  logger, handler = logging.getLogger("absl"), Collect(logging.INFO)
+  level = logger.level
+  logger.addHandler(handler)
+  logger.setLevel(logging.INFO)
+  try:
+    yield
+  finally:
+    logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +101,25 @@ def test_a_folder_gives_the_labels_of_single_images_with_one_compilation(model_a
       one_at_a_time.segment(sample.read_image(photos["photo_05"])))
   assert segment.num_executables == 2  # one more batch shape: 1 row per device
 
+  # A third run has nothing left to do: it says so, loads no model (the workdir need not
+  # exist), and the command exits 0.
+  logs = []
+  with _absl_info(logs):
+    third = sample.segment_many(config, str(tmp_path / "no_run"), str(tmp_path / "photos"),
+                                str(tmp_path / "out"))
+  assert third == {"written": 0, "skipped": 20, "output": str(tmp_path / "out")}
+  assert any("outputs of all 20 inputs already exist" in l and "nothing left to do" in l
+             for l in logs), logs
+  assert not any("nan" in l for l in logs), logs
+  proc = subprocess.run(
+      [sys.executable, "-m", "semflow_jax.main", "--config=configs/synthetic.py:tiny",
+       f"--workdir={tmp_path / 'no_run'}", "--mode=segment", f"--input={tmp_path / 'photos'}",
+       f"--output={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "XLA_FLAGS": ""})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "outputs of all 20 inputs already exist" in proc.stderr, proc.stderr[-2000:]
+  assert " nan " not in proc.stderr and not os.path.exists(tmp_path / "no_run")
+
 
 def test_a_glob_and_an_unreadable_file(model_and_params, tmp_path):
   config, model, params = model_and_params
@@ -121,6 +162,13 @@ def test_synthesis_of_a_folder_keys_every_sample_by_its_input(model_and_params, 
     with open(tmp_path / "all" / f"mask_2_{i}.png", "rb") as f1, \
          open(tmp_path / "alone" / f"mask_2_{i}.png", "rb") as f2:
       assert f1.read() == f2.read()
+  # Again: every sample is there, nothing is left to do and no model is loaded.
+  logs = []
+  with _absl_info(logs):
+    again = sample.synthesize_many(config, str(tmp_path / "no_run"), str(tmp_path / "mask_*.png"),
+                                   str(tmp_path / "all"), 2)
+  assert (again["written"], again["skipped"]) == (0, 3)
+  assert any("outputs of all 3 inputs already exist" in l for l in logs), logs
 
 
 def test_outputs_are_checked_before_anything_is_loaded(tmp_path, tiny_config):

@@ -309,6 +309,48 @@ def test_exposure_warning():
   assert "gradio.live" in studio_app.exposure_warning("127.0.0.1", 7860, True, None)
 
 
+def test_the_readme_studio_command_starts_warms_up_and_segments(served, photo, tmp_path):
+  """The README's command as a user types it (warm-up included), shortened only by the tiny
+  config and its data directory, on a free port: it serves, and answers a segmentation."""
+  image, path = photo
+  port = free_port()
+  log = open(tmp_path / "studio.log", "w+")
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "semflow_jax.studio", "--config=configs/synthetic.py:tiny",
+       f"--config.data.tfds_data_dir={served.config.data.tfds_data_dir}",
+       f"--workdir={served.workdir}", f"--port={port}"],
+      cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "XLA_FLAGS": ""})
+  try:
+    url, deadline = f"http://127.0.0.1:{port}/", time.time() + 240  # against hangs only
+    while time.time() < deadline and proc.poll() is None:
+      log.seek(0)
+      if f"serving on {url}" in log.read():
+        break
+      time.sleep(0.5)
+    log.seek(0)
+    output = log.read()
+    assert f"studio: serving on {url}" in output, output[-3000:]
+    assert "programs compiled in" in output, output[-3000:]  # the warm-up ran
+    client = Client(url, verbose=False, analytics_enabled=False, download_files=str(tmp_path))
+    try:
+      seg_steps, method = int(served.config.sample.seg_steps), served.config.sample.method
+      _, files, _, labels_file, _ = client.predict(handle_file(path), seg_steps, method, "sky",
+                                                   api_name="/segment")
+    finally:
+      client.close()
+    labels = read_png(labels_file)
+    np.testing.assert_array_equal(read_png(_named(files)["labels.png"]), labels)
+    assert labels.shape == image.shape[:2] and labels.max() < len(served.names)
+    # Another process, one device instead of eight: the same model's answer, up to the odd
+    # pixel on an anchor boundary.
+    expected = served.predictor.segment(image, seg_steps, method)
+    assert (labels == expected).mean() >= 0.99
+  finally:
+    proc.terminate()
+    proc.wait(timeout=60)
+    log.close()
+
+
 def test_command_line_serves_on_loopback_with_a_password_and_no_share_link(served, tmp_path):
   password = tmp_path / "password"
   password.write_text("s3cret\n")

@@ -8,4 +8,13 @@ compiled once (`sample.Predictor`, the same functions the file CLI calls). `app.
 Gradio is the `studio` extra (`pip install -e ".[studio]"`): nothing else imports this package.
 """
 
-from semflow_jax.studio.app import Studio, class_names, from_workdir, launch  # noqa: F401
+_APP = ("Studio", "class_names", "from_workdir", "launch")
+
+
+def __getattr__(name):
+  """`semflow_jax.studio.Studio` etc. from app.py, imported on first use: `python -m
+  semflow_jax.studio` with a bad flag answers before Gradio and JAX load (seconds)."""
+  if name in _APP:
+    from semflow_jax.studio import app
+    return getattr(app, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

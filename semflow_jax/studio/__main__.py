@@ -20,6 +20,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from semflow_jax import cli  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/synthetic.py",
                                           "Config file, optionally with :argument.",
                                           lock_config=True)
@@ -93,4 +95,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)
