@@ -34,6 +34,12 @@ coordination service's key-value store and reads everyone else's. A process that
 publishes its error first (`fail_job`); one killed outright (kill -9, out of memory, a lost
 host) stops beating. Either way every other process prints one line naming it and exits within
 `peer_timeout_s` (SEMFLOW_PEER_TIMEOUT_S, default 30 s), whatever its main thread is blocked in.
+So does a process still running that long after a peer finished (`finish_job`): nothing it
+waits for in a collective can come any more.
+
+Stopping together: with several processes `start_job` also installs the SIGTERM handler, and
+the watchers agree on the call of `stop_point_reached()` at which every process stops (see
+there and train.Preemption).
 """
 
 import glob
