@@ -4,16 +4,17 @@ each reported as one line: both exit codes, the step each saved, the seconds fro
 each exit, and whether the job stopped together (both exit 0 having saved the same step, no
 earlier than the signal) or ended with one `error:` line.
 
-  python -m tests.hang_loop [--runs 20] [--burn 1] [--timeout 300] [--steps 3,5]
+  python -m tests.hang_loop [--runs 20] [--burn 1] [--timeout 180] [--steps 3,5]
 
 Run it under load: the machine's other work, plus `--burn` busy-looping processes of its own.
 Exits non-zero unless every run stopped together or ended with the one line; a run still going
-after --timeout seconds is a hang (killed, reported).
+--timeout seconds after the signal is a hang (killed, reported).
 """
 
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -34,7 +35,8 @@ def _run(workdir, tfds_dir, fault_step, num_steps, timeout, log_dir, cache):
   fault_log = os.path.join(log_dir, "faults.log")
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
          "SEMFLOW_FAULT_LOG": fault_log, "JAX_PLATFORMS": "cpu",
-         "JAX_COMPILATION_CACHE_DIR": cache, "TF_CPP_MIN_LOG_LEVEL": "2"}
+         "JAX_COMPILATION_CACHE_DIR": cache, "TF_CPP_MIN_LOG_LEVEL": "2",
+         "PYTHONFAULTHANDLER": "1"}
   procs, logs = [], []
   for i, fault in enumerate(["", f"sigterm_eval:{fault_step}"]):
     cmd = [sys.executable, "-m", "tests.faults", fault, "--config=configs/synthetic.py:tiny",
@@ -48,12 +50,21 @@ def _run(workdir, tfds_dir, fault_step, num_steps, timeout, log_dir, cache):
     procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=logs[-1],
                                   stderr=subprocess.STDOUT))
   ended = [None, None]
-  deadline = time.time() + timeout
-  while None in ended and time.time() < deadline:
+  start = time.time()
+  while None in ended:
+    fired = _fired(fault_log)
+    # A ceiling against hangs counted from the signal (start-up and compiling vary with load).
+    if time.time() > (fired + timeout if fired else start + 900):
+      break
     for i, p in enumerate(procs):
       if ended[i] is None and p.poll() is not None:
         ended[i] = time.time()
     time.sleep(0.1)
+  if None in ended:  # hung: every thread's Python stack into the log (PYTHONFAULTHANDLER)
+    for p in procs:
+      if p.poll() is None:
+        p.send_signal(signal.SIGABRT)
+    time.sleep(3)
   for p in procs:
     if p.poll() is None:
       p.kill()
@@ -63,13 +74,17 @@ def _run(workdir, tfds_dir, fault_step, num_steps, timeout, log_dir, cache):
     log.seek(0)
     outputs.append(log.read())
     log.close()
-  fired = None
+  return procs, outputs, ended, _fired(fault_log)
+
+
+def _fired(fault_log):
+  """When the SIGTERM was sent (tests/faults.py writes it), or None."""
   if os.path.exists(fault_log):
     for line in open(fault_log):
       kind, when = line.split()
       if kind == "sigterm_eval":
-        fired = float(when)
-  return procs, outputs, ended, fired
+        return float(when)
+  return None
 
 
 def _saved(output):
@@ -83,7 +98,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--runs", type=int, default=20)
   parser.add_argument("--burn", type=int, default=1, help="busy-looping processes meanwhile")
-  parser.add_argument("--timeout", type=float, default=300.0)
+  parser.add_argument("--timeout", type=float, default=180.0,
+                      help="seconds after the signal after which a job counts as hung")
   parser.add_argument("--steps", default="3,5",
                       help="K of sigterm_eval:K, in turn (evaluations every K steps, "
                            "checkpoints every 5)")
