@@ -102,11 +102,6 @@ def _initialize_distributed():
     return
   # Collectives between processes on CPU devices go over gloo; accelerators ignore this.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  # A SIGTERM is agreed on by runtime.start_job's watchers (train.Preemption), not by JAX's
-  # preemption sync manager: Orbax's CheckpointManager also asks that one's sync point, with
-  # step numbers, from its save and finalize threads, which moved the shared call counter
-  # behind ours and let the processes stop at different points (issue #28).
-  jax.config.update("jax_enable_preemption_service", False)
   jax.distributed.initialize(*explicit)
 
 

@@ -342,8 +342,12 @@ def start_job() -> None:
   _job = _Watcher(_client(), jax.process_index(), jax.process_count(), peer_timeout_s())
   if threading.current_thread() is threading.main_thread():
     # SIGTERM (maintenance, a scheduler's stop) is a request to stop, agreed with the others
-    # (stop_point_reached); this handler replaces JAX's own (main.py turns JAX's preemption
-    # service off: Orbax's CheckpointManager asks its sync point with step numbers of its own).
+    # (stop_point_reached). This handler replaces the one of JAX's preemption service
+    # (installed by jax.distributed.initialize), which then never hears of a SIGTERM: its sync
+    # point, which Orbax's CheckpointManager also asks with step numbers from its save and
+    # finalize threads, moving the service's one call counter, is never set (issue #28). The
+    # service itself stays on: with it off, a peer once aborted in jax.distributed.shutdown()
+    # ('Terminating process because the JAX distributed service detected fatal errors').
     signal.signal(signal.SIGTERM, _on_sigterm)
   _job.start()
 
