@@ -208,7 +208,7 @@ def _start(workdir, tfds_dir, log_dir, faults, *extra, devices=4, env=None):
   return procs, logs, fault_log
 
 
-def _wait(job, timeout=400):
+def _wait(job, timeout=900):
   """[(returncode, output, exit time)] of a job from _start, and its faults' times. `timeout` is
   a ceiling against hangs, not a speed check: a process still running then is killed (and
   its return code is negative)."""
@@ -237,7 +237,7 @@ def _wait(job, timeout=400):
   return [(p.returncode, out, t) for p, out, t in zip(procs, outputs, ended)], fired
 
 
-def _processes(workdir, tfds_dir, log_dir, faults, *extra, devices=4, timeout=400):
+def _processes(workdir, tfds_dir, log_dir, faults, *extra, devices=4, timeout=900):
   """_start and _wait: one job, run to its end."""
   return _wait(_start(workdir, tfds_dir, log_dir, faults, *extra, devices=devices), timeout)
 
