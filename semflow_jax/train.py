@@ -30,9 +30,13 @@ class Preemption:
   """Has a stop been requested (SIGTERM), and is this the point to stop at?
 
   `reached()` is asked at the same points on every process: after every train step and between
-  evaluation batches. One process: a SIGTERM handler sets a flag. Several: JAX's preemption
-  sync manager (started by jax.distributed.initialize) catches the signal on any process and
-  makes every process answer True at the same call, so all of them stop and save together.
+  evaluation batches. One process: a SIGTERM handler sets a flag. Several (`runtime.in_job()`):
+  a SIGTERM to any process is a request to the job; the processes' watcher threads agree
+  through the coordination service on one call of `reached()` at which every process answers
+  True (`runtime.stop_point_reached`), so all of them stop and save together, even when one
+  is blocked in a collective or runs calls ahead of another (asynchronous dispatch). Not JAX's
+  preemption sync point: Orbax's CheckpointManager asks that one too, with step numbers, and
+  moved its counter under ours (the hang of issue #28).
 
   The handler stays installed until `close()`, after the last save and the last evaluation: a
   SIGTERM that arrives while the final checkpoint is being written lets the write finish.
@@ -40,23 +44,20 @@ class Preemption:
 
   def __init__(self):
     self.requested = False
-    self._calls = 0
     self._previous = None
-    self._multi = jax.process_count() > 1
-    if not self._multi and threading.current_thread() is threading.main_thread():
+    self._multi = runtime.in_job()
+    if not self._multi and jax.process_count() > 1:
+      logging.warning("several processes without runtime.start_job (semflow_jax.main calls "
+                      "it): a SIGTERM ends this process instead of stopping the job together")
+    elif not self._multi and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
 
   def _on_sigterm(self, signum, frame):
     self.requested = True
 
   def reached(self) -> bool:
-    self._calls += 1
     if self._multi:
-      try:
-        return multihost_utils.reached_preemption_sync_point(self._calls)
-      except RuntimeError as e:  # processes not started by jax.distributed.initialize()
-        logging.warning("no preemption service (%s): SIGTERM will not be caught", e)
-        self._multi = False
+      return runtime.stop_point_reached()
     return self.requested
 
   def close(self):
@@ -172,6 +173,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tracing = False
   stopped_at = None  # the step a SIGTERM stopped the run at (saved)
   result = None
+  runtime.note_step(start_step)
   try:
     if _evaluation_pending(t, start_step, workdir) and evaluate_at(start_step) is None:
       stopped_at = start_step  # stopped again before that evaluation finished
@@ -183,6 +185,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         batch = parallel.to_global(next(train_iter), mesh)
         state, step_metrics = train_step(state, batch)
       pending.append((step, step_metrics))
+      runtime.note_step(step)
       if step == profile_last:
         jax.block_until_ready(step_metrics)
         jax.profiler.stop_trace()

@@ -362,7 +362,7 @@ def test_storage_layer_against_the_bucket(gcs):
   """The storage functions the commands rely on, on a bucket path (copy-then-delete moves)."""
   bucket, env, cwd = gcs
   out = subprocess.run([sys.executable, "-c", _STORAGE_CALLS, "gs://semflow-test/layer"],
-                       cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+                       cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result == {"json": {"x": 1}, "listdir": ["m.json"], "is_dir": True,
