@@ -258,7 +258,7 @@ def main(argv):
   runtime.finish_job()
 
 
-def _run_and_exit(argv) -> None:
+def run_and_exit(argv) -> None:
   """main(), then the process ends at once with status 0.
 
   Every file is written and closed when main() returns (Orbax's manager closed, the metric
@@ -282,4 +282,4 @@ if __name__ == "__main__":
   # input pipeline does not run: its batches are identical without it).
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-  app.run(_run_and_exit, flags_parser=cli.parse_flags)
+  app.run(run_and_exit, flags_parser=cli.parse_flags)

@@ -61,7 +61,7 @@ def main() -> None:
   from absl import app
   from semflow_jax import main as entry
   _install(faults)
-  app.run(entry.main)
+  app.run(entry.run_and_exit, flags_parser=entry.cli.parse_flags)
 
 
 if __name__ == "__main__":
