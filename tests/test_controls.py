@@ -248,5 +248,6 @@ def test_controls_in_sd_latent_space():
     assert out.shape == images.shape and np.isfinite(out).all()
   # Nothing edited with the blend: the photo's latent comes back, decoded.
   same = programs.edit(2, "euler", True)(params, images, labels, labels)
-  expected = jnp.clip(model.decode(params, model.encode_image(params, images)), -1, 1)
+  expected = jax.jit(lambda p, x: jnp.clip(model.decode(p, model.encode_image(p, x)), -1, 1))(
+      params, images)
   np.testing.assert_allclose(same, expected, atol=1e-5)

@@ -220,11 +220,11 @@ def test_remat_and_bfloat16_keep_the_function(tmp_path):
   t = jnp.array([10.0, 600.0])
   context = jnp.asarray(rng.normal(size=(2, 3, 24)), jnp.float32)
   plain = sd_unet.SDUNet(config)
-  params = plain.init(jax.random.PRNGKey(0), x, t, context)["params"]
+  params = jax.jit(plain.init)(jax.random.PRNGKey(0), x, t, context)["params"]
 
-  def grads(module):
+  def grads(module):  # jitted, as the train step runs it (op by op it compiles every op)
     loss = lambda p: jnp.sum(module.apply({"params": p}, x, t, context) ** 2)  # noqa: E731
-    return jax.grad(loss)(params)
+    return jax.jit(jax.grad(loss))(params)
 
   for remat in (True, "dots"):  # whole blocks; all but the projection matmuls' outputs
     for g, g_remat in zip(jax.tree.leaves(grads(plain)),
@@ -233,8 +233,8 @@ def test_remat_and_bfloat16_keep_the_function(tmp_path):
   bf16 = sd_unet.SDUNet(config, dtype=jnp.bfloat16)
   assert jax.tree.leaves(jax.eval_shape(bf16.init, jax.random.PRNGKey(0), x, t, context))[0] \
       .dtype == jnp.float32  # master weights stay float32
-  out32 = plain.apply({"params": params}, x, t, context)
-  out16 = bf16.apply({"params": params}, x, t, context)
+  out32 = jax.jit(plain.apply)({"params": params}, x, t, context)
+  out16 = jax.jit(bf16.apply)({"params": params}, x, t, context)
   assert out16.dtype == jnp.float32
   assert 0 < _relative_error(out16, out32) < 3e-2  # really computed in bf16, and close
 

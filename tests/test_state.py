@@ -127,12 +127,14 @@ def test_checkpoints_of_the_state_before_the_lean_step(tmp_path):
   config.train.ema_decay = 0.5
   mesh = parallel.make_mesh(config, jax.devices()[:2])
   model = SemFlow.from_config(config, mesh)
-  params = model.init(jax.random.PRNGKey(0))
+  params = jax.jit(model.init)(jax.random.PRNGKey(0))  # jitted: op by op compiles every op
   labels = {k: "frozen" if k in ("vae", "context") else "train" for k in params}
   old_tx = optax.multi_transform({"train": state_lib.make_optimizer(config),
                                   "frozen": optax.set_to_zero()}, labels)
-  ema = jax.tree.map(lambda x: x + 1.0, params)  # distinct, so reading the wrong copy shows
-  old = _StateBeforeLeanStep(jnp.asarray(7, jnp.int32), params, old_tx.init(params), ema,
+  # Distinct from params, so reading the wrong copy shows.
+  ema = jax.jit(lambda p: jax.tree.map(lambda x: x + 1.0, p))(params)
+  opt_state = jax.jit(old_tx.init)(params)
+  old = _StateBeforeLeanStep(jnp.asarray(7, jnp.int32), params, opt_state, ema,
                              jax.random.PRNGKey(1), jnp.zeros((), jnp.int32))
   manager = checkpoint.make_manager(str(tmp_path), 2, async_save=False)
   checkpoint.save(manager, 7, old, {"position": 0}, model.checkpoint_record())

@@ -175,7 +175,7 @@ def test_gradient_accumulation_equals_the_micro_batches_with_the_same_times_and_
 def test_loss_from_cached_image_moments_equals_the_loss_from_images():
   config = _config()
   model = SemFlow.from_config(config)
-  params = model.init(jax.random.PRNGKey(0))
+  params = jax.jit(model.init)(jax.random.PRNGKey(0))
   batch = _batch(config, seed=5, n=4)
   moments = jax.jit(model.image_moments)(params, batch["image"])
   assert moments.shape == (4, *model.latent_shape[:2], 2 * model.latent_shape[2])
