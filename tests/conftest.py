@@ -81,6 +81,12 @@ LONGEST_FIRST = ("test_resilience.py", "test_evaluate.py", "test_gcs.py", "test_
                  "test_end_to_end.py", "test_sharding.py", "test_studio.py")
 
 
+def pytest_configure(config):
+  # pytest-xdist would otherwise order the files by their number of tests (--loadscope-reorder).
+  if hasattr(config.option, "loadscopereorder"):
+    config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within files
