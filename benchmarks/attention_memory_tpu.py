@@ -54,4 +54,6 @@ def main():
 
 
 if __name__ == "__main__":
+  from semflow_jax import runtime
+  runtime.configure_process()  # XLA:CPU flags, no TPU start-up without TPUs
   main()

@@ -72,7 +72,8 @@ def _serve(conn, step, info):
 
 def _jax_step_worker(conn, kind, seed):
   """The JAX side: the compiled step, its FLOPs, and the matmul rate of this process."""
-  import semflow_jax  # noqa: F401  (first: its XLA:CPU flags must precede JAX's backend)
+  from semflow_jax import runtime
+  runtime.configure_process()  # first: its XLA:CPU flags must precede JAX's backend
   import jax
   import jax.numpy as jnp
   compile_start = time.perf_counter()
@@ -210,7 +211,8 @@ def _torch_step_worker(conn, kind, seed):
 
 def _sampler_worker(conn, batch_size, rounds, step_counts, seed):
   """Whole jitted trajectory vs host loop, interleaved inside this one process."""
-  import semflow_jax  # noqa: F401
+  from semflow_jax import runtime
+  runtime.configure_process()
   import jax
   import jax.numpy as jnp
   from semflow_jax.semflow import SemFlow
@@ -368,7 +370,8 @@ def machine_info():
       versions[package] = md.version(package)
     except md.PackageNotFoundError:
       pass
-  import semflow_jax  # noqa: F401  (adds its XLA:CPU flags to XLA_FLAGS, as the workers do)
+  from semflow_jax import runtime
+  runtime.configure_process()  # XLA_FLAGS as the workers have it
   return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)),
           "memory_gib": round(memory, 1) if memory else None,
           "python": platform.python_version(), "versions": versions,

@@ -140,4 +140,6 @@ def main(argv):
     logging.info("wrote %s", output)
 
 if __name__ == "__main__":
+  from semflow_jax import runtime
+  runtime.configure_process()  # XLA:CPU flags, no TPU start-up without TPUs
   app.run(main)

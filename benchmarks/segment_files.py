@@ -38,7 +38,7 @@ def _write_checkpoint(workdir: str) -> None:
   code = f"""
 from configs import synthetic
 from semflow_jax import checkpoint, parallel, runtime, state
-runtime.skip_absent_tpus()
+runtime.configure_process()
 from semflow_jax.semflow import SemFlow
 config = synthetic.get_config()
 mesh = parallel.make_mesh(config)
@@ -93,9 +93,8 @@ def _phases(workdir: str, image_path: str, output: str, started: float) -> dict:
   from semflow_jax import images, main, runtime, sample, storage  # what main.py imports
   from configs import synthetic
   mark("imports (jax, flax, orbax, semflow_jax)")
-  runtime.skip_absent_tpus()
   config = synthetic.get_config()
-  runtime.enable_compilation_cache(config, None)  # as main.py does for sampling
+  runtime.configure_process(config, None)  # as main.py does for sampling
   jax.devices()
   mark("JAX start (CPU backend)")
   image = sample.read_image(image_path)

@@ -114,4 +114,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from semflow_jax import runtime
+  runtime.configure_process()  # XLA:CPU flags, no TPU start-up without TPUs
   app.run(main)

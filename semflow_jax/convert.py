@@ -343,6 +343,8 @@ def _define_flags():
 
 def main(argv):
   del argv
+  from semflow_jax import runtime
+  runtime.configure_process()  # converting needs no TPU: no TPU start-up without TPUs
   f = flags.FLAGS
   if not f.output:
     raise app.UsageError("--output is required")

@@ -180,7 +180,7 @@ def _define_flags():
 def main(argv):
   del argv
   from semflow_jax import runtime
-  runtime.skip_absent_tpus()  # converting needs no TPU: no TPU start-up without TPUs
+  runtime.configure_process()  # converting needs no TPU: no TPU start-up without TPUs
   f = flags.FLAGS
   if not f.output:
     raise app.UsageError("--output is required")

@@ -260,7 +260,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from semflow_jax import runtime
-  runtime.skip_absent_tpus()  # exporting needs no TPU: no TPU start-up without TPUs
+  runtime.configure_process()  # exporting needs no TPU: no TPU start-up without TPUs
   f = flags.FLAGS
   if not f.workdir or not f.output:
     raise app.UsageError("--workdir and --output are required")

@@ -174,31 +174,32 @@ class _QuietLibraries(py_logging.Filter):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from semflow_jax import runtime
-  runtime.skip_absent_tpus()  # before anything starts JAX: no TPU start-up without TPUs
+  from semflow_jax import job, runtime
+  config = _CONFIG.value
+  mode = _MODE.value
+  # Before anything starts JAX. The cache lives in the workdir for training and evaluation; it
+  # is written at the first compile, so a command refused below leaves nothing there.
+  runtime.configure_process(config, _WORKDIR.value if mode in ("train", "eval") else None)
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax
   from semflow_jax import storage
-  config = _CONFIG.value
   _initialize_distributed()
   # Before the job watcher starts: a peer that fails at once cannot end this process before it
   # has said who it is and what it sees.
   logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(),
                jax.process_count(), jax.devices())
-  # From here on every exit goes through the runtime, so the other processes of a job learn
+  # From here on every exit goes through semflow_jax.job, so the other processes of a job learn
   # why this one stopped instead of waiting for it.
-  runtime.start_job()
+  job.start_job()
   try:
     _check_storage(config)
   except storage.StorageError as e:
-    runtime.fail_job(2, f"error: {e}")
+    job.fail_job(2, f"error: {e}")
   problem = _check_dataset(config)
   if problem:
-    runtime.fail_job(2, f"error: {problem}")
-  mode = _MODE.value
+    job.fail_job(2, f"error: {problem}")
   if mode == "eval" and not storage.is_dir(storage.join(_WORKDIR.value, "checkpoints")):
-    # Before the compilation cache is put in the workdir: a refused command leaves nothing.
-    runtime.fail_job(2, f"error: no checkpoint in {_WORKDIR.value}/checkpoints; train first "
+    job.fail_job(2, f"error: no checkpoint in {_WORKDIR.value}/checkpoints; train first "
                      f"with --mode=train --workdir={_WORKDIR.value}")
   if mode in ("train", "eval") or _SPLIT.value:
     # TF is only the input pipeline (loaded only by the modes that read a dataset: a few
@@ -208,8 +209,6 @@ def main(argv):
 
   from semflow_jax import checkpoint, sample
   from semflow_jax.data import manual
-  # Before anything compiles.
-  runtime.enable_compilation_cache(config, _WORKDIR.value if mode in ("train", "eval") else None)
   try:
     if _ENSEMBLE.value and mode in ("train", "eval"):
       raise sample.InputError(f"--ensemble is for segment, synthesize and edit, not "
@@ -248,14 +247,14 @@ def main(argv):
           manual.DataError,  # a dataset file (or a folder dataset's classes.json) is bad
           checkpoint.IncompatibleCheckpointError, checkpoint.ConversionError,
           storage.StorageError) as e:
-    runtime.fail_job(2, f"error: {e}")
+    job.fail_job(2, f"error: {e}")
   except KeyboardInterrupt:
-    runtime.fail_job(130, "error: interrupted (Ctrl-C)")
+    job.fail_job(130, "error: interrupted (Ctrl-C)")
   except Exception as e:  # a bug, or a collective that failed because a peer did
     if jax.process_count() == 1:
       raise
-    runtime.fail_job(1, f"error: {type(e).__name__}: {e}", unexpected=e)
-  runtime.finish_job()
+    job.fail_job(1, f"error: {type(e).__name__}: {e}", unexpected=e)
+  job.finish_job()
 
 
 def run_and_exit(argv) -> None:

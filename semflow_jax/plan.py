@@ -48,7 +48,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from semflow_jax import cli, flops as flops_lib, parallel, programs as programs_lib
+from semflow_jax import cli, flops as flops_lib, parallel, programs as programs_lib, runtime
 from semflow_jax import state as state_lib, step as step_lib
 from semflow_jax.models import sd_layers
 from semflow_jax.semflow import SemFlow
@@ -300,17 +300,6 @@ def _define_flags():
   flags.mark_flags_as_required(["config", "topology"])
 
 
-def _configure_process(topology: str) -> None:
-  """Before JAX starts a backend: CPU only (it compiles, never runs; compile-only TPU devices
-  come from libtpu on demand), enough CPU devices for cpu-N, and libtpu loadable beside other
-  processes (it takes a lock file for the chips; compiling touches none)."""
-  jax.config.update("jax_platforms", "cpu")
-  cpu = re.fullmatch(r"cpu-(\d+)", topology)
-  if cpu:
-    jax.config.update("jax_num_cpu_devices", int(cpu.group(1)))
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-
-
 def _one_per_process(programs) -> dict:
   """Run this command once per program, each in a child process; merge their reports."""
   merged = None
@@ -338,7 +327,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  _configure_process(f.topology)
+  # Before JAX starts a backend: CPU only (the planner compiles, never runs; compile-only TPU
+  # devices come from libtpu on demand), enough CPU devices for cpu-N.
+  cpu = re.fullmatch(r"cpu-(\d+)", f.topology)
+  runtime.configure_process(compile_only=True, cpu_devices=int(cpu.group(1)) if cpu else None)
   programs = tuple(f.programs)
   try:
     unknown = set(programs) - set(PROGRAMS)

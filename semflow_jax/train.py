@@ -19,7 +19,8 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from semflow_jax import checkpoint, evaluate, flops, parallel, runtime, state as state_lib, storage
+from semflow_jax import checkpoint, evaluate, flops, job, parallel, runtime, state as state_lib
+from semflow_jax import storage
 from semflow_jax.data import pipeline
 from semflow_jax.step import compile_train_step
 from semflow_jax.programs import Programs
@@ -30,10 +31,10 @@ class Preemption:
   """Has a stop been requested (SIGTERM), and is this the point to stop at?
 
   `reached()` is asked at the same points on every process: after every train step and between
-  evaluation batches. One process: a SIGTERM handler sets a flag. Several (`runtime.in_job()`):
+  evaluation batches. One process: a SIGTERM handler sets a flag. Several (`job.in_job()`):
   a SIGTERM to any process is a request to the job; the processes' watcher threads agree
   through the coordination service on one call of `reached()` at which every process answers
-  True (`runtime.stop_point_reached`), so all of them stop and save together, even when one
+  True (`job.stop_point_reached`), so all of them stop and save together, even when one
   is blocked in a collective or runs calls ahead of another (asynchronous dispatch). Not JAX's
   preemption sync point: Orbax's CheckpointManager asks that one too, with step numbers, and
   moved its counter under ours (the hang of issue #28).
@@ -45,9 +46,9 @@ class Preemption:
   def __init__(self):
     self.requested = False
     self._previous = None
-    self._multi = runtime.in_job()
+    self._multi = job.in_job()
     if not self._multi and jax.process_count() > 1:
-      logging.warning("several processes without runtime.start_job (semflow_jax.main calls "
+      logging.warning("several processes without job.start_job (semflow_jax.main calls "
                       "it): a SIGTERM ends this process instead of stopping the job together")
     elif not self._multi and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -57,7 +58,7 @@ class Preemption:
 
   def reached(self) -> bool:
     if self._multi:
-      return runtime.stop_point_reached()
+      return job.stop_point_reached()
     return self.requested
 
   def close(self):
@@ -173,7 +174,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tracing = False
   stopped_at = None  # the step a SIGTERM stopped the run at (saved)
   result = None
-  runtime.note_step(start_step)
+  job.note_step(start_step)
   try:
     if _evaluation_pending(t, start_step, workdir) and evaluate_at(start_step) is None:
       stopped_at = start_step  # stopped again before that evaluation finished
@@ -185,7 +186,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         batch = parallel.to_global(next(train_iter), mesh)
         state, step_metrics = train_step(state, batch)
       pending.append((step, step_metrics))
-      runtime.note_step(step)
+      job.note_step(step)
       if step == profile_last:
         jax.block_until_ready(step_metrics)
         jax.profiler.stop_trace()

@@ -25,6 +25,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 import pytest  # noqa: E402
 
+from semflow_jax import runtime  # noqa: E402
+
+# As an entry point does (importing semflow_jax changes nothing): the XLA:CPU flags, in this
+# process and the subprocesses the tests start with this environment.
+runtime.configure_process()
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

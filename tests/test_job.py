@@ -1,4 +1,4 @@
-"""Ending a job together (semflow_jax/runtime.py), with an in-memory coordination service: the
+"""Ending a job together (semflow_jax/job.py), with an in-memory coordination service: the
 stop protocol's agreement and the end of a process whose peer finished without it. The real
 thing, two processes on localhost, is tests/test_resilience.py and tests/hang_loop.py."""
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from semflow_jax import runtime
+from semflow_jax import job
 
 
 class FakeClient:
@@ -29,16 +29,16 @@ class FakeClient:
 
 @pytest.fixture()
 def ended(monkeypatch):
-  """Watchers end their process through runtime._leave: recorded instead of os._exit."""
+  """Watchers end their process through job._leave: recorded instead of os._exit."""
   exits = []
-  monkeypatch.setattr(runtime, "_leave", lambda code, tell_others=True: exits.append(code))
-  monkeypatch.setattr(runtime, "_exiting", threading.Lock())
+  monkeypatch.setattr(job, "_leave", lambda code, tell_others=True: exits.append(code))
+  monkeypatch.setattr(job, "_exiting", threading.Lock())
   return exits
 
 
 def _watchers(n, timeout_s=30.0):
   client = FakeClient()
-  watchers = [runtime._Watcher(client, i, n, timeout_s) for i in range(n)]
+  watchers = [job._Watcher(client, i, n, timeout_s) for i in range(n)]
   for w in watchers:
     w.start()
   return client, watchers
@@ -80,7 +80,7 @@ def test_a_process_left_behind_by_a_finished_peer_ends_naming_it(ended, capsys):
   try:
     w0.step, w1.step = 7, 5
     w1.finishing = True
-    client.key_value_set(runtime._DONE + "1", "5")
+    client.key_value_set(job._DONE + "1", "5")
     deadline = time.time() + 20
     while not ended and time.time() < deadline:
       time.sleep(0.1)

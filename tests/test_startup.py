@@ -1,6 +1,7 @@
 """What a newcomer meets first: imports that leave the process alone, a misspelt override in one
 line, and a quiet start on a machine without TPUs although libtpu is installed."""
 
+import json
 import os
 import subprocess
 import sys
@@ -10,16 +11,27 @@ import pytest
 from semflow_jax import runtime
 from tests.conftest import REPO
 
-_IMPORTS = """
+# Every module a program may import (not the entry points' __main__ blocks).
+_SEMFLOW = ("semflow_jax.train, semflow_jax.plan, semflow_jax.sample, semflow_jax.sample_many, "
+            "semflow_jax.studio.app, semflow_jax.evaluate, semflow_jax.checkpoint, "
+            "semflow_jax.convert, semflow_jax.convert_eval_nets, semflow_jax.main, "
+            "semflow_jax.export, semflow_jax.data, semflow_jax.data.build, semflow_jax.step, "
+            "semflow_jax.runtime, semflow_jax.job")
+# The libraries those import; some set variables of their own when imported (TF2_BEHAVIOR,
+# TPU_LIBRARY_PATH, ...): those changes are theirs, not semflow_jax's.
+_LIBRARIES = ("clu.metric_writers, flax, gradio, jax, ml_collections, optax, orbax.checkpoint, "
+              "PIL.Image, tensorflow, tensorflow_datasets")
+_CHANGES = """
 import json, os
-# The libraries first: some set variables of their own when imported (TF2_BEHAVIOR, ...).
-import clu.metric_writers, flax, jax, optax, orbax.checkpoint, tensorflow, tensorflow_datasets
 before = dict(os.environ)
-import semflow_jax.evaluate, semflow_jax.train, semflow_jax.sample, semflow_jax.checkpoint
-import semflow_jax.convert_eval_nets, semflow_jax.main, semflow_jax.export, semflow_jax.data
-import semflow_jax.plan, semflow_jax.step
-changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))
-print(json.dumps({"changed": changed, "orbax_registered": semflow_jax.checkpoint._replica_zero_writes}))
+import {modules}
+print(json.dumps({{k: os.environ.get(k) for k in sorted(set(before) | set(os.environ))
+                  if before.get(k) != os.environ.get(k)}}))
+"""
+_REGISTERED = """
+import clu.metric_writers, flax, jax, optax, orbax.checkpoint, tensorflow, tensorflow_datasets
+import {modules}
+print(semflow_jax.checkpoint._replica_zero_writes)
 """
 
 # The compiled step and the planner compile without the input pipeline: no TensorFlow, no tfds.
@@ -35,12 +47,28 @@ def _run(args, env, timeout=300):
                         env=env, timeout=timeout)
 
 
-def test_imports_change_no_environment_and_register_nothing():
-  # XLA_FLAGS is set already here (conftest), with the package's flag in it: nothing to add.
-  env = {**os.environ, "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"}
-  proc = _run(["-c", _IMPORTS], env)
+def _changes(modules: str, env: dict) -> dict:
+  proc = _run(["-c", _CHANGES.format(modules=modules)], env)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert proc.stdout.strip().splitlines()[-1] == '{"changed": [], "orbax_registered": false}'
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("xla_flags", [None, "--xla_force_host_platform_device_count=2"])
+def test_importing_semflow_jax_changes_only_what_its_libraries_change(xla_flags):
+  # The entry points set XLA_FLAGS (runtime.configure_process); importing sets nothing.
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  if xla_flags is not None:
+    env["XLA_FLAGS"] = xla_flags
+  ours = _changes(_SEMFLOW, env)
+  theirs = _changes(_LIBRARIES, env)
+  assert "XLA_FLAGS" not in ours, ours
+  assert {k: v for k, v in ours.items() if theirs.get(k) != v} == {}, (ours, theirs)
+
+
+def test_imports_register_nothing_with_orbax():
+  proc = _run(["-c", _REGISTERED.format(modules=_SEMFLOW)], dict(os.environ))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip().splitlines()[-1] == "False"
 
 
 def test_the_step_and_the_planner_import_neither_tensorflow_nor_tfds():

@@ -50,7 +50,8 @@ def main(argv):
                          f"{_NUM_WORKERS.value})")
   if _PROCESSES.value < 1 or _EXAMPLES_PER_SHARD.value < 1:
     raise app.UsageError("--processes and --examples_per_shard must be at least 1")
-  from semflow_jax import storage
+  from semflow_jax import runtime, storage
+  runtime.configure_process()  # building needs no TPU: no TPU start-up without TPUs
   data_dir = _DATA_DIR.value and storage.resolve(_DATA_DIR.value)
   try:
     if storage.is_url(_MANUAL_DIR.value) and argv[1] != "folder_dataset":

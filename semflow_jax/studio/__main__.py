@@ -12,15 +12,10 @@ that anyone on the network can use the page. No public share link unless --share
 import os
 import sys
 
-# Before Gradio loads: no usage statistics sent anywhere.
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from semflow_jax import cli  # noqa: E402
+from semflow_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/synthetic.py",
                                           "Config file, optionally with :argument.",
@@ -61,7 +56,9 @@ def read_password(path: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from semflow_jax import checkpoint, storage
+  from semflow_jax import checkpoint, runtime, storage
+  # Before JAX starts; the cache is the user's, as for sampling (the workdir may be read-only).
+  runtime.configure_process(_CONFIG.value, None)
   try:
     auth = ("studio", read_password(_PASSWORD_FILE.value)) if _PASSWORD_FILE.value else None
   except ValueError as e:  # before JAX and Gradio load
@@ -95,4 +92,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Before Gradio and TensorFlow load: no usage statistics sent anywhere, no C++ INFO chatter.
+  os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+  os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
   app.run(main, flags_parser=cli.parse_flags)
