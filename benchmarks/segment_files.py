@@ -90,14 +90,14 @@ def _phases(workdir: str, image_path: str, output: str, started: float) -> dict:
 
   import jax
   import numpy as np
-  from semflow_jax import images, main, runtime, sample, storage  # what main.py imports
+  from semflow_jax import image_files, images, main, runtime, sample, storage  # what main.py imports
   from configs import synthetic
   mark("imports (jax, flax, orbax, semflow_jax)")
   config = synthetic.get_config()
   runtime.configure_process(config, None)  # as main.py does for sampling
   jax.devices()
   mark("JAX start (CPU backend)")
-  image = sample.read_image(image_path)
+  image = image_files.read_image(image_path)
   predictor = sample.Predictor.load(config, workdir)
   jax.block_until_ready(predictor.params)
   mark("checkpoint: model shapes, metadata, restore")

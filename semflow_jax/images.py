@@ -12,36 +12,6 @@ from semflow_jax import storage
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
-def _cubic_weights(size_in: int, size_out: int) -> np.ndarray:
-  """float32 (size_in, size_out): the weights along one axis of an antialiased bicubic resize
-  (Keys' kernel, a = -0.5, widened by the reduction factor when shrinking), normalised per
-  output pixel, as TensorFlow's scale_and_translate (and jax.image.resize) computes them."""
-  scale = np.float32(size_out / size_in)
-  sample = (np.arange(size_out, dtype=np.float32) + 0.5) / scale - 0.5
-  x = np.abs(sample[None, :] - np.arange(size_in, dtype=np.float32)[:, None])
-  x = x / max(np.float32(1.0) / scale, np.float32(1.0))
-  near = ((1.5 * x - 2.5) * x) * x + 1.0
-  far = ((-0.5 * x + 2.5) * x - 4.0) * x + 2.0
-  weights = np.where(x >= 2.0, 0.0, np.where(x >= 1.0, far, near)).astype(np.float32)
-  total = weights.sum(0, keepdims=True)
-  return np.where(np.abs(total) > 1000 * np.finfo(np.float32).eps,
-                  weights / np.where(total != 0, total, 1), 0).astype(np.float32)
-
-
-def resize_image(image: np.ndarray, size) -> np.ndarray:
-  """uint8 (H, W, C) -> uint8 (size[0], size[1], C), the input pipeline's resize
-  (`tf.image.resize(method='bicubic', antialias=True)`, rounded) in numpy, so a photo given to
-  --mode=segment reaches the model as the same photo in a dataset does."""
-  image = np.asarray(image)
-  height, width = int(size[0]), int(size[1])
-  if image.shape[:2] == (height, width):
-    return image
-  rows = _cubic_weights(image.shape[0], height)
-  cols = _cubic_weights(image.shape[1], width)
-  out = np.einsum("hwc,hy,wx->yxc", image.astype(np.float32), rows, cols, optimize=True)
-  return np.clip(np.round(out), 0, 255).astype(np.uint8)
-
-
 def preview_palette(num_colours: int = 256) -> np.ndarray:
   """Distinct, bright colours for looking at label maps (the anchors are too dark to read)."""
   colours = [colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.75, 0.55 + 0.4 * ((i * 7) % 3) / 2)

@@ -134,9 +134,9 @@ def _check_storage(config) -> None:
     for i, workdir in enumerate(_ENSEMBLE.value):
       storage.check(workdir, f"--ensemble (member {i + 1})")
     if _OUTPUT.value:  # segment of one image writes a file, the others a directory of them
-      from semflow_jax import sample
+      from semflow_jax import sample_many
       one_file = mode == "edit" or (
-          mode == "segment" and not sample.is_many(_INPUT.value, _SPLIT.value))
+          mode == "segment" and not sample_many.is_many(_INPUT.value, _SPLIT.value))
       output = storage.parent(_OUTPUT.value) if one_file else _OUTPUT.value
       storage.check(output, "--output", write=True)
 
@@ -207,17 +207,18 @@ def main(argv):
     import tensorflow as tf
     tf.config.set_visible_devices([], "GPU")
 
-  from semflow_jax import checkpoint, sample
+  from semflow_jax import checkpoint, sample, sample_many
+  from semflow_jax.image_files import InputError
   from semflow_jax.data import manual
   try:
     if _ENSEMBLE.value and mode in ("train", "eval"):
-      raise sample.InputError(f"--ensemble is for segment, synthesize and edit, not "
+      raise InputError(f"--ensemble is for segment, synthesize and edit, not "
                               f"--mode={mode} (benchmarks/controls.py measures ensembles)")
     if _SPLIT.value and mode not in ("segment", "synthesize"):
-      raise sample.InputError(f"--split is for segment and synthesize, not --mode={mode}")
-    many = mode in ("segment", "synthesize") and sample.is_many(_INPUT.value, _SPLIT.value)
+      raise InputError(f"--split is for segment and synthesize, not --mode={mode}")
+    many = mode in ("segment", "synthesize") and sample_many.is_many(_INPUT.value, _SPLIT.value)
     if many and (_STYLE.value or _RESAMPLE_CLASSES.value or _RESAMPLE_MASK.value):
-      raise sample.InputError("--style and --resample_* are for one --input label map, not a "
+      raise InputError("--style and --resample_* are for one --input label map, not a "
                               "folder, glob or --split")
     if mode == "train":
       from semflow_jax import train
@@ -226,10 +227,10 @@ def main(argv):
       from semflow_jax import evaluate
       evaluate.evaluate(config, _WORKDIR.value)
     elif mode == "segment" and many:
-      sample.segment_many(config, _WORKDIR.value, _INPUT.value, _OUTPUT.value, _ENSEMBLE.value,
+      sample_many.segment_many(config, _WORKDIR.value, _INPUT.value, _OUTPUT.value, _ENSEMBLE.value,
                           _SPLIT.value)
     elif mode == "synthesize" and many:
-      sample.synthesize_many(config, _WORKDIR.value, _INPUT.value, _OUTPUT.value,
+      sample_many.synthesize_many(config, _WORKDIR.value, _INPUT.value, _OUTPUT.value,
                              _NUM_SAMPLES.value, _ENSEMBLE.value, _SPLIT.value)
     elif mode == "segment":
       sample.segment_file(config, _WORKDIR.value, _INPUT.value, _OUTPUT.value, _ENSEMBLE.value)
@@ -243,7 +244,7 @@ def main(argv):
           colour_transfer=_COLOUR_TRANSFER.value, refine=_REFINE.value,
           resample_classes=_RESAMPLE_CLASSES.value, resample_mask=_RESAMPLE_MASK.value,
           resample_seed=_RESAMPLE_SEED.value)
-  except (sample.InputError, FileNotFoundError,  # bad input file, or no checkpoint yet
+  except (InputError, FileNotFoundError,  # bad input file, or no checkpoint yet
           manual.DataError,  # a dataset file (or a folder dataset's classes.json) is bad
           checkpoint.IncompatibleCheckpointError, checkpoint.ConversionError,
           storage.StorageError) as e:

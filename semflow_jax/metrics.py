@@ -8,14 +8,14 @@ mmsegmentation): one confusion matrix over every pixel of the split whose label 
 label, IoU_c = TP / (TP + FP + FN) per class, and mIoU the mean over the classes that occur in the
 truth or the prediction (a class absent from both has no IoU and is left out of the mean).
 Predictions made at the model's resolution are first resized back to each label's native size
-with nearest neighbour at pixel centres (`resize_nearest`: exact integer arithmetic; PIL's
-NEAREST agrees except where a centre falls exactly on a pixel boundary, which its floating point
-rounds down, e.g. 32 -> 7 columns; integer scale factors never tie).
+with nearest neighbour at pixel centres (`resize.labels`: exact integer arithmetic).
 """
 
 from typing import Optional
 
 import numpy as np
+
+from semflow_jax import resize
 
 IGNORE_LABEL = 255
 
@@ -70,20 +70,6 @@ def iou_from_confusion(confusion: np.ndarray) -> dict:
   }
 
 
-def nearest_indices(size_in: int, size_out: int) -> np.ndarray:
-  """Source index of each output index when resizing `size_in` -> `size_out` with nearest
-  neighbour at pixel centres: floor((i + 1/2) * size_in / size_out), in exact integers."""
-  return ((2 * np.arange(size_out) + 1) * size_in) // (2 * size_out)
-
-
-def resize_nearest(labels: np.ndarray, height: int, width: int) -> np.ndarray:
-  """(h, w) label map -> (height, width), nearest neighbour at pixel centres."""
-  labels = np.asarray(labels)
-  rows = nearest_indices(labels.shape[0], height)
-  cols = nearest_indices(labels.shape[1], width)
-  return labels[rows[:, None], cols[None, :]]
-
-
 def native_confusion(predictions, labels, sizes, num_classes: int, mask=None,
                      ignore_label: int = IGNORE_LABEL) -> np.ndarray:
   """Confusion of model-resolution predictions scored at each label's native size.
@@ -100,7 +86,7 @@ def native_confusion(predictions, labels, sizes, num_classes: int, mask=None,
     if mask is not None and not mask[i]:
       continue
     height, width = (int(s) for s in sizes[i])
-    native = resize_nearest(predictions[i], height, width)
+    native = resize.labels(predictions[i], (height, width))
     confusion += confusion_matrix(labels[i, :height, :width][None], native[None], num_classes,
                                   ignore_label=ignore_label)
   return confusion

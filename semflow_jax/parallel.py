@@ -160,3 +160,9 @@ def to_global(batch: dict, mesh: Mesh) -> dict:
   """Per-process numpy batch -> global jax arrays sharded over the batch axes."""
   sharding = batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in order (its own examples)."""
+  shards = {s.index[0].start or 0: s.data for s in x.addressable_shards}
+  return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from semflow_jax import sample
+from semflow_jax import image_files, sample
 from tests.conftest import REPO
 
 
@@ -34,35 +34,35 @@ def files(tmp_path):
 
 
 def test_missing_file(files):
-  for fn in (sample.read_image, lambda p: sample.read_label_map(p, 7)):
-    with pytest.raises(sample.InputError, match=f"{files['missing']}: no such file"):
+  for fn in (image_files.read_image, lambda p: image_files.read_label_map(p, 7)):
+    with pytest.raises(image_files.InputError, match=f"{files['missing']}: no such file"):
       fn(files["missing"])
 
 
 def test_unreadable_file(files):
-  with pytest.raises(sample.InputError, match=f"{files['garbage']}: not a readable image"):
-    sample.read_image(files["garbage"])
+  with pytest.raises(image_files.InputError, match=f"{files['garbage']}: not a readable image"):
+    image_files.read_image(files["garbage"])
 
 
 def test_mask_that_is_not_single_channel(files):
-  with pytest.raises(sample.InputError,
+  with pytest.raises(image_files.InputError,
                      match=f"{files['rgb_mask']}: not a single-channel label map \\(mode RGB"):
-    sample.read_label_map(files["rgb_mask"], 7)
+    image_files.read_label_map(files["rgb_mask"], 7)
 
 
 def test_label_values_outside_the_classes_are_listed(files):
-  with pytest.raises(sample.InputError,
+  with pytest.raises(image_files.InputError,
                      match=f"{files['bad_values']}: label values 7, 9, 200 are outside"):
-    sample.read_label_map(files["bad_values"], 7)
-  assert sample.read_label_map(files["good_mask"], 7).max() == 3
+    image_files.read_label_map(files["bad_values"], 7)
+  assert image_files.read_label_map(files["good_mask"], 7).max() == 3
   # The same file is fine for a dataset with more classes; 255 passes as ignore.
-  assert sample.read_label_map(files["bad_values"], 201)[1, 0] == 255
+  assert image_files.read_label_map(files["bad_values"], 201)[1, 0] == 255
 
 
 def test_missing_output_and_bad_sample_count(files, tiny_config, tmp_path):
-  with pytest.raises(sample.InputError, match="--output is required"):
+  with pytest.raises(image_files.InputError, match="--output is required"):
     sample.segment_file(tiny_config, str(tmp_path), files["good_mask"], None)
-  with pytest.raises(sample.InputError, match="--num_samples must be >= 1"):
+  with pytest.raises(image_files.InputError, match="--num_samples must be >= 1"):
     sample.synthesize_file(tiny_config, str(tmp_path), files["good_mask"], str(tmp_path), 0)
 
 
@@ -93,10 +93,10 @@ def test_control_flags_are_checked_before_the_model_is_loaded(files, tiny_config
   small = str(tmp_path / "small.png")
   Image.fromarray(np.zeros((6, 8), np.uint8)).save(small)
   wd, out = str(tmp_path), str(tmp_path / "out")
-  with pytest.raises(sample.InputError, match=f"{small}: label map is 6x8, the photo {photo} "
+  with pytest.raises(image_files.InputError, match=f"{small}: label map is 6x8, the photo {photo} "
                      "is 8x8"):
     sample.edit_file(tiny_config, wd, photo, small, out)
-  with pytest.raises(sample.InputError, match=f"{files['bad_values']}: label values 7, 9, 200"):
+  with pytest.raises(image_files.InputError, match=f"{files['bad_values']}: label values 7, 9, 200"):
     sample.edit_file(tiny_config, wd, photo, files["bad_values"], out)
   synth = functools.partial(sample.synthesize_file, tiny_config, wd, files["good_mask"], out, 1)
   for kwargs, message in [
@@ -109,7 +109,7 @@ def test_control_flags_are_checked_before_the_model_is_loaded(files, tiny_config
       (dict(resample_mask=small), f"{small}: mask is 6x8, the label map .* is 8x8"),
       (dict(resample_classes=["1"], resample_seed=0), "--resample_seed=0 is config.sample.seed"),
       (dict(resample_classes=["1"], style=photo), "cannot be combined")]:
-    with pytest.raises(sample.InputError, match=message):
+    with pytest.raises(image_files.InputError, match=message):
       synth(**kwargs)
   assert not os.path.exists(out)
 

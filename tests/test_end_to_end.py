@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from semflow_jax import checkpoint, evaluate, images, sample, train
+from semflow_jax import checkpoint, evaluate, image_files, images, sample, train
 from tests.conftest import REPO, free_port, run_together
 
 REQUIRED_KEYS = {"step", "miou_euler_1", "miou_euler_25", "roundtrip_miou", "diversity",
@@ -210,7 +210,7 @@ def test_two_processes_segment_a_folder_each_its_own_files(trained, tmp_path):
     assert f"segment: {mine} of {mine} images written" in output  # each its own progress line
   predictor = sample.Predictor.load(config, workdir)
   for i in range(len(sizes)):
-    photo = sample.read_image(str(tmp_path / "photos" / f"p{i}.png"))
+    photo = image_files.read_image(str(tmp_path / "photos" / f"p{i}.png"))
     np.testing.assert_array_equal(
         np.asarray(Image.open(tmp_path / "out" / "labels" / f"p{i}.png")), predictor.segment(photo))
 

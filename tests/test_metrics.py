@@ -8,7 +8,7 @@ import scipy.ndimage
 import scipy.stats
 from PIL import Image
 
-from semflow_jax import metrics
+from semflow_jax import metrics, resize
 
 
 def test_miou_by_hand_with_ignore_and_masked_examples():
@@ -92,13 +92,13 @@ def test_nearest_resize_uses_pixel_centres_exactly():
   x = rng.integers(0, 250, (32, 64)).astype(np.uint8)
   # Integer factors (Cityscapes 2048x1024 from a model at 1024x512, ...): identical to PIL.
   for h, w in ((1024, 2048), (64, 128), (96, 64)):
-    np.testing.assert_array_equal(metrics.resize_nearest(x, h, w),
+    np.testing.assert_array_equal(resize.labels(x, (h, w)),
                                   np.asarray(Image.fromarray(x).resize((w, h), Image.NEAREST)))
   # Any size: the source pixel is the one containing the output pixel's centre, exactly.
   for size_in, size_out in ((32, 7), (512, 480), (64, 427), (5, 5)):
     expected = [int(fractions.Fraction(2 * i + 1, 2) * fractions.Fraction(size_in, size_out))
                 for i in range(size_out)]
-    assert metrics.nearest_indices(size_in, size_out).tolist() == expected
+    assert resize.nearest_indices(size_in, size_out).tolist() == expected
 
 
 def test_native_confusion_scores_each_label_at_its_own_size():
@@ -111,7 +111,7 @@ def test_native_confusion_scores_each_label_at_its_own_size():
   labels[1, 8:, :] = 3
   labels[1, :, 8:] = 3
   confusion = metrics.native_confusion(preds, labels[..., None], sizes, 5, mask=np.array([1, 1]))
-  up = metrics.resize_nearest(preds[0], 16, 24)
+  up = resize.labels(preds[0], (16, 24))
   expected = metrics.confusion_matrix(labels[:1], up[None], 5) + \
       metrics.confusion_matrix(labels[1:, :8, :8], preds[1:], 5)
   np.testing.assert_array_equal(confusion, expected)
@@ -146,7 +146,7 @@ def test_miou_equals_cityscapes_official_pixel_level_evaluation_at_native_size(t
     pred_small = np.kron(pred_small, np.ones((2, 2), np.int64))
     flip = rng.random(pred_small.shape) < 0.3
     pred_small[flip] = rng.integers(0, 19, flip.sum())
-    native = metrics.resize_nearest(pred_small, 1024, 2048)
+    native = resize.labels(pred_small, (1024, 2048))
     city = "frankfurt"
     stem = f"{city}_000000_{i:06d}"
     gt_path = tmp_path / "gtFine" / "val" / city / f"{stem}_gtFine_labelIds.png"

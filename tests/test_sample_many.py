@@ -1,4 +1,4 @@
-"""Whole folders and splits in one process (sample.segment_many / synthesize_many): the same
+"""Whole folders and splits in one process (sample_many.segment_many / synthesize_many): the same
 labels as one image at a time, one compilation, resumable, the official output formats scored
 by the official tools."""
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from semflow_jax import evaluate, images, parallel, sample
+from semflow_jax import evaluate, image_files, images, parallel, resize, sample, sample_many
 from semflow_jax.data import classes, pipeline
 from semflow_jax.programs import Programs
 from semflow_jax.semflow import SemFlow
@@ -73,7 +73,7 @@ def test_a_folder_gives_the_labels_of_single_images_with_one_compilation(model_a
   config, model, params = model_and_params
   photos = _photo_folder(str(tmp_path / "photos"))
   batched = sample.Predictor(config, model, params)
-  result = sample.segment_many(config, "", str(tmp_path / "photos"), str(tmp_path / "out"),
+  result = sample_many.segment_many(config, "", str(tmp_path / "photos"), str(tmp_path / "out"),
                                predictor=batched)
   assert result == {"written": 20, "skipped": 0, "output": str(tmp_path / "out")}
   segment = batched.programs.segment(config.sample.seg_steps, config.sample.method)
@@ -82,7 +82,7 @@ def test_a_folder_gives_the_labels_of_single_images_with_one_compilation(model_a
   one_at_a_time = sample.Predictor(config, model, params)  # its own programs
   for name, path in photos.items():
     written = np.asarray(Image.open(tmp_path / "out" / "labels" / (name + ".png")))
-    expected = one_at_a_time.segment(sample.read_image(path))
+    expected = one_at_a_time.segment(image_files.read_image(path))
     assert written.shape == expected.shape == np.asarray(Image.open(path)).shape[:2]
     np.testing.assert_array_equal(written, expected, err_msg=name)
   assert len(np.unique(written)) > 1  # a real test case
@@ -90,7 +90,7 @@ def test_a_folder_gives_the_labels_of_single_images_with_one_compilation(model_a
   # Run again: everything is there, nothing is computed or rewritten.
   first = {n: os.stat(tmp_path / "out" / "labels" / (n + ".png")).st_mtime_ns for n in photos}
   os.remove(tmp_path / "out" / "labels" / "photo_05.png")
-  again = sample.segment_many(config, "", str(tmp_path / "photos"), str(tmp_path / "out"),
+  again = sample_many.segment_many(config, "", str(tmp_path / "photos"), str(tmp_path / "out"),
                               predictor=batched)
   assert (again["written"], again["skipped"]) == (1, 19)
   for n in photos:
@@ -98,14 +98,14 @@ def test_a_folder_gives_the_labels_of_single_images_with_one_compilation(model_a
       assert os.stat(tmp_path / "out" / "labels" / (n + ".png")).st_mtime_ns == first[n], n
   np.testing.assert_array_equal(
       np.asarray(Image.open(tmp_path / "out" / "labels" / "photo_05.png")),
-      one_at_a_time.segment(sample.read_image(photos["photo_05"])))
+      one_at_a_time.segment(image_files.read_image(photos["photo_05"])))
   assert segment.num_executables == 2  # one more batch shape: 1 row per device
 
   # A third run has nothing left to do: it says so, loads no model (the workdir need not
   # exist), and the command exits 0.
   logs = []
   with _absl_info(logs):
-    third = sample.segment_many(config, str(tmp_path / "no_run"), str(tmp_path / "photos"),
+    third = sample_many.segment_many(config, str(tmp_path / "no_run"), str(tmp_path / "photos"),
                                 str(tmp_path / "out"))
   assert third == {"written": 0, "skipped": 20, "output": str(tmp_path / "out")}
   assert any("outputs of all 20 inputs already exist" in l and "nothing left to do" in l
@@ -127,17 +127,17 @@ def test_a_glob_and_an_unreadable_file(model_and_params, tmp_path):
   with open(tmp_path / "photos" / "broken.png", "wb") as f:
     f.write(b"\x89PNG\r\n\x1a\n not an image")
   predictor = sample.Predictor(config, model, params)
-  with pytest.raises(sample.InputError,
+  with pytest.raises(image_files.InputError,
                      match=f"^{tmp_path}/photos/broken.png: not a readable image .*; the other "
                            f"outputs are in {tmp_path}/out$"):
-    sample.segment_many(config, "", str(tmp_path / "photos" / "*.png"), str(tmp_path / "out"),
+    sample_many.segment_many(config, "", str(tmp_path / "photos" / "*.png"), str(tmp_path / "out"),
                         predictor=predictor)
   written = sorted(os.listdir(tmp_path / "out" / "labels"))
   assert written == sorted(n + ".png" for n in photos if "/" not in n)  # the glob: no sub/
   for bad, message in [(str(tmp_path / "nothing*.png"), "no input files"),
                        (str(tmp_path / "missing"), "missing: no such folder")]:
-    with pytest.raises(sample.InputError, match=message):
-      sample.segment_many(config, "", bad, str(tmp_path / "out2"), predictor=predictor)
+    with pytest.raises(image_files.InputError, match=message):
+      sample_many.segment_many(config, "", bad, str(tmp_path / "out2"), predictor=predictor)
 
 
 def test_synthesis_of_a_folder_keys_every_sample_by_its_input(model_and_params, tmp_path):
@@ -149,14 +149,14 @@ def test_synthesis_of_a_folder_keys_every_sample_by_its_input(model_and_params, 
     maps[f"mask_{i}"] = labels
     Image.fromarray(labels).save(tmp_path / f"mask_{i}.png")
   predictor = sample.Predictor(config, model, params)
-  result = sample.synthesize_many(config, "", str(tmp_path / "mask_*.png"),
+  result = sample_many.synthesize_many(config, "", str(tmp_path / "mask_*.png"),
                                   str(tmp_path / "all"), 2, predictor=predictor)
   assert result["written"] == 3
   for name, labels in maps.items():
     a, b = (np.asarray(Image.open(tmp_path / "all" / f"{name}_{i}.png")) for i in (0, 1))
     assert a.shape == (*labels.shape, 3) and not np.array_equal(a, b)
   # Alone, an input gets the same samples: its noise depends on its name, not on the batch.
-  sample.synthesize_many(config, "", str(tmp_path / "mask_2.png*"), str(tmp_path / "alone"), 2,
+  sample_many.synthesize_many(config, "", str(tmp_path / "mask_2.png*"), str(tmp_path / "alone"), 2,
                          predictor=predictor)
   for i in (0, 1):
     with open(tmp_path / "all" / f"mask_2_{i}.png", "rb") as f1, \
@@ -165,7 +165,7 @@ def test_synthesis_of_a_folder_keys_every_sample_by_its_input(model_and_params, 
   # Again: every sample is there, nothing is left to do and no model is loaded.
   logs = []
   with _absl_info(logs):
-    again = sample.synthesize_many(config, str(tmp_path / "no_run"), str(tmp_path / "mask_*.png"),
+    again = sample_many.synthesize_many(config, str(tmp_path / "no_run"), str(tmp_path / "mask_*.png"),
                                    str(tmp_path / "all"), 2)
   assert (again["written"], again["skipped"]) == (0, 3)
   assert any("outputs of all 3 inputs already exist" in l for l in logs), logs
@@ -181,14 +181,14 @@ def test_outputs_are_checked_before_anything_is_loaded(tmp_path, tiny_config):
        f"--output={tmp_path}/a_dir is a directory; this mode writes the label map PNG"),
       (lambda: sample.synthesize_file(tiny_config, no_run, str(photo), str(photo), 2),
        f"--output={photo} is a file; this mode writes a directory of samples"),
-      (lambda: sample.segment_many(tiny_config, no_run, str(tmp_path), str(photo)),
+      (lambda: sample_many.segment_many(tiny_config, no_run, str(tmp_path), str(photo)),
        f"--output={photo} is a file; this mode writes a directory"),
-      (lambda: sample.segment_many(tiny_config, no_run, str(tmp_path), str(tmp_path / "o"),
+      (lambda: sample_many.segment_many(tiny_config, no_run, str(tmp_path), str(tmp_path / "o"),
                                    split="validation"),
        "give one of them"),
       (lambda: sample.edit_file(tiny_config, no_run, str(photo), str(photo),
                                 str(tmp_path / "a_dir")), "is a directory")]:
-    with pytest.raises(sample.InputError, match=message):
+    with pytest.raises(image_files.InputError, match=message):
       call()
   assert sorted(os.listdir(tmp_path)) == ["a_dir", "photo.png"]
 
@@ -227,7 +227,7 @@ def test_a_cityscapes_split_scored_by_cityscapesscripts_equals_the_projects_miou
 
   predictor = sample.Predictor(config, model, params)
   out = tmp_path / "predictions"
-  summary = sample.segment_many(config, "", None, str(out), split="validation",
+  summary = sample_many.segment_many(config, "", None, str(out), split="validation",
                                 predictor=predictor)
   assert summary["written"] == 3
   predictions = sorted(str(out / "labelIds" / n) for n in os.listdir(out / "labelIds"))
@@ -246,7 +246,7 @@ def test_a_cityscapes_split_scored_by_cityscapesscripts_equals_the_projects_miou
     ids = np.asarray(Image.open(p.replace("/labelIds/", "/labels/")))
     np.testing.assert_array_equal(table[ids], np.asarray(Image.open(p)))
   # Synthesis of the split: one image per mask at its native size.
-  synthesized = sample.synthesize_many(config, "", None, str(tmp_path / "synth"), 1,
+  synthesized = sample_many.synthesize_many(config, "", None, str(tmp_path / "synth"), 1,
                                        split="validation", predictor=predictor)
   assert synthesized["written"] == 3
   for name in os.listdir(tmp_path / "synth"):
@@ -280,10 +280,10 @@ def test_files_reach_the_model_resized_as_the_input_pipeline_resizes_a_dataset()
     photo = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     labels = rng.integers(0, 20, (h, w), dtype=np.uint8)
     theirs = pipeline._resize(tf.constant(photo), size, nearest=False).numpy().astype(int)
-    ours = sample.image_to_size(photo, size).astype(int)
+    ours = resize.image(photo, size).astype(int)
     assert ours.shape == (*size, 3)
     # float32 sums in another order: a value may round the other way, very rarely
     assert np.abs(ours - theirs).max() <= 1 and (ours != theirs).mean() < 1e-3, (h, w)
     np.testing.assert_array_equal(
-        sample.labels_to_size(labels, size),
+        resize.labels(labels, size),
         pipeline._resize(tf.constant(labels[..., None]), size, nearest=True).numpy()[..., 0])

@@ -18,7 +18,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from semflow_jax import anchors, sample
+from semflow_jax import anchors, image_files
 from semflow_jax.studio import app as studio_app
 from semflow_jax.studio import canvas
 from tests import studio_fixtures
@@ -94,7 +94,7 @@ def test_load_photo_returns_the_decoded_photo_losslessly(served, photo, tmp_path
   image, _ = photo
   jpeg = str(tmp_path / "photo.jpg")
   Image.fromarray(image).save(jpeg, quality=80)
-  for path, expected in [(photo[1], image), (jpeg, sample.read_image(jpeg))]:
+  for path, expected in [(photo[1], image), (jpeg, image_files.read_image(jpeg))]:
     out = served.client.predict(handle_file(path), api_name="/load_photo")
     np.testing.assert_array_equal(read_png(out), expected)
 
@@ -379,7 +379,7 @@ def test_command_line_serves_on_loopback_with_a_password_and_no_share_link(serve
                     download_files=str(tmp_path))
     try:
       out = client.predict(handle_file(served.studio.examples[0]), api_name="/load_photo")
-      np.testing.assert_array_equal(read_png(out), sample.read_image(served.studio.examples[0]))
+      np.testing.assert_array_equal(read_png(out), image_files.read_image(served.studio.examples[0]))
     finally:
       client.close()
   finally:

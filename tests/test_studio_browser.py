@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from semflow_jax import sample
+from semflow_jax import image_files
 from semflow_jax.studio import app as studio_app
 from tests import studio_fixtures
 from tests.studio_fixtures import write_png
@@ -135,7 +135,7 @@ def test_segment_paint_synthesise_and_edit_in_a_browser(browser_page):
   predictor, names = studio.predictor, studio.names
   seg_steps, synth_steps, method, seed = studio._defaults()
   photo_path = studio.examples[1]
-  photo = sample.read_image(photo_path)
+  photo = image_files.read_image(photo_path)
 
   # Upload a photo: the page shows it, unchanged.
   _upload(page, "Upload a photo", photo_path)
@@ -212,10 +212,10 @@ def test_bad_uploads_show_a_message_and_the_next_request_is_served(browser_page)
   photo_path = studio.examples[2]
   _upload(page, "Upload a photo", photo_path)
   [src] = _new_src(page, "#photo img", old=old_photo)
-  np.testing.assert_array_equal(_fetch(page, src), sample.read_image(photo_path))
+  np.testing.assert_array_equal(_fetch(page, src), image_files.read_image(photo_path))
   page.click("#segment")
   [labels_url] = _new_src(page, "#labels_file a", old=old)
   seg_steps, _, method, _ = studio._defaults()
   np.testing.assert_array_equal(_fetch(page, labels_url),
-                                studio.predictor.segment(sample.read_image(photo_path), seg_steps,
+                                studio.predictor.segment(image_files.read_image(photo_path), seg_steps,
                                                          method))

@@ -23,8 +23,8 @@ The work runs in one tf.data graph: computing indices, reading records (batched,
 `tfds`' ArrayRecord data source), then, on tf.data's thread pool (C++ threads, no extra
 processes), parsing, decoding, cropping, resizing and flipping each example, then batching with
 a fixed prefetch (PREFETCH_BATCHES), so what a process reads ahead is bounded. Images are resized bicubic with antialiasing, labels
-nearest (`resize_image` / `resize_label` are the same operations on numpy arrays, for callers
-outside the pipeline).
+nearest (`semflow_jax.resize.image` / `resize.labels` are the same operations in numpy, for
+callers outside the pipeline).
 
 Adding a second per-example source (e.g. cached image latents keyed by the same example index):
 read it beside the record in `_read_records` (same indices), and transform its arrays in
@@ -248,21 +248,6 @@ def _resize(x, size, nearest: bool):
     return tf.cast(tf.clip_by_value(tf.round(y), 0, 255), x.dtype)
   same = tf.reduce_all(tf.equal(tf.shape(x)[:2], size))
   return tf.ensure_shape(tf.cond(same, lambda: x, resize), (*size, x.shape[-1]))
-
-
-def resize_image(image: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
-  """uint8 (H, W, C) -> (size[0], size[1], C): the pipeline's image resize (bicubic with
-  antialiasing, rounded), for callers outside the pipeline."""
-  return _resize(tf.convert_to_tensor(image), tuple(size), nearest=False).numpy()
-
-
-def resize_label(label: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
-  """uint8 (H, W) or (H, W, 1) -> the same rank at `size`: the pipeline's label resize (nearest
-  neighbour with half-pixel centres)."""
-  label = np.asarray(label)
-  out = _resize(tf.convert_to_tensor(label.reshape(*label.shape[:2], -1)), tuple(size),
-                nearest=True).numpy()
-  return out.reshape(*size) if label.ndim == 2 else out
 
 
 class Augmentation(NamedTuple):

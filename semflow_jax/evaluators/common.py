@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from semflow_jax import flow, metrics
+from semflow_jax import flow, metrics, parallel
 from semflow_jax.programs import Programs
 from semflow_jax.semflow import SemFlow
 
@@ -104,7 +104,7 @@ class Rows(Mapping):
 
   def __getitem__(self, key):
     if key not in self._host:
-      self._host[key] = local_rows(self._arrays[key])
+      self._host[key] = parallel.local_rows(self._arrays[key])
     return self._host[key]
 
   def __iter__(self):
@@ -253,13 +253,7 @@ def load(name: str):
                    f"semflow_jax/evaluators/{name}.py); there are {names()}")
 
 
-# -- this process's rows, and sums over processes ------------------------------------------------
-def local_rows(x: jax.Array) -> np.ndarray:
-  """This process's rows of a batch-sharded global array, in order (its own examples)."""
-  shards = {s.index[0].start or 0: s.data for s in x.addressable_shards}
-  return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
-
-
+# -- sums over processes --------------------------------------------------------------------------
 LIMB_BITS = 16  # int64 = 4 limbs; a uint32 holds the sum of 65536 processes' limbs
 _LIMBS = 64 // LIMB_BITS
 FIXED_POINT_BITS = 62  # floats are summed as integers: 62 bits below the largest magnitude

@@ -72,7 +72,7 @@ def main(argv):
     studio = studio_app.from_workdir(_CONFIG.value, _WORKDIR.value, _ENSEMBLE.value,
                                      _EXAMPLES.value, _MAX_SIDE.value)
   except (ValueError, FileNotFoundError, checkpoint.IncompatibleCheckpointError,
-          storage.StorageError) as e:  # sample.InputError is a ValueError
+          storage.StorageError) as e:  # image_files.InputError is a ValueError
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   try:

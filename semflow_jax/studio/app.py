@@ -21,7 +21,7 @@ import numpy as np
 import PIL.Image
 from absl import logging
 
-from semflow_jax import anchors, flow, images, sample, storage
+from semflow_jax import anchors, flow, image_files, images, sample, storage
 from semflow_jax.studio import canvas
 
 PNG = "png"
@@ -99,14 +99,14 @@ class Studio:
     aspect ratio to survive the resize to its resolution."""
     h, w = shape[:2]
     if min(h, w) < 1:
-      raise sample.InputError(f"{name}: empty image ({h}x{w})")
+      raise image_files.InputError(f"{name}: empty image ({h}x{w})")
     if max(h, w) > self.max_side:
-      raise sample.InputError(f"{name}: {h}x{w} is larger than the studio takes "
+      raise image_files.InputError(f"{name}: {h}x{w} is larger than the studio takes "
                               f"(--max_side={self.max_side})")
     mh, mw = self.model.image_size
     distortion = (h / w) / (mh / mw)
     if not 1.0 / MAX_ASPECT_DISTORTION <= distortion <= MAX_ASPECT_DISTORTION:
-      raise sample.InputError(
+      raise image_files.InputError(
           f"{name}: {h}x{w} cannot be resized to the model's {mh}x{mw} without squashing it "
           f"more than {MAX_ASPECT_DISTORTION:g}x; crop it closer to the model's aspect ratio")
 
@@ -114,7 +114,7 @@ class Studio:
     """(PIL image, the upload's file name): its size is checked from the header, before the
     pixels are decoded."""
     if not path:
-      raise sample.InputError(f"no {what} was uploaded")
+      raise image_files.InputError(f"no {what} was uploaded")
     name = os.path.basename(path)
     with open(path, "rb") as f:  # Gradio's local copy of the upload
       data = f.read()
@@ -125,7 +125,7 @@ class Studio:
       size = None
     if size is not None:
       self._check_size(size[::-1], name)
-    return sample.decode_image(data, name), name
+    return image_files.decode_image(data, name), name
 
   def _photo(self, path: Optional[str], what: str = "photo") -> np.ndarray:
     return np.asarray(self._read_upload(path, what)[0].convert("RGB"))
@@ -133,13 +133,13 @@ class Studio:
   def _labels(self, path: Optional[str], what: str = "label map") -> np.ndarray:
     """A label PNG of class ids (an upload, or the studio's own label file) -> uint8 (H, W)."""
     image, name = self._read_upload(path, what)
-    return sample.label_map_from_image(image, name, self.model.num_classes)
+    return image_files.label_map_from_image(image, name, self.model.num_classes)
 
   def _check_sampler(self, steps, method) -> tuple:
     try:
       flow.check_sampler(steps, method)
     except ValueError as e:
-      raise sample.InputError(str(e)) from None
+      raise image_files.InputError(str(e)) from None
     return int(steps), method
 
   def _output_dir(self) -> str:
@@ -185,7 +185,7 @@ class Studio:
       return self.names.index(class_name)
     except ValueError:
       shown = ", ".join(self.names[:12]) + (", ..." if len(self.names) > 12 else "")
-      raise sample.InputError(f"unknown class {class_name!r}; the model's classes are {shown}"
+      raise image_files.InputError(f"unknown class {class_name!r}; the model's classes are {shown}"
                               ) from None
 
   def _editor(self, labels: np.ndarray, class_name: str):
@@ -213,7 +213,7 @@ class Studio:
   def segment(self, photo: Optional[np.ndarray], seg_steps, sampler, brush_class,
               progress=gr.Progress()):
     if photo is None:
-      raise sample.InputError("upload or pick a photo first")
+      raise image_files.InputError("upload or pick a photo first")
     self._check_size(photo.shape, "photo")
     steps, sampler = self._check_sampler(seg_steps, sampler)
     progress(0.1, desc=f"segmenting: {steps} {sampler} steps" +
@@ -250,7 +250,7 @@ class Studio:
     """The canvas as the model reads it: every pixel snapped to the nearest anchor (or ignore)."""
     labels = canvas.editor_labels(editor, self.palette)
     if labels is None:
-      raise sample.InputError("the canvas is empty: segment a photo, upload a label PNG or start "
+      raise image_files.InputError("the canvas is empty: segment a photo, upload a label PNG or start "
                               "a blank canvas")
     self._check_size(labels.shape, "canvas")
     return self._labels_outputs(labels)
@@ -277,18 +277,18 @@ class Studio:
     n, seed, new_seed = self._count(num_samples), int(seed), int(new_seed)
     steps, sampler = self._check_sampler(synth_steps, sampler)
     if new_seed == seed:
-      raise sample.InputError(f"the re-sample seed {new_seed} is the samples' seed: the region "
+      raise image_files.InputError(f"the re-sample seed {new_seed} is the samples' seed: the region "
                               "would not change")
     region = np.isin(labels, [self._class_id(c) for c in classes or []])
     painted = canvas.painted_region(region_editor)
     if painted is not None:
       if painted.shape != labels.shape:
-        raise sample.InputError(f"the painted region is {painted.shape[0]}x{painted.shape[1]}, "
+        raise image_files.InputError(f"the painted region is {painted.shape[0]}x{painted.shape[1]}, "
                                 f"the label map {labels.shape[0]}x{labels.shape[1]}: synthesise "
                                 "again and paint over the new sample")
       region |= painted
     if not region.any():
-      raise sample.InputError("nothing to re-sample: paint a region over the sample or choose "
+      raise image_files.InputError("nothing to re-sample: paint a region over the sample or choose "
                               "classes that the label map has")
     progress(0.1, desc=f"re-sampling {int(region.sum())} pixels of {n} sample(s)" +
              self._compile_note("resample", n, steps=steps, method=sampler))
@@ -305,11 +305,11 @@ class Studio:
             colour_transfer, num_samples, seed, synth_steps, sampler, progress=gr.Progress()):
     labels = self._labels(labels_file)
     if reference is None:
-      raise sample.InputError("upload or pick a reference image first")
+      raise image_files.InputError("upload or pick a reference image first")
     self._check_size(reference.shape, "reference image")
     n, seed, strength = self._count(num_samples), int(seed), float(strength)
     if not 0.0 <= strength <= 1.0:
-      raise sample.InputError(f"style strength {strength} must be in [0, 1] (1 = plain "
+      raise image_files.InputError(f"style strength {strength} must be in [0, 1] (1 = plain "
                               "synthesis, 0 = the reference itself)")
     steps, sampler = self._check_sampler(synth_steps, sampler)
     progress(0.1, desc=f"synthesising {n} sample(s) in the reference's style" +
@@ -323,14 +323,14 @@ class Studio:
   def edit(self, photo: Optional[np.ndarray], labels_file: Optional[str], method: str, seg_steps,
            synth_steps, sampler, progress=gr.Progress()):
     if photo is None:
-      raise sample.InputError("upload or pick a photo first")
+      raise image_files.InputError("upload or pick a photo first")
     labels = self._labels(labels_file)
     if labels.shape != photo.shape[:2]:
-      raise sample.InputError(f"the label map is {labels.shape[0]}x{labels.shape[1]}, the photo "
+      raise image_files.InputError(f"the label map is {labels.shape[0]}x{labels.shape[1]}, the photo "
                               f"{photo.shape[0]}x{photo.shape[1]}: start the labels from the "
                               "photo's segmentation (or a blank canvas with the photo loaded)")
     if method not in sample.EDIT_METHODS:
-      raise sample.InputError(f"edit method {method!r}: expected one of "
+      raise image_files.InputError(f"edit method {method!r}: expected one of "
                               f"{', '.join(sample.EDIT_METHODS)}")
     seg_steps, _ = self._check_sampler(seg_steps, sampler)
     steps, sampler = self._check_sampler(synth_steps, sampler)
@@ -347,7 +347,7 @@ class Studio:
   def _count(self, num_samples) -> int:
     n = int(num_samples)
     if not 1 <= n <= MAX_SAMPLES:
-      raise sample.InputError(f"number of samples {n} must be in 1..{MAX_SAMPLES}")
+      raise image_files.InputError(f"number of samples {n} must be in 1..{MAX_SAMPLES}")
     return n
 
   def warm_up(self, num_samples: int) -> None:
@@ -527,14 +527,14 @@ class Studio:
 
 
 def _errors(fn):
-  """Bad input (sample.InputError) -> gr.Error: one line on the page, the server serves on."""
+  """Bad input (image_files.InputError) -> gr.Error: one line on the page, the server serves on."""
   import functools
 
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
     try:
       return fn(*args, **kwargs)
-    except sample.InputError as e:
+    except image_files.InputError as e:
       raise gr.Error(str(e), print_exception=False) from None
   return wrapped
 
@@ -606,13 +606,13 @@ def example_photos(config, examples: Optional[str], directory: str) -> list:
   paths = []
   if examples:
     if not storage.is_dir(examples):
-      raise sample.InputError(f"--examples={examples}: not a folder")
+      raise image_files.InputError(f"--examples={examples}: not a folder")
     names = sorted(n for n in storage.listdir(examples) if n.lower().endswith(IMAGE_SUFFIXES))
     if not names:
-      raise sample.InputError(f"--examples={examples}: no image files "
+      raise image_files.InputError(f"--examples={examples}: no image files "
                               f"({', '.join(IMAGE_SUFFIXES)})")
     for name in names[:MAX_EXAMPLES]:
-      image = sample.read_image(storage.join(examples, name))
+      image = image_files.read_image(storage.join(examples, name))
       paths.append(os.path.join(directory, os.path.splitext(name)[0] + ".png"))
       images.write_png(paths[-1], image)
   elif config.data.name == "synthetic_scenes":
