@@ -38,12 +38,11 @@ import numpy as np
 from absl import app, flags, logging
 
 from semflow_jax import checkpoint, storage
-from semflow_jax.convert import ConversionError, convert_state_dict, read_state_dict
+from semflow_jax.checkpoint import ConversionError
 from semflow_jax.models import inception as inception_lib
 from semflow_jax.models import lpips as lpips_lib
+from semflow_jax.weights import INCEPTION, LPIPS, convert_state_dict, read_state_dict
 
-INCEPTION = "inception"
-LPIPS = "lpips"
 # The published file's SHA-256 begins with the hash in its name (the torch.hub convention).
 INCEPTION_SHA256_PREFIX = "6726825d"
 
@@ -142,31 +141,10 @@ def convert(output: str, inception: Optional[str] = None, lpips_alex: Optional[s
   return output
 
 
-def _load(path: str, net: str, abstract, config_key: str, flag_hint: str):
-  net_dir = checkpoint.converted_dir(
-      storage.join(path, net), f"{config_key}={path}: no converted {net} weights",
-      f"create them with python -m semflow_jax.convert_eval_nets {flag_hint} --output={path}")
-  params_dir = storage.join(net_dir, "params")
-  return checkpoint.read_params(params_dir, abstract, f"{config_key}={path}: {params_dir} does "
-                               f"not match the {net} network", "the network")
-
-
-def load_inception(path: str, config_key: str = "config.eval.fid_weights"):
-  """Host numpy params of `inception.InceptionV3` from a directory written by `convert`."""
-  return _load(path, INCEPTION, inception_lib.abstract_params(), config_key,
-               "--inception=pt_inception-2015-12-05-6726825d.pth")
-
-
-def load_lpips(path: str, config_key: str = "config.eval.lpips_weights"):
-  """Host numpy params of `lpips.LPIPS` from a directory written by `convert`."""
-  return _load(path, LPIPS, lpips_lib.abstract_params(), config_key,
-               "--lpips_alex=alexnet-owt-7be5be79.pth --lpips_heads=alex.pth")
-
-
 # -- command line ----------------------------------------------------------------------------------
 def _define_flags():
-  """Defined only when run as a program: evaluation imports this module for the loaders, and
-  `--output` is taken by semflow_jax.main there."""
+  """Defined only when run as a program (tests import this module for its functions, and
+  `--output` is taken by semflow_jax.main)."""
   flags.DEFINE_string("inception", None, "pytorch-fid's pt_inception-2015-12-05-6726825d.pth.")
   flags.DEFINE_string("lpips_alex", None, "torchvision's AlexNet state dict "
                       "(alexnet-owt-7be5be79.pth), the LPIPS trunk.")

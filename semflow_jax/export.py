@@ -11,7 +11,7 @@ a PyTorch example). The weights are the EMA parameters when the run kept them (`
 trained ones) of the latest checkpoint; the config is the run's `config.json` (or `--config`).
 
 Keys are the converter's mapping run backwards: every key of diffusers' own model goes through
-`convert._flax_path`, the parameter at that path is transposed back (HWIO -> OIHW, (in, out) ->
+`weights.flax_path`, the parameter at that path is transposed back (HWIO -> OIHW, (in, out) ->
 (out, in)) and its shape checked against diffusers' tensor, so any key the converter reads, the
 export writes. Only SD-shaped UNets (`config.model.unet='sd'`) have a diffusers equivalent; the
 small pixel-space UNet is refused in one line. Needs torch and diffusers
@@ -33,8 +33,8 @@ from flax import traverse_util
 
 from semflow_jax import cli, parallel, state, storage
 from semflow_jax.checkpoint import ConversionError
-from semflow_jax.convert import _flax_path
 from semflow_jax.semflow import SemFlow
+from semflow_jax.weights import flax_path, to_torch
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 CONTEXT_FILE = "empty_prompt_embedding.npy"
@@ -43,21 +43,6 @@ CONVENTIONS_FILE = "semflow.json"
 
 class ExportError(ValueError):
   """The run cannot be exported (one line naming what and why)."""
-
-
-def _to_torch(value: np.ndarray, torch_shape) -> np.ndarray:
-  """A Flax parameter -> the layout of the PyTorch tensor of `torch_shape` (convert._to_flax
-  backwards)."""
-  torch_shape = tuple(torch_shape)
-  if len(torch_shape) == 4:
-    if value.ndim == 2:  # a 1x1 conv in PyTorch, a Dense in Flax
-      value = value[None, None]
-    return value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
-  if len(torch_shape) == 2:
-    if value.ndim == 4:  # the reverse: a linear in PyTorch, a 1x1 conv in Flax
-      value = value[0, 0]
-    return value.T
-  return value
 
 
 def unet_state_dict(unet_params, diffusers_unet) -> dict:
@@ -69,11 +54,11 @@ def unet_state_dict(unet_params, diffusers_unet) -> dict:
   expected = {k: tuple(v.shape) for k, v in flat.items()}
   out, problems, used = {}, [], set()
   for key, tensor in diffusers_unet.state_dict().items():
-    path = _flax_path(key, expected)
+    path = flax_path(key, expected)
     if path not in flat:
       problems.append(f"{key}: no parameter {'/'.join(path)}")
       continue
-    value = _to_torch(flat[path], tensor.shape)
+    value = to_torch(flat[path], tensor.shape)
     if value.shape != tuple(tensor.shape):
       problems.append(f"{key}: {tuple(tensor.shape)} in diffusers, {value.shape} from "
                       f"{'/'.join(path)}")

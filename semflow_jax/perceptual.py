@@ -1,7 +1,7 @@
 """FID and LPIPS on the device mesh: Inception features and LPIPS distances sharded like
 training, and FID statistics of image sets (with an .npz cache format).
 
-  params = convert_eval_nets.load_inception(config.eval.fid_weights)
+  params = weights.load_inception(config.eval.fid_weights)
   extractor = perceptual.InceptionFeatures(params, mesh)
   mu, sigma, _ = perceptual.statistics_of(batches, extractor)
   fid = metrics.frechet_distance(mu, sigma, ref_mu, ref_sigma)

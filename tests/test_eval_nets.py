@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from jax.sharding import Mesh
 
 from semflow_jax import convert_eval_nets, parallel, perceptual
-from semflow_jax.convert import ConversionError
+from semflow_jax.checkpoint import ConversionError
 from semflow_jax.models import inception, lpips
+from semflow_jax.weights import load_inception, load_lpips, read_state_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -193,7 +194,7 @@ def fid_net(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fid_params(fid_net):
-  return convert_eval_nets.inception_params(convert_eval_nets.read_state_dict(fid_net["path"]),
+  return convert_eval_nets.inception_params(read_state_dict(fid_net["path"]),
                                             fid_net["path"])
 
 
@@ -327,13 +328,13 @@ def test_inception_converter_refuses_missing_extra_or_misshaped_keys(fid_net, tm
 
 def test_converted_inception_round_trips_and_loader_checks(fid_net, fid_params, tmp_path):
   output = convert_eval_nets.convert(str(tmp_path / "nets"), inception=fid_net["path"])
-  loaded = convert_eval_nets.load_inception(output)
+  loaded = load_inception(output)
   jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, fid_params))
   with pytest.raises(ConversionError, match="already exists"):
     convert_eval_nets.convert(output, inception=fid_net["path"])
   # This directory holds no LPIPS: the loader says which config key and how to make it.
   with pytest.raises(FileNotFoundError, match="config.eval.lpips_weights=.*convert_eval_nets"):
-    convert_eval_nets.load_lpips(output)
+    load_lpips(output)
   missing = str(tmp_path / "no_such.pth")
   with pytest.raises(ConversionError, match=f"--inception={re.escape(missing)}: no such file"):
     convert_eval_nets.convert(str(tmp_path / "other"), inception=missing)
@@ -347,7 +348,7 @@ def test_lpips_loader_refuses_a_checkpoint_of_other_shapes(lpips_net, tmp_path):
   convert_eval_nets._save(str(tmp_path), "lpips", tampered, {})
   with pytest.raises(ConversionError, match=r"(?s)config.eval.lpips_weights=.*lin3/model_1/"
                      r"kernel: stored \(1, 1, 128, 1\), the network expects \(1, 1, 256, 1\)"):
-    convert_eval_nets.load_lpips(str(tmp_path))
+    load_lpips(str(tmp_path))
 
 
 # -- LPIPS -----------------------------------------------------------------------------------------
@@ -404,8 +405,8 @@ def torch_lpips(trunk, heads, x0_uint8, x1_uint8):
 @pytest.fixture(scope="module")
 def lpips_net(lpips_files):
   params = convert_eval_nets.lpips_params(
-      convert_eval_nets.read_state_dict(lpips_files["trunk_path"]),
-      convert_eval_nets.read_state_dict(lpips_files["heads_path"]))
+      read_state_dict(lpips_files["trunk_path"]),
+      read_state_dict(lpips_files["heads_path"]))
   return perceptual.LpipsDistances(params, _mesh(4)), params
 
 
@@ -469,7 +470,7 @@ def test_converter_cli_writes_lpips_or_exits_2_naming_the_problem(lpips_files, l
   done = subprocess.run(command + [f"--lpips_heads={lpips_files['heads_path']}"], cwd=REPO,
                         capture_output=True, text=True, env=env, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
-  loaded = convert_eval_nets.load_lpips(str(output))
+  loaded = load_lpips(str(output))
   jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, lpips_net[1]))
 
 

@@ -31,8 +31,8 @@ class Metric(common.Metric):
     self._reference = None  # (mu, sigma) of the real split, computed or read once per run
     weights = run.config.eval.get("fid_weights")
     if weights:
-      from semflow_jax import convert_eval_nets, perceptual
-      self.features = perceptual.InceptionFeatures(convert_eval_nets.load_inception(weights),
+      from semflow_jax import perceptual, weights
+      self.features = perceptual.InceptionFeatures(weights.load_inception(weights),
                                                    run.mesh)
     else:
       self.skipped.update({n: "config.eval.fid_weights is not set (convert pytorch-fid's "
