@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from semflow_jax import anchors, flow, images, metrics, parallel, state, storage
+from semflow_jax import anchors, flow, images, metric_writer, metrics, parallel, state, storage
 from semflow_jax.data import pipeline
 from semflow_jax.evaluators import common
 from semflow_jax.programs import Program, Programs
@@ -285,7 +285,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.make_mesh(config)
   model = SemFlow.from_config(config, mesh)
   params, step = state.load_params(config, workdir, mesh)
-  writer = storage.metric_writer(workdir, config)
+  writer = metric_writer.for_run(workdir, config)
   builder = pipeline.get_builder(config.data)
   evaluator = Evaluator(config, model, Programs(model), builder, mesh)
   result = evaluator(params, step, workdir, writer)

@@ -299,12 +299,3 @@ def check(path: PathLike, what: str, write: bool = False) -> None:
                        "check the network, the bucket name and STORAGE_EMULATOR_HOST if set)")
   if "error" in outcome:
     raise outcome["error"]
-
-
-def metric_writer(workdir: PathLike, config):
-  """clu's metric writer for a run: TensorBoard event files in `workdir` from process 0 when
-  `config.train.tensorboard` (default True), else the console only (sweeps and tests)."""
-  import jax
-  from clu import metric_writers
-  enabled = config.train.get("tensorboard", True) and jax.process_index() == 0
-  return metric_writers.create_default_writer(resolve(workdir), just_logging=not enabled)

@@ -19,8 +19,8 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from semflow_jax import checkpoint, evaluate, flops, job, parallel, runtime, state as state_lib
-from semflow_jax import storage
+from semflow_jax import checkpoint, evaluate, flops, job, metric_writer, parallel, runtime
+from semflow_jax import state as state_lib, storage
 from semflow_jax.data import pipeline
 from semflow_jax.step import compile_train_step
 from semflow_jax.programs import Programs
@@ -81,9 +81,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   t = config.train
   workdir = storage.resolve(workdir)  # a gs:// URL stays a URL
-  is_main = jax.process_index() == 0
-
-  profile_first, profile_last = _profile_steps(t)
   mesh = parallel.make_mesh(config)
   micro_batches = t.get("grad_accum_steps", 1)
   per_process_batch = parallel.batch_size_per_process(t.batch_size, mesh, micro_batches)
@@ -91,143 +88,61 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tx = state_lib.make_optimizer(config)
   logging.info("mesh %s; global batch %d (%d per process, %d micro-batches)", dict(mesh.shape),
                t.batch_size, per_process_batch, micro_batches)
-
-  # Restore before writing anything: a workdir of another model is refused, never overwritten.
+  profile = _Profile(t, workdir)
   manager = checkpoint.make_manager(workdir, t.keep_checkpoints)
-  abstract_state = state_lib.abstract(model, tx, config, mesh)
+  train_iter = writer = preemption = None
   try:
-    state_lib.check_resumable(manager)
-    restored = checkpoint.restore_latest(manager, abstract_state, model.checkpoint_record())
-  except Exception:
-    manager.close()
-    raise
-  state, data_state = restored if restored else (state_lib.create(model, tx, config, mesh), None)
-  start_step = int(state.step)
-  num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  state_bytes = parallel.bytes_per_device(abstract_state)
-  logging.info("UNet parameters: %s; train state %.1f MiB per device; starting at step %d of %d",
-               f"{num_params:,}", state_bytes / 2**20, start_step, t.num_steps)
-  if is_main:
-    storage.write_text(storage.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+    # Restore before writing anything: a workdir of another model is refused, never overwritten.
+    state, data_state, abstract_state = _restore_or_create(manager, model, tx, config, mesh)
+    start_step = int(state.step)
+    if jax.process_index() == 0:
+      storage.write_text(storage.join(workdir, "config.json"),
+                         config.to_json_best_effort(indent=2))
+    builder = pipeline.get_builder(config.data)
+    train_iter = _train_iterator(builder, config, per_process_batch, data_state)
+    train_step, step_flops, evaluator = _compile(model, tx, config, mesh, abstract_state,
+                                                 builder, train_iter.element_spec)
+    writer = metric_writer.for_run(workdir, config)
+    if start_step == 0 and jax.process_index() == 0 and t.get("tensorboard", True):
+      writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()
+                            if isinstance(v, (int, float, str, bool))})
+    log = _TrainLog(t, writer, step_flops, mesh.devices.flat[0], start_step, manager.directory)
+    preemption = Preemption()
 
-  builder = pipeline.get_builder(config.data)
-  preprocess = pipeline.Preprocess.from_config(config.data)
-  if data_state is None:
-    train_iter = pipeline.TrainIterator(builder, per_process_batch, config.seed, 0,
-                                        config.data.flip, preprocess=preprocess)
-  else:
-    train_iter = pipeline.TrainIterator.from_state(builder, data_state, per_process_batch,
-                                                   config.seed, config.data.flip,
-                                                   preprocess=preprocess)
+    def evaluate_at(step):
+      """The evaluation of `step`, or None when a SIGTERM stopped it (it runs after the resume)."""
+      return evaluator(_eval_params(state), step, workdir, writer, should_stop=preemption.reached)
 
-  # Compile before any data is read: a sharding or shape error, or a program that does not fit,
-  # shows now, not at step 1 (nor hours later, at the first evaluation).
-  batch_spec = {k: ((t.batch_size, *shape[1:]), dtype)
-                for k, (shape, dtype) in train_iter.element_spec.items()}
-  compile_start = time.time()
-  train_step, step_flops = compile_train_step(model, tx, config, mesh, abstract_state,
-                                              batch_spec)
-  logging.info("train step compiled in %.1f s (%.3g TFLOP per device per step)",
-               time.time() - compile_start, step_flops / 1e12)
-  # One set of inference programs and one evaluator per run: evaluations never recompile.
-  evaluator = evaluate.Evaluator(config, model, Programs(model), builder, mesh)
-  compile_start = time.time()
-  evaluator.compile(_eval_params(abstract_state))
-  logging.info("evaluation programs compiled in %.1f s (compilation cache: %s)",
-               time.time() - compile_start, runtime.compilation_cache_use())
-  checkpoint.wait_for_all_processes("semflow_jax.train: step compiled")
+    def save(step):
+      checkpoint.save(manager, step, state, train_iter.state(), model.checkpoint_record())
 
-  writer = storage.metric_writer(workdir, config)
-  if start_step == 0 and is_main and config.train.get("tensorboard", True):
-    writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()
-                          if isinstance(v, (int, float, str, bool))})
-
-  pending = []  # (step, metrics on the device) since the last host check
-  last_log_time, last_log_step = time.time(), start_step
-
-  def check_pending():
-    """Fetch pending metrics; stop on a non-finite step unless skipping is allowed."""
-    nonlocal pending
-    if not pending:
-      return None
-    steps = [s for s, _ in pending]
-    fetched = jax.device_get([m for _, m in pending])
-    pending = []
-    bad = [s for s, m in zip(steps, fetched) if not m["finite"]]
-    if bad and not t.get("skip_nonfinite", False):
-      first = fetched[steps.index(bad[0])]
-      raise FloatingPointError(
-          f"non-finite loss ({first['loss']}) or gradient norm ({first['grad_norm']}) at step "
-          f"{bad[0]}; the update was not applied and no checkpoint was written after it. The last "
-          f"good checkpoint is kept in {manager.directory} (set train.skip_nonfinite=True to skip "
-          "such steps instead)")
-    if bad:
-      logging.warning("skipped non-finite update(s) at step(s) %s", bad)
-    return steps, fetched
-
-  preemption = Preemption()
-
-  def evaluate_at(step):
-    """The evaluation of `step`, or None when a SIGTERM stopped it (it runs after the resume)."""
-    return evaluator(_eval_params(state), step, workdir, writer, should_stop=preemption.reached)
-
-  tracing = False
-  stopped_at = None  # the step a SIGTERM stopped the run at (saved)
-  result = None
-  job.note_step(start_step)
-  try:
+    stopped_at = None  # the step a SIGTERM stopped the run at (saved)
+    job.note_step(start_step)
     if _evaluation_pending(t, start_step, workdir) and evaluate_at(start_step) is None:
       stopped_at = start_step  # stopped again before that evaluation finished
     for step in range(start_step + 1, t.num_steps + 1) if stopped_at is None else ():
-      if step == profile_first:
-        tracing = True
-        jax.profiler.start_trace(storage.join(workdir, "profile"), create_perfetto_trace=True)
+      profile.before(step)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         batch = parallel.to_global(next(train_iter), mesh)
         state, step_metrics = train_step(state, batch)
-      pending.append((step, step_metrics))
+      log.add(step, step_metrics)
       job.note_step(step)
-      if step == profile_last:
-        jax.block_until_ready(step_metrics)
-        jax.profiler.stop_trace()
-        tracing = False
-        logging.info("profile of steps %d-%d written to %s/profile (README: Profiling)",
-                     profile_first, profile_last, workdir)
+      profile.after(step, step_metrics)
       stop = preemption.reached()
 
       if step % t.log_every == 0 or step == t.num_steps or stop:
-        # One host transfer per log interval, not per step.
-        steps, fetched = check_pending()
-        logged = {k: float(np.mean([m[k] for m in fetched if m["finite"]] or [np.nan]))
-                  for k in ("loss", "grad_norm", "param_norm")}
-        logged["learning_rate"] = float(fetched[-1]["learning_rate"])
-        logged["skipped_steps"] = int(fetched[-1]["skipped"])
-        now = time.time()
-        steps_per_sec = (step - last_log_step) / (now - last_log_time)
-        last_log_time, last_log_step = now, step
-        logged["steps_per_sec"] = steps_per_sec
-        logged["examples_per_sec"] = steps_per_sec * t.batch_size
-        # FLOP utilisation from the compiled step's FLOPs (flops.py) and the measured time,
-        # against the chip's bf16 peak (TPUs; none known elsewhere).
-        logged["tflops_per_chip"] = step_flops * steps_per_sec / 1e12
-        if flops.peak_flops(mesh.devices.flat[0]):
-          logged["mfu"] = flops.mfu(step_flops, 1.0 / steps_per_sec, mesh.devices.flat[0])
-        writer.write_scalars(step, {f"train/{k}": v for k, v in logged.items()})
-        logging.info("step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.2f steps/s  ETA %s",
-                     step, t.num_steps, logged["loss"], logged["grad_norm"],
-                     logged["learning_rate"], steps_per_sec,
-                     _format_duration((t.num_steps - step) / max(steps_per_sec, 1e-9)))
+        log.write(step)
 
       saved = step % t.checkpoint_every == 0 or step == t.num_steps or stop
       if saved:
-        check_pending()  # never save after a step that must stop the run
-        checkpoint.save(manager, step, state, train_iter.state(), model.checkpoint_record())
+        log.check()  # never save after a step that must stop the run
+        save(step)
 
       if not stop and t.eval_every and step % t.eval_every == 0 and step != t.num_steps:
         if evaluate_at(step) is None:
           stop = True
           if not saved:
-            checkpoint.save(manager, step, state, train_iter.state(), model.checkpoint_record())
+            save(step)
           logging.warning("preemption (SIGTERM) during the evaluation of step %d: it runs again "
                           "after the resume", step)
 
@@ -246,24 +161,161 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     manager.wait_until_finished()
     if stopped_at is None:
       result = evaluate_at(int(state.step))
-      if result is None:
-        stopped_at = int(state.step)
-        logging.warning("preemption (SIGTERM) during the final evaluation: step %d is saved; "
-                        "re-run the same command to evaluate it", stopped_at)
+      if result is not None:
+        return result
+      stopped_at = int(state.step)
+      logging.warning("preemption (SIGTERM) during the final evaluation: step %d is saved; "
+                      "re-run the same command to evaluate it", stopped_at)
+    return {"step": stopped_at, "preempted": True}
   finally:
-    if tracing:  # stopped inside the traced steps
-      jax.profiler.stop_trace()
+    profile.stop()  # stopped inside the traced steps
     # Also on Ctrl-C or an error: let in-flight asynchronous saves complete.
     manager.wait_until_finished()
     manager.close()
-    preemption.close()
-  writer.close()
-  # The input pipeline's threads work ahead of the loop; stop them now rather than when the
-  # iterator is collected (a tf.data iterator waits for its workers there).
-  train_iter.close()
-  if stopped_at is not None:
-    return {"step": stopped_at, "preempted": True}
-  return result
+    if preemption is not None:  # after the last save: a SIGTERM meanwhile lets it finish
+      preemption.close()
+    if writer is not None:
+      writer.close()
+    if train_iter is not None:
+      # The input pipeline's threads work ahead of the loop; stop them now rather than when
+      # the iterator is collected (a tf.data iterator waits for its workers there).
+      train_iter.close()
+
+
+def _restore_or_create(manager, model: SemFlow, tx, config: ml_collections.ConfigDict, mesh):
+  """(train state, data stream state or None, abstract state): the latest checkpoint in
+  `manager`'s directory (refused if it is another model's), else a new sharded state."""
+  abstract_state = state_lib.abstract(model, tx, config, mesh)
+  state_lib.check_resumable(manager)
+  restored = checkpoint.restore_latest(manager, abstract_state, model.checkpoint_record())
+  state, data_state = restored if restored else (state_lib.create(model, tx, config, mesh), None)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  logging.info("UNet parameters: %s; train state %.1f MiB per device; starting at step %d of %d",
+               f"{num_params:,}", parallel.bytes_per_device(abstract_state) / 2**20,
+               int(state.step), config.train.num_steps)
+  return state, data_state, abstract_state
+
+
+def _train_iterator(builder, config: ml_collections.ConfigDict, per_process_batch: int,
+                    data_state) -> pipeline.TrainIterator:
+  """The training input from its start, or where the checkpointed `data_state` left off."""
+  preprocess = pipeline.Preprocess.from_config(config.data)
+  if data_state is None:
+    return pipeline.TrainIterator(builder, per_process_batch, config.seed, 0, config.data.flip,
+                                  preprocess=preprocess)
+  return pipeline.TrainIterator.from_state(builder, data_state, per_process_batch, config.seed,
+                                           config.data.flip, preprocess=preprocess)
+
+
+def _compile(model: SemFlow, tx, config: ml_collections.ConfigDict, mesh, abstract_state,
+             builder, element_spec: dict):
+  """(train step, its FLOPs per device, the run's evaluator), all compiled before any data is
+  read: a sharding or shape error, or a program that does not fit, shows now, not at step 1
+  (nor hours later, at the first evaluation)."""
+  batch_spec = {k: ((config.train.batch_size, *shape[1:]), dtype)
+                for k, (shape, dtype) in element_spec.items()}
+  compile_start = time.time()
+  train_step, step_flops = compile_train_step(model, tx, config, mesh, abstract_state,
+                                              batch_spec)
+  logging.info("train step compiled in %.1f s (%.3g TFLOP per device per step)",
+               time.time() - compile_start, step_flops / 1e12)
+  # One set of inference programs and one evaluator per run: evaluations never recompile.
+  evaluator = evaluate.Evaluator(config, model, Programs(model), builder, mesh)
+  compile_start = time.time()
+  evaluator.compile(_eval_params(abstract_state))
+  logging.info("evaluation programs compiled in %.1f s (compilation cache: %s)",
+               time.time() - compile_start, runtime.compilation_cache_use())
+  checkpoint.wait_for_all_processes("semflow_jax.train: step compiled")
+  return train_step, step_flops, evaluator
+
+
+class _TrainLog:
+  """The train step's metrics stay on the device until a log step (one host transfer per log
+  interval, not per step); a non-finite step stops the run unless train.skip_nonfinite."""
+
+  def __init__(self, t: ml_collections.ConfigDict, writer, step_flops: float, device,
+               start_step: int, checkpoint_dir):
+    self.t, self.writer, self.step_flops, self.device = t, writer, step_flops, device
+    self.checkpoint_dir = checkpoint_dir
+    self.pending = []  # (step, metrics on the device) since the last host check
+    self.last_time, self.last_step = time.time(), start_step
+
+  def add(self, step: int, metrics) -> None:
+    self.pending.append((step, metrics))
+
+  def check(self):
+    """Fetch the pending metrics: (steps, metrics), or None if there are none. Raises
+    FloatingPointError at a non-finite step unless skipping is allowed."""
+    if not self.pending:
+      return None
+    steps = [s for s, _ in self.pending]
+    fetched = jax.device_get([m for _, m in self.pending])
+    self.pending = []
+    bad = [s for s, m in zip(steps, fetched) if not m["finite"]]
+    if bad and not self.t.get("skip_nonfinite", False):
+      first = fetched[steps.index(bad[0])]
+      raise FloatingPointError(
+          f"non-finite loss ({first['loss']}) or gradient norm ({first['grad_norm']}) at step "
+          f"{bad[0]}; the update was not applied and no checkpoint was written after it. The last "
+          f"good checkpoint is kept in {self.checkpoint_dir} (set train.skip_nonfinite=True to "
+          "skip such steps instead)")
+    if bad:
+      logging.warning("skipped non-finite update(s) at step(s) %s", bad)
+    return steps, fetched
+
+  def write(self, step: int) -> None:
+    """The means since the last log step, the rates and the FLOP utilisation, to TensorBoard
+    and one log line."""
+    t = self.t
+    _, fetched = self.check()
+    logged = {k: float(np.mean([m[k] for m in fetched if m["finite"]] or [np.nan]))
+              for k in ("loss", "grad_norm", "param_norm")}
+    logged["learning_rate"] = float(fetched[-1]["learning_rate"])
+    logged["skipped_steps"] = int(fetched[-1]["skipped"])
+    now = time.time()
+    steps_per_sec = (step - self.last_step) / (now - self.last_time)
+    self.last_time, self.last_step = now, step
+    logged["steps_per_sec"] = steps_per_sec
+    logged["examples_per_sec"] = steps_per_sec * t.batch_size
+    # FLOP utilisation from the compiled step's FLOPs (flops.py) and the measured time,
+    # against the chip's bf16 peak (TPUs; none known elsewhere).
+    logged["tflops_per_chip"] = self.step_flops * steps_per_sec / 1e12
+    if flops.peak_flops(self.device):
+      logged["mfu"] = flops.mfu(self.step_flops, 1.0 / steps_per_sec, self.device)
+    self.writer.write_scalars(step, {f"train/{k}": v for k, v in logged.items()})
+    logging.info("step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.2f steps/s  ETA %s",
+                 step, t.num_steps, logged["loss"], logged["grad_norm"],
+                 logged["learning_rate"], steps_per_sec,
+                 _format_duration((t.num_steps - step) / max(steps_per_sec, 1e-9)))
+
+
+class _Profile:
+  """config.train.profile_steps=(first, last): a jax.profiler trace of those steps in
+  <workdir>/profile."""
+
+  def __init__(self, t: ml_collections.ConfigDict, workdir: str):
+    self.first, self.last = _profile_steps(t)
+    self.workdir = workdir
+    self.tracing = False
+
+  def before(self, step: int) -> None:
+    if step == self.first:
+      self.tracing = True
+      jax.profiler.start_trace(storage.join(self.workdir, "profile"), create_perfetto_trace=True)
+
+  def after(self, step: int, metrics) -> None:
+    if step == self.last:
+      jax.block_until_ready(metrics)
+      jax.profiler.stop_trace()
+      self.tracing = False
+      logging.info("profile of steps %d-%d written to %s/profile (README: Profiling)",
+                   self.first, self.last, self.workdir)
+
+  def stop(self) -> None:
+    """End a trace still running (the run stopped inside the traced steps)."""
+    if self.tracing:
+      jax.profiler.stop_trace()
+      self.tracing = False
 
 
 def _evaluation_pending(t, step: int, workdir: str) -> bool:
