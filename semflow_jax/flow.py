@@ -48,9 +48,23 @@ def velocity_target(z0, z1):
   return z1 - z0
 
 
-def flow_matching_loss(predicted_velocity, z0, z1):
-  """Mean squared error against the straight-path velocity, averaged over all elements."""
-  return jnp.mean(jnp.square(predicted_velocity - velocity_target(z0, z1)))
+def flow_matching_loss(predicted_velocity, z0, z1, weights=None):
+  """The rectified-flow loss: mean squared error against the straight-path velocity.
+
+  Args:
+    predicted_velocity: (B, ...) the model's velocity at z_t.
+    z0, z1: (B, ...) the path's ends (image and anchor latents).
+    weights: optional (B,) per-example weights (the padding mask); None weighs all equally.
+
+  Returns:
+    The per-example mean over all elements, averaged over the examples with `weights` (divided
+    by their sum, at least 1, so an all-padding batch gives 0, not NaN).
+  """
+  error = jnp.square(predicted_velocity - velocity_target(z0, z1))
+  per_example = jnp.mean(error, axis=tuple(range(1, error.ndim)))
+  if weights is None:
+    weights = jnp.ones_like(per_example)
+  return jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
 def step_function(velocity_fn: VelocityFn, t_start: float, t_end: float, steps: int,

@@ -278,10 +278,7 @@ class SemFlow:
     z0, z1 = shard_batch(z0, self.mesh), shard_batch(z1, self.mesh)
     t = self.sample_times(rng_t, z0.shape[0])
     v = self.velocity(params, flow.interpolate(z0, z1, t), t, rng_dropout)
-    per_example = jnp.mean(jnp.square(v - flow.velocity_target(z0, z1)),
-                           axis=tuple(range(1, v.ndim)))
-    weights = batch.get("mask", jnp.ones_like(per_example))
-    return jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    return flow.flow_matching_loss(v, z0, z1, batch.get("mask"))
 
   def sample_times(self, rng, n: int):
     if self.time_sampling == "beta":

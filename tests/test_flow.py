@@ -19,6 +19,11 @@ def test_loss_is_zero_for_the_straight_path_velocity_and_mse_otherwise():
   z0, z1 = jax.random.normal(k0, (4, 8)), jax.random.normal(k1, (4, 8))
   assert float(flow.flow_matching_loss(z1 - z0, z0, z1)) == 0.0
   np.testing.assert_allclose(flow.flow_matching_loss(z1 - z0 + 0.5, z0, z1), 0.25, rtol=1e-6)
+  # Per-example weights (the padding mask): a weighted mean of the examples' own means.
+  v = z1 - z0 + jnp.arange(4.0)[:, None]
+  np.testing.assert_allclose(flow.flow_matching_loss(v, z0, z1, jnp.array([1.0, 0.0, 1.0, 0.0])),
+                             (0.0 + 4.0) / 2, rtol=1e-6)
+  assert float(flow.flow_matching_loss(v, z0, z1, jnp.zeros(4))) == 0.0
 
 
 @pytest.mark.parametrize("method", ["euler", "heun", "rk4"])
