@@ -56,14 +56,6 @@ def latent_mask(model: SemFlow, region):
   return region.reshape(b, h, height // h, w, width // w).any(axis=(2, 4))[..., None]
 
 
-def class_region(labels, classes: Sequence[int]):
-  """bool (B, H, W): pixels whose label is one of `classes` (labels (B, H, W[, 1]))."""
-  labels = jnp.asarray(labels)
-  if labels.ndim == 4:
-    labels = labels[..., 0]
-  return jnp.isin(labels.astype(jnp.int32), jnp.asarray(list(classes) or [-1], jnp.int32))
-
-
 def _fold_in(rng, data: int):
   """fold_in for one key or for one key per example."""
   if anchors.is_key_batch(rng):

@@ -73,8 +73,9 @@ def _coco_image_path(written, stem):
 
 
 def test_coco_stuff_table_drops_exactly_the_unused_thing_ids():
-  assert coco_stuff.UNUSED_RAW_IDS == (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
-  mapped = [coco_stuff.RAW_TO_CLASS[r] for r in range(182) if r not in coco_stuff.UNUSED_RAW_IDS]
+  unused = tuple(raw for raw, name in enumerate(coco_stuff.RAW_NAMES) if name is None)
+  assert unused == (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
+  mapped = [coco_stuff.RAW_TO_CLASS[r] for r in range(182) if r not in unused]
   assert mapped == list(range(171))
   assert coco_stuff.RAW_TO_CLASS[12] == 11 and coco_stuff.RAW_TO_CLASS[181] == 170
   assert coco_stuff.RAW_TO_CLASS[255] == 255

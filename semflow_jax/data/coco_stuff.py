@@ -61,7 +61,6 @@ RAW_NAMES = (
     "wall-brick", "wall-concrete", "wall-other", "wall-panel", "wall-stone", "wall-tile",
     "wall-wood", "water-other", "waterdrops", "window-blind", "window-other", "wood",
 )
-UNUSED_RAW_IDS = tuple(raw for raw, name in enumerate(RAW_NAMES) if name is None)
 CLASS_NAMES = tuple(name for name in RAW_NAMES if name is not None)
 NUM_CLASSES = len(CLASS_NAMES)  # 171
 RAW_TO_CLASS = {raw: CLASS_NAMES.index(name) for raw, name in enumerate(RAW_NAMES)

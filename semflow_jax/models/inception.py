@@ -30,8 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                   "pt_inception-2015-12-05-6726825d.pth")
 INPUT_SIZE = 299
 FEATURES = 2048
 
