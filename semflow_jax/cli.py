@@ -13,9 +13,9 @@ import difflib
 import os
 import re
 import sys
-from typing import NoReturn, Optional
+from typing import Callable, NoReturn, Optional, Sequence
 
-from absl import flags
+from absl import app, flags
 
 # The repository holding this package: where the README's `configs/...` paths live.
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,3 +122,22 @@ def parse_flags(argv):
     _fail(f"unexpected arguments {rest[1:]} (flags are written --name=value; --help lists "
           "them)")
   return rest
+
+
+def run_converter(convert: Callable[..., str], input_flags: Sequence[str]) -> None:
+  """The converters' main(): `convert(--output, *input flags, --overwrite)` after checking every
+  path (a bucket that cannot be used is reported now, not after minutes of converting); a bad
+  input ends in one line, `error: ...`, and exit 2."""
+  from semflow_jax import runtime, storage
+  from semflow_jax.checkpoint import ConversionError
+  runtime.configure_process()  # converting needs no TPU: no TPU start-up without TPUs
+  f = flags.FLAGS
+  if not f.output:
+    raise app.UsageError("--output is required")
+  try:
+    storage.check(f.output, "--output", write=True)
+    for name in input_flags:
+      storage.check(getattr(f, name), f"--{name}")
+    convert(f.output, *(getattr(f, name) for name in input_flags), f.overwrite)
+  except (ConversionError, FileNotFoundError, storage.StorageError) as e:
+    _fail(str(e))

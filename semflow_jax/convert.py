@@ -24,7 +24,6 @@ weights.py). Missing, unexpected or mis-shaped keys are refused by name and noth
 """
 
 import io
-import sys
 from typing import Optional
 
 import jax
@@ -32,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from semflow_jax import checkpoint, storage
+from semflow_jax import checkpoint, cli, storage
 from semflow_jax.checkpoint import ConversionError, load_converted  # noqa: F401 (public API)
 from semflow_jax.models.sd_unet import SDUNet, SDUNetConfig
 from semflow_jax.models.sd_vae import AutoencoderKL, SDVAEConfig
@@ -187,21 +186,7 @@ def _define_flags():
 
 def main(argv):
   del argv
-  from semflow_jax import runtime
-  runtime.configure_process()  # converting needs no TPU: no TPU start-up without TPUs
-  f = flags.FLAGS
-  if not f.output:
-    raise app.UsageError("--output is required")
-  try:
-    # A bucket that cannot be used is reported now, not after minutes of converting.
-    storage.check(f.output, "--output", write=True)
-    for name in ("diffusers_dir", "unet_weights", "unet_config", "text_embedding"):
-      storage.check(getattr(f, name), f"--{name}")
-    convert(f.output, f.diffusers_dir, f.unet_weights, f.unet_config, f.text_embedding,
-            f.overwrite)
-  except (ConversionError, FileNotFoundError, storage.StorageError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
+  cli.run_converter(convert, ("diffusers_dir", "unet_weights", "unet_config", "text_embedding"))
 
 
 if __name__ == "__main__":

@@ -31,13 +31,12 @@ AlexNet's `classifier.*`.
 """
 
 import hashlib
-import sys
 from typing import Dict, Optional
 
 import numpy as np
 from absl import app, flags, logging
 
-from semflow_jax import checkpoint, storage
+from semflow_jax import checkpoint, cli, storage
 from semflow_jax.checkpoint import ConversionError
 from semflow_jax.models import inception as inception_lib
 from semflow_jax.models import lpips as lpips_lib
@@ -157,20 +156,7 @@ def _define_flags():
 
 def main(argv):
   del argv
-  from semflow_jax import runtime
-  runtime.configure_process()  # converting needs no TPU: no TPU start-up without TPUs
-  f = flags.FLAGS
-  if not f.output:
-    raise app.UsageError("--output is required")
-  try:
-    # A bucket that cannot be used is reported now, as semflow_jax.convert does.
-    storage.check(f.output, "--output", write=True)
-    for name in ("inception", "lpips_alex", "lpips_heads"):
-      storage.check(getattr(f, name), f"--{name}")
-    convert(f.output, f.inception, f.lpips_alex, f.lpips_heads, f.overwrite)
-  except (ConversionError, FileNotFoundError, storage.StorageError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
+  cli.run_converter(convert, ("inception", "lpips_alex", "lpips_heads"))
 
 
 if __name__ == "__main__":
