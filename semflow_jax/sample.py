@@ -168,7 +168,7 @@ class Predictor:
     return self._images_out(out, labels.shape)
 
   def synthesize_styled(self, labels: np.ndarray, reference: np.ndarray, num_samples: int,
-                        strength: float = None, colour_transfer: bool = False, refine: int = 0,
+                        strength: Optional[float] = None, colour_transfer: bool = False, refine: int = 0,
                         seed: Optional[int] = None, steps: Optional[int] = None,
                         sampler: Optional[str] = None) -> np.ndarray:
     """`synthesize` in the style of the uint8 (h, w, 3) `reference` (controls.synthesize_styled;
@@ -307,7 +307,8 @@ def _check_style_flags(style, strength, colour_transfer, refine, resampling):
     raise InputError("--style and --resample_classes/--resample_mask cannot be combined")
 
 
-def _resample_region(labels, labels_path, classes, mask_path, num_classes) -> np.ndarray:
+def _resample_region(labels: np.ndarray, labels_path: str, classes: Optional[Sequence[str]],
+                     mask_path: Optional[str], num_classes: int) -> np.ndarray:
   """bool (H, W) at the label map's size: pixels of `classes`, or the nonzero pixels of the
   mask PNG `mask_path`."""
   if classes is not None and mask_path is not None:
@@ -319,7 +320,7 @@ def _resample_region(labels, labels_path, classes, mask_path, num_classes) -> np
                        f"{labels_path} is {labels.shape[0]}x{labels.shape[1]}")
     return mask
   ids = []
-  for c in classes:
+  for c in classes or ():
     try:
       ids.append(int(c))
     except ValueError:

@@ -49,7 +49,7 @@ def is_many(input_spec: Optional[str], split: Optional[str]) -> bool:
       any(c in input_spec for c in GLOB_CHARACTERS) or storage.is_dir(input_spec))
 
 
-def list_inputs(input_spec: str, extensions: Sequence[str]) -> List[Item]:
+def list_inputs(input_spec: Optional[str], extensions: Sequence[str]) -> List[Item]:
   """A folder (every file below it whose extension is in `extensions`) or a glob pattern (the
   files it matches) -> Items sorted by name; one line naming the problem if there are none or
   two inputs would write the same output."""

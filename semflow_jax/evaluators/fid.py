@@ -31,8 +31,9 @@ class Metric(common.Metric):
     self._reference = None  # (mu, sigma) of the real split, computed or read once per run
     weights = run.config.eval.get("fid_weights")
     if weights:
-      from semflow_jax import perceptual, weights
-      self.features = perceptual.InceptionFeatures(weights.load_inception(weights),
+      from semflow_jax import perceptual
+      from semflow_jax.weights import load_inception
+      self.features = perceptual.InceptionFeatures(load_inception(weights),
                                                    run.mesh)
     else:
       self.skipped.update({n: "config.eval.fid_weights is not set (convert pytorch-fid's "

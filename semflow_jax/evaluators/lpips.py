@@ -24,8 +24,9 @@ class Metric(common.PerExample):
     elif min(run.model.image_size) < 32:
       reason = f"LPIPS' AlexNet needs images of at least 32x32, not {run.model.image_size}"
     else:
-      from semflow_jax import perceptual, weights
-      self.distances = perceptual.LpipsDistances(weights.load_lpips(weights), run.mesh)
+      from semflow_jax import perceptual
+      from semflow_jax.weights import load_lpips
+      self.distances = perceptual.LpipsDistances(load_lpips(weights), run.mesh)
       reason = None
     if reason:
       self.skipped.update({n: reason for n in self.names()})
