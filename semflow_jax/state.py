@@ -2,7 +2,7 @@
 
 from typing import Any, Optional
 
-import flax
+from flax import struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -14,7 +14,7 @@ from semflow_jax import checkpoint, parallel, storage
 from semflow_jax.semflow import FROZEN, SemFlow
 
 
-@flax.struct.dataclass
+@struct.dataclass
 class TrainState:
   """What a checkpoint holds. Only `params` (the UNet) is trained: it alone has gradients, an
   optimiser state and an EMA; `frozen` (the SD VAE and the text embedding, {} in pixel space)

@@ -2,7 +2,7 @@
 learning rate, sampling's restore of the parameters alone, and checkpoints of the state layout
 before the lean train step."""
 
-import flax
+from flax import struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,7 +108,7 @@ def test_sampling_restores_only_the_parameters_it_uses(tmp_path, monkeypatch):
   assert sum(name.startswith("ema_params") for name in read) == len(jax.tree.leaves(expected))
 
 
-@flax.struct.dataclass
+@struct.dataclass
 class _StateBeforeLeanStep:
   """The TrainState of semflow_jax before the lean step (issue 17): the frozen VAE and text
   embedding inside params and the EMA, an optax.multi_transform optimiser over all of them."""

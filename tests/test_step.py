@@ -4,7 +4,7 @@ optimiser), gradient accumulation (on the tiny pixel-space model) and the EMA ag
 independent computations, and the loss
 from cached image moments equal to the loss from the images."""
 
-import flax
+from flax import struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,7 +40,7 @@ def _batch(config, seed=0, n=None):
           "label": rng.integers(0, config.data.num_classes, (n, size, size, 1), dtype=np.uint8)}
 
 
-@flax.struct.dataclass
+@struct.dataclass
 class _StateBefore:
   """The train state before the lean step: the whole model in params and in the EMA."""
   step: jax.Array
