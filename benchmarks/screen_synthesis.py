@@ -71,7 +71,7 @@ def parse(samplers) -> list:
 def row(metrics: dict) -> tuple:
   """(cells, all met) for one sampler's metrics."""
   cells, ok = [], True
-  for name, figure, test in TARGETS:
+  for _name, figure, test in TARGETS:
     try:
       v = figure(metrics)
       met = bool(test(metrics, v))

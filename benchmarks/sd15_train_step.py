@@ -188,7 +188,8 @@ def main():
   for part, dtype, remat in runs:
     cmd = [sys.executable, __file__, f"--part={part}", f"--dtype={dtype}",
            f"--steps={args.steps}", f"--batch={args.batch}",
-           f"--latent_size={args.latent_size}", f"--config_arg={args.config_arg}"] + (["--remat"] if remat else [])
+           f"--latent_size={args.latent_size}", f"--config_arg={args.config_arg}"]
+    cmd += ["--remat"] if remat else []
     out = subprocess.run(cmd, capture_output=True, text=True)
     line = out.stdout.strip().splitlines()[-1] if out.returncode == 0 and out.stdout.strip() \
         else json.dumps({"part": part, "dtype": dtype, "remat": remat,

@@ -90,7 +90,7 @@ def _phases(workdir: str, image_path: str, output: str, started: float) -> dict:
 
   import jax
   import numpy as np
-  from semflow_jax import images, main, runtime, sample, storage  # what main.py imports
+  from semflow_jax import images, main, runtime, sample, storage  # noqa: F401  (what main.py imports)
   from configs import synthetic
   mark("imports (jax, flax, orbax, semflow_jax)")
   runtime.skip_absent_tpus()

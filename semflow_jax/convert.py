@@ -15,7 +15,8 @@ The output directory holds one complete version, `conversion-<time>-<id>/` with 
 Orbax checkpoint of {'unet', 'vae', 'context'}), `unet_config.json` and `vae_config.json`, and
 `conversion.json`, written last, naming it (checkpoint.save_converted: with --overwrite the old
 version stays in use until the new one is complete); `config.model.init_from` points at it.
-From gs:// only the files converted are fetched. 'context' is the empty-prompt CLIP embedding that SemFlow feeds to cross-attention.
+From gs:// only the files converted are fetched. 'context' is the empty-prompt CLIP embedding
+that SemFlow feeds to cross-attention.
 
 Keys are renamed mechanically (`down_blocks.0.resnets.1.conv1.weight` ->
 `down_blocks_0/resnets_1/conv1/kernel`), kernels transposed (OIHW -> HWIO, (out, in) -> (in,
@@ -167,7 +168,7 @@ def convert_state_dict(state_dict: Dict[str, np.ndarray], abstract_params,
 
   Raises ConversionError naming every missing, unexpected and mis-shaped key.
   """
-  expected = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract_params).items()}
+  expected = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract_params).items()}  # pyright: ignore[reportAttributeAccessIssue]
   converted, unexpected, mismatched, mismatched_paths = {}, [], [], set()
   for torch_key, array in state_dict.items():
     path = _flax_path(torch_key, expected)
@@ -355,7 +356,7 @@ def main(argv):
             f.overwrite)
   except (ConversionError, FileNotFoundError, storage.StorageError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
+    raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

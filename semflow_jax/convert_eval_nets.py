@@ -192,7 +192,7 @@ def main(argv):
     convert(f.output, f.inception, f.lpips_alex, f.lpips_heads, f.overwrite)
   except (ConversionError, FileNotFoundError, storage.StorageError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
+    raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

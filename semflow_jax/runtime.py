@@ -96,7 +96,7 @@ def skip_absent_tpus() -> bool:
   """On a machine without TPUs or GPUs, JAX starts only its CPU backend (process-wide, before
   JAX's first use); returns whether it changed anything."""
   import jax
-  if (os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or
+  if (os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or  # pyright: ignore[reportAttributeAccessIssue]
       "JAX_FORCE_TPU_INIT" in os.environ or has_tpu_chips() or
       any(os.path.exists(p) for p in _GPU_DEVICE_FILES)):
     return False
@@ -196,7 +196,7 @@ class _Watcher:
     self.stop_at = None           # the call at which every process answers True
     self._calls_lock = threading.Lock()
     self._counting = False
-    self.step = None              # the main thread's last step (note_step), for the lines
+    self.step: Optional[int] = None  # the main thread's last step (note_step), for the lines
     self.finishing = False        # the main thread is in finish_job
     self._thread = threading.Thread(target=self._run, daemon=True,
                                     name="semflow_jax job watcher")

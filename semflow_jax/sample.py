@@ -316,7 +316,8 @@ class Predictor:
     # resizing never invents an edit; a model-size pixel is edited if any of its pixels is.
     changed = (edited_labels != labels_to_size(source, photo.shape[:2])) & (
         edited_labels != anchors.IGNORE_LABEL)
-    region = _resize(changed.astype(np.uint8) * 255, self.model.image_size, Image.BOX) > 0
+    region = _resize(changed.astype(np.uint8) * 255, self.model.image_size,
+                     Image.Resampling.BOX) > 0
     target = np.where(region, labels_to_size(edited_labels, self.model.image_size), source)
     out = self.programs.edit(steps, sampler, edit_method == "blend")(
         self.params, small[None], source[None], target[None])

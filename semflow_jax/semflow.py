@@ -279,7 +279,7 @@ class SemFlow:
     t = self.sample_times(rng_t, z0.shape[0])
     v = self.velocity(params, flow.interpolate(z0, z1, t), t, rng_dropout)
     per_example = jnp.mean(jnp.square(v - flow.velocity_target(z0, z1)),
-                           axis=tuple(range(1, v.ndim)))
+                           axis=tuple(range(1, v.ndim)))  # pyright: ignore[reportAttributeAccessIssue]
     weights = batch.get("mask", jnp.ones_like(per_example))
     return jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 

@@ -1,6 +1,6 @@
 """Training state: what a checkpoint holds, how it is created sharded, how params come back."""
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from flax import struct
 import jax
@@ -26,6 +26,9 @@ class TrainState:
   ema_params: Optional[Any]  # EMA of `params`; None when config.train.ema_decay == 0
   rng: jax.Array             # base key; step k uses fold_in(rng, k), so resume is exact
   skipped: jax.Array         # updates dropped for a non-finite loss or gradient (train.skip_nonfinite)
+
+  if TYPE_CHECKING:  # flax.struct.dataclass adds it at run time; declared for the type checker
+    def replace(self, **updates: Any) -> "TrainState": ...
 
   def model_params(self, ema: bool = True) -> dict:
     """The model's whole parameter dict (what SemFlow's methods take): the EMA of the trained

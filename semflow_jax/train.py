@@ -196,7 +196,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
       if step % t.log_every == 0 or step == t.num_steps or stop:
         # One host transfer per log interval, not per step.
-        steps, fetched = check_pending()
+        steps, fetched = check_pending()  # pyright: ignore[reportGeneralTypeIssues]
         logged = {k: float(np.mean([m[k] for m in fetched if m["finite"]] or [np.nan]))
                   for k in ("loss", "grad_norm", "param_norm")}
         logged["learning_rate"] = float(fetched[-1]["learning_rate"])

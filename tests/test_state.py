@@ -71,7 +71,7 @@ def test_logged_learning_rate_is_the_applied_one():
     updates, opt_state = tx.update(grads, opt_state, params)
     if step > 0:  # from the second step on Adam's ratio is no longer exactly 1
       continue
-    np.testing.assert_allclose(-np.asarray(updates["unet"]["w"]), logged, rtol=1e-6)
+    np.testing.assert_allclose(-np.asarray(updates["unet"]["w"]), logged, rtol=1e-6)  # pyright: ignore[reportCallIssue]
   assert float(state_lib.applied_learning_rate(schedule, opt_state)) == pytest.approx(
       float(schedule(6)))
 
@@ -163,7 +163,7 @@ def test_lean_checkpoints_resume_and_hold_the_frozen_parts_once(tmp_path):
   checkpoint.save(manager, 3, state.replace(step=state.step + 3), {"position": 0},
                   model.checkpoint_record())
   state_lib.check_resumable(manager)  # no error
-  restored, _ = checkpoint.restore_latest(manager, state_lib.abstract(model, tx, config, mesh),
+  restored, _ = checkpoint.restore_latest(manager, state_lib.abstract(model, tx, config, mesh),  # pyright: ignore[reportGeneralTypeIssues]
                                           model.checkpoint_record())
   manager.close()
   assert int(restored.step) == 3 and restored.ema_params is None

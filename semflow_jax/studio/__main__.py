@@ -17,10 +17,10 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-from semflow_jax import cli  # noqa: E402
+from semflow_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/synthetic.py",
                                           "Config file, optionally with :argument.",
