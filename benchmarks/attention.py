@@ -14,10 +14,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-from semflow_jax.models import sd_layers as L  # noqa: E402
+from semflow_jax.models import sd_layers as L
 
 # (queries, keys, heads, head dim): SD-1.5 self-attention at 32^2 / 16^2 latents, the
 # cross-attention over 77 text tokens, the VAE's one-head mid-block attention.

@@ -16,13 +16,13 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling only: no chip to lock
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.experimental import topologies  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import topologies
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from semflow_jax.models import sd_layers as L  # noqa: E402
+from semflow_jax.models import sd_layers as L
 
 # (name, queries, keys, heads, head dim)
 LAYERS = [("UNet self 64^2", 4096, 4096, 8, 40), ("UNet self 32^2", 1024, 1024, 8, 80),
@@ -42,7 +42,7 @@ def main():
     for kernel, fn in kernels.items():
       if kernel == "splash" and kv_len % L.SPLASH_BLOCK:
         continue
-      shape = lambda n: jax.ShapeDtypeStruct((8, n, heads, dim), jnp.bfloat16, sharding=sharding)
+      shape = lambda n: jax.ShapeDtypeStruct((8, n, heads, dim), jnp.bfloat16, sharding=sharding)  # noqa: B023  (called within the iteration)
       loss = lambda q, k, v, fn=fn: fn(q, k, v).astype(jnp.float32).sum()
       start = time.time()
       compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(

@@ -26,15 +26,15 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+import jax
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-from semflow_jax import colour, controls, images, metrics, parallel, state, storage  # noqa: E402
-from semflow_jax.data import pipeline  # noqa: E402
-from semflow_jax.programs import Programs  # noqa: E402
-from semflow_jax.semflow import SemFlow  # noqa: E402
+from semflow_jax import colour, controls, images, metrics, parallel, state, storage
+from semflow_jax.data import pipeline
+from semflow_jax.programs import Programs
+from semflow_jax.semflow import SemFlow
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/synthetic.py", "Config file.",
                                           lock_config=True)

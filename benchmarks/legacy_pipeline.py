@@ -24,7 +24,7 @@ def _window(shape, out_size, crop: str, crop_scale, seed):
   aspect = out_size[1] / out_size[0]
   h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
   side = tf.minimum(h, w / aspect)  # height of the largest window with the output's aspect
-  scale_seed, top_seed, left_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+  scale_seed, top_seed, left_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))  # pyright: ignore[reportAttributeAccessIssue]
   if crop == "random" and crop_scale[0] < crop_scale[1]:
     side *= tf.random.stateless_uniform([], scale_seed, crop_scale[0], crop_scale[1])
   elif crop == "random":
@@ -52,7 +52,7 @@ def _resize(x, size, nearest: bool):
 def _transform(example, seed, preprocess: "pipeline.Preprocess", flip: bool):
   """The same crop, resize and flip for every image and the label of one example."""
   spatial = [k for k in example if k == LABEL_KEY or k in IMAGE_KEYS]
-  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))  # pyright: ignore[reportAttributeAccessIssue]
   out = dict(example)
   if preprocess.crop != "none":
     size = tuple(preprocess.image_size)

@@ -28,10 +28,10 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import celebamask_hq as celeba_config  # noqa: E402
-from configs import cityscapes as cityscapes_config  # noqa: E402
-from configs import coco_stuff as coco_config  # noqa: E402
-from semflow_jax.data import celebamask_hq, pipeline, records  # noqa: E402
+from configs import celebamask_hq as celeba_config
+from configs import cityscapes as cityscapes_config
+from configs import coco_stuff as coco_config
+from semflow_jax.data import celebamask_hq, pipeline, records
 
 CONFIGS = {"coco_stuff": coco_config, "cityscapes_semantic": cityscapes_config,
            "celebamask_hq": celeba_config}

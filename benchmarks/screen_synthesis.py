@@ -28,6 +28,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from semflow_jax import evaluate, flow, parallel, state, storage
+from semflow_jax import metrics as metrics_lib
+from semflow_jax.evaluators import roundtrip
 from semflow_jax.data import pipeline
 from semflow_jax.programs import Programs
 from semflow_jax.semflow import SemFlow
@@ -69,7 +71,7 @@ def parse(samplers) -> list:
 def row(metrics: dict) -> tuple:
   """(cells, all met) for one sampler's metrics."""
   cells, ok = [], True
-  for name, figure, test in TARGETS:
+  for _name, figure, test in TARGETS:
     try:
       v = figure(metrics)
       met = bool(test(metrics, v))
@@ -114,8 +116,7 @@ def main(argv):
       metrics[k] = result.get(k)
     nfe = (sum(flow.network_evaluations(s, sm) for sm, s in seg_samplers)
            + 2 * flow.network_evaluations(n, m)
-           + flow.network_evaluations(evaluate.ROUNDTRIP_SAMPLER[1],
-                                      evaluate.ROUNDTRIP_SAMPLER[0]))
+           + flow.network_evaluations(roundtrip.SAMPLER[1], roundtrip.SAMPLER[0]))
     metrics["nfe_per_example"] = nfe
     per_sampler[f"{m}:{n}"] = metrics
     cells, ok = row(metrics)
@@ -136,7 +137,7 @@ def main(argv):
         "perturbation_grids": list(config.model.perturbation_grids),
         "seg": _SEG.value, "synth": _SYNTH.value, "eval_seconds": eval_seconds,
         "per_sampler": per_sampler,
-        "evaluator": evaluate._strict(result), "table": table})
+        "evaluator": metrics_lib.plain(result), "table": table})
     logging.info("wrote %s", output)
 
 if __name__ == "__main__":

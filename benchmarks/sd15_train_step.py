@@ -1,23 +1,30 @@
-"""Time and memory of a SemFlow train step of the full SD-1.5 UNet (no weights needed).
+"""Time and memory of SemFlow's train step on the full SD-1.5 UNet and VAE (no weights needed).
 
   python benchmarks/sd15_train_step.py            # every part below, one process each
   python benchmarks/sd15_train_step.py --part=grad --dtype=bfloat16 --remat --steps=3
 
-The step is the real one: rectified-flow loss on 64x64x4 latents (the 512^2 case) with a
-77-token context, gradients, global-norm clipping and AdamW. Parts, each in its own process
-so that its peak RSS is its own:
+The step is the real one, `semflow_jax.step` on `configs/sd15.py`'s model with the run's
+optimiser (`state.make_optimizer`): at 8 x --latent_size pixels square (512^2 by default), a
+batch of cached image moments (`data.image_latents`) and label maps, the anchor images rendered,
+perturbed and encoded by the frozen VAE every step, the rectified-flow loss, gradients of the
+UNet, global-norm clipping, AdamW and the EMA. Parts, each in its own process so that its peak
+RSS is its own:
 
-- `analyse`: the whole jitted step (state donated) compiled from shapes alone; XLA's memory
-  analysis (arguments = params + Adam state; temp = everything else at the peak) and the bytes of
-  activations saved for the backward pass (the VJP residuals), which is what remat shrinks.
-- `grad`: loss and gradients (forward + backward), timed, with the process's peak RSS.
-- `update`: gradient clipping + AdamW update of 860M parameters, timed (same for every variant).
+- `analyse`: the whole jitted step (`step.lower_train_step`, state donated) compiled from shapes
+  alone; XLA's memory analysis (arguments = params + Adam state + EMA + frozen VAE; temp =
+  everything else at the peak) and the bytes of activations saved for the backward pass (the
+  VJP residuals of `step.make_loss_and_grads`' loss), which is what remat shrinks.
+- `grad`: the step's loss and gradients (`step.make_loss_and_grads`), timed, with the process's
+  peak RSS.
+- `update`: the step's update (`step.make_update`: clipping, AdamW and the EMA of 860M
+  parameters), timed (same for every variant).
 
-The full step time is grad + update. XLA:CPU's default (concurrency-optimised) scheduler runs
-remat's recomputation early, so remat saves no memory on CPU with it; run with
+The full step time is grad + update (the whole step does not fit this machine's memory).
+XLA:CPU's default (concurrency-optimised) scheduler runs remat's recomputation early, so remat
+saves no memory on CPU with it; run with
 `XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false` for the memory-minimising
-scheduler, under which remat behaves as on accelerators (benchmarks/RESULTS.md). Weights are random (N(0, 0.02)), which does not change the
-work done. Latents are random too: the frozen VAE is not part of the UNet step.
+scheduler, under which remat behaves as on accelerators (benchmarks/RESULTS.md). Weights are
+random (the model's initialisation), which does not change the work done; so are the batches.
 """
 
 import argparse
@@ -37,37 +44,48 @@ GIB = 2 ** 30
 
 
 def _setup(args):
+  """(config, model, tx, mesh, abstract state, batch spec) of the benchmarked step."""
   import jax
-  import jax.numpy as jnp
-  import optax
 
   from configs import sd15
-  from semflow_jax import flow
-  from semflow_jax.models import sd_unet
+  from semflow_jax import parallel
+  from semflow_jax import state as state_lib
+  from semflow_jax import step as step_lib
+  from semflow_jax.semflow import SemFlow
 
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
-  unet = sd_unet.SDUNet(sd_unet.SDUNetConfig.from_diffusers(sd15.UNET), dtype=dtype,
-                        remat=args.remat)
-  b, size = args.batch, args.latent_size
-  z_shape = (b, size, size, 4)
-  context = jnp.zeros((b, sd15.CONTEXT_TOKENS, 768), jnp.float32)
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-5))
-  abstract_params = jax.eval_shape(
-      lambda: unet.init(jax.random.PRNGKey(0), jnp.zeros(z_shape), jnp.zeros((b,)),
-                        context)["params"])
-
-  def loss_fn(params, z0, z1, t):
-    v = unet.apply({"params": params}, flow.interpolate(z0, z1, t), 1000.0 * t, context)
-    return jnp.mean(jnp.square(v - flow.velocity_target(z0, z1)))
-
-  keys = jax.random.split(jax.random.PRNGKey(1), 3)
-  batch = (jax.random.normal(keys[0], z_shape), jax.random.normal(keys[1], z_shape),
-           jax.random.uniform(keys[2], (b,)))
-  return tx, abstract_params, loss_fn, batch
+  config = sd15.get_config(args.config_arg)
+  # The VAE halves the size at every block but the last (8x for SD's).
+  config.data.image_size = args.latent_size * 2 ** (
+      len(config.model.vae_config.block_out_channels) - 1)
+  config.data.image_latents = True
+  config.train.batch_size = args.batch
+  config.model.dtype = args.dtype
+  config.model.remat = args.remat
+  mesh = parallel.make_mesh(config, jax.devices()[:1])
+  model = SemFlow.from_config(config, mesh)
+  tx = state_lib.make_optimizer(config)
+  abstract_state = state_lib.abstract(model, tx, config, mesh)
+  return config, model, tx, mesh, abstract_state, step_lib.train_batch_spec(model, config)
 
 
-def _saved_activation_bytes(fn, params) -> int:
-  """Bytes the backward pass keeps from the forward, not counting the parameters themselves."""
+def _random_batch(batch_spec, mesh, num_classes, seed=1):
+  """A global batch of `batch_spec`'s shapes: random moments and labels of the config's classes."""
+  import jax
+
+  from semflow_jax import step as step_lib
+  rng = np.random.default_rng(seed)
+  batch = {}
+  for key, (shape, dtype) in batch_spec.items():
+    if np.issubdtype(dtype, np.integer):
+      batch[key] = rng.integers(0, num_classes, shape).astype(dtype)
+    else:
+      batch[key] = rng.standard_normal(shape).astype(dtype)
+  shardings = {k: v.sharding for k, v in step_lib.abstract_batch(batch_spec, mesh).items()}
+  return {k: jax.device_put(v, shardings[k]) for k, v in batch.items()}
+
+
+def _saved_activation_bytes(fn, *args) -> int:
+  """Bytes the backward pass keeps from the forward, not counting the arguments themselves."""
   import contextlib
   import io
   import re
@@ -76,7 +94,7 @@ def _saved_activation_bytes(fn, params) -> int:
   itemsize = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "u8": 1, "s8": 1}
   text = io.StringIO()
   with contextlib.redirect_stdout(text):
-    print_saved_residuals(fn, params)
+    print_saved_residuals(fn, *args)
   total = 0
   for line in text.getvalue().splitlines():
     m = re.match(r"(\w+)\[([\d,]*)\] (.*)", line)
@@ -84,14 +102,6 @@ def _saved_activation_bytes(fn, params) -> int:
       dims = [int(d) for d in m.group(2).split(",") if d]
       total += itemsize[m.group(1)] * int(np.prod(dims))
   return total
-
-
-def _random_tree(abstract, seed=0):
-  import jax
-  import numpy as np
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda s: jax.device_put(
-      (rng.standard_normal(s.shape, dtype=np.float32) * 0.02)), abstract)
 
 
 def _timed(fn, steps):
@@ -109,50 +119,48 @@ def _peak_rss_gib():
 
 def run_part(args) -> dict:
   import jax
-  import optax
-  tx, abstract_params, loss_fn, batch = _setup(args)
+
+  from semflow_jax import state as state_lib
+  from semflow_jax import step as step_lib
+  config, model, tx, mesh, abstract_state, batch_spec = _setup(args)
   result = {"part": args.part, "dtype": args.dtype, "remat": args.remat, "batch": args.batch,
             "latent_size": args.latent_size}
+  loss_and_grads = step_lib.make_loss_and_grads(model, config, mesh)
+  rng = jax.random.PRNGKey(2)
 
   if args.part == "analyse":
-    def step(state, z0, z1, t):
-      params, opt_state = state
-      loss, grads = jax.value_and_grad(loss_fn)(params, z0, z1, t)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return (optax.apply_updates(params, updates), opt_state), loss
-
-    state = (abstract_params, jax.eval_shape(tx.init, abstract_params))
     start = time.time()
-    compiled = jax.jit(step, donate_argnums=0).lower(state, *batch).compile()
+    compiled = step_lib.lower_train_step(model, tx, config, mesh, abstract_state,
+                                         batch_spec).compile()
     mem = compiled.memory_analysis()
+    abstract_batch = step_lib.abstract_batch(batch_spec, mesh)
     result.update(compile_s=round(time.time() - start, 1),
                   xla_argument_gib=round(mem.argument_size_in_bytes / GIB, 2),
                   xla_temp_gib=round(mem.temp_size_in_bytes / GIB, 2),
+                  # The loss that make_loss_and_grads differentiates (one micro-batch).
                   activations_saved_gib=round(_saved_activation_bytes(
-                      lambda p: loss_fn(p, *batch), abstract_params) / GIB, 2))
+                      lambda p, frozen, batch, rng: model.loss({**frozen, **p}, batch, rng),
+                      abstract_state.params, abstract_state.frozen, abstract_batch,
+                      jax.ShapeDtypeStruct(rng.shape, rng.dtype)) / GIB, 2))
     return result
 
-  params = _random_tree(abstract_params)
+  state = state_lib.create(model, tx, config, mesh)
   if args.part == "grad":
-    grad_fn = jax.jit(jax.value_and_grad(loss_fn))
+    batch = _random_batch(batch_spec, mesh, config.data.num_classes)
     start = time.time()
-    compiled = grad_fn.lower(params, *batch).compile()
+    compiled = jax.jit(loss_and_grads).lower(state.params, state.frozen, batch, rng).compile()
     result["compile_s"] = round(time.time() - start, 1)
     result["step_s"], result["median_s"] = _timed(
-        lambda: jax.block_until_ready(compiled(params, *batch)), args.steps)
+        lambda: jax.block_until_ready(compiled(state.params, state.frozen, batch, rng)),
+        args.steps)
   elif args.part == "update":
-    grads = _random_tree(abstract_params, seed=1)
-    opt_state = tx.init(params)
-
-    def update(params, opt_state, grads):
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state
-
-    compiled = jax.jit(update, donate_argnums=(0, 1)).lower(params, opt_state, grads).compile()
-    state = [params, opt_state]
+    grads = jax.tree.map(lambda p: jax.random.normal(rng, p.shape, p.dtype) * 0.02, state.params)
+    compiled = jax.jit(step_lib.make_update(tx, config), donate_argnums=0).lower(
+        state, grads).compile()
+    current = [state]
 
     def one():
-      state[0], state[1] = jax.block_until_ready(compiled(state[0], state[1], grads))
+      current[0] = jax.block_until_ready(compiled(current[0], grads))
 
     result["step_s"], result["median_s"] = _timed(one, args.steps)
   result["peak_rss_gib"] = _peak_rss_gib()
@@ -168,6 +176,8 @@ def main():
                       help="timed calls; the first is dropped from the median when there are more")
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--latent_size", type=int, default=64)
+  parser.add_argument("--config_arg", default="",
+                      help="configs/sd15.py's argument: 'tiny' checks this script in seconds")
   args = parser.parse_args()
   if args.part:
     print(json.dumps(run_part(args)), flush=True)
@@ -178,7 +188,8 @@ def main():
   for part, dtype, remat in runs:
     cmd = [sys.executable, __file__, f"--part={part}", f"--dtype={dtype}",
            f"--steps={args.steps}", f"--batch={args.batch}",
-           f"--latent_size={args.latent_size}"] + (["--remat"] if remat else [])
+           f"--latent_size={args.latent_size}", f"--config_arg={args.config_arg}"]
+    cmd += ["--remat"] if remat else []
     out = subprocess.run(cmd, capture_output=True, text=True)
     line = out.stdout.strip().splitlines()[-1] if out.returncode == 0 and out.stdout.strip() \
         else json.dumps({"part": part, "dtype": dtype, "remat": remat,

@@ -61,8 +61,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model.patch_size = 2
 
   c.train = ml_collections.ConfigDict()
-  # About 8.5 minutes of training on 2 CPU cores (6 steps/s); benchmarks/RESULTS.md has the
-  # experiments behind these numbers (more, smaller updates beat larger batches here).
+  # Minutes of training on a CPU (the README gives the measured time); benchmarks/RESULTS.md has
+  # the experiments behind these numbers (more, smaller updates beat larger batches here).
   c.train.num_steps = 3000
   c.train.batch_size = 16           # global
   c.train.learning_rate = 2e-3

@@ -257,7 +257,7 @@ setup() {
 
 setup_node() {  # setup_node NODE SLICE ARCHIVE
   run gcloud compute tpus tpu-vm scp "$3" "$1:semflow_jax.tar.gz" "${COMMON[@]}" --worker=all
-  # torch is left out: training on a TPU needs none (any torch wheel from PyPI is the CUDA build).
+  # requirements.lock is the runtime lock: no PyTorch, no test tools (requirements-test.lock).
   ssh_node "$1" all "set -e
 rm -rf $REMOTE_DIR && mkdir -p $REMOTE_DIR && tar -xzf ~/semflow_jax.tar.gz -C $REMOTE_DIR
 cd $REMOTE_DIR
@@ -267,8 +267,7 @@ else
   # The lock is tested on Python 3.11 (the TPU images' Ubuntu 22.04 ships 3.10).
   command -v python3.11 >/dev/null || { sudo apt-get update -qq && sudo apt-get install -y -qq python3.11 python3.11-venv; }
   rm -rf $REMOTE_VENV && python3.11 -m venv $REMOTE_VENV
-  grep -v '^torch==' requirements.lock > /tmp/semflow_jax_requirements.txt
-  $REMOTE_VENV/bin/pip install -q -r /tmp/semflow_jax_requirements.txt 'jax[tpu]==$JAX_VERSION'
+  $REMOTE_VENV/bin/pip install -q -r requirements.lock 'jax[tpu]==$JAX_VERSION'
   cp requirements.lock $REMOTE_VENV/requirements.lock
 fi
 $REMOTE_VENV/bin/pip install -q --no-deps -e ."

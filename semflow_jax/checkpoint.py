@@ -11,7 +11,7 @@ manager.
 
 import time
 import uuid
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import jax
 import numpy as np
@@ -163,7 +163,7 @@ def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state) 
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state, model_record: dict,
-                   with_data: bool = True) -> Optional[Tuple[object, Optional[dict]]]:
+                   with_data: bool = True) -> Optional[Tuple[Any, Optional[dict]]]:
   """(state laid out like `abstract_state`, data-iterator state) of the latest checkpoint, or None.
 
   `with_data=False` reads only the state (sampling and evaluation need no data position);
@@ -266,8 +266,8 @@ def read_params(params_dir: str, abstract, what: str, expected_by: str,
   `unrequested_ok(key)`, key a tuple of names).
   """
   tree = _stored_tree(params_dir)
-  stored = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(dict(tree)).items()}
-  expected = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(dict(abstract)).items()}
+  stored = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(dict(tree)).items()}  # pyright: ignore[reportAttributeAccessIssue]
+  expected = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(dict(abstract)).items()}  # pyright: ignore[reportAttributeAccessIssue]
   problems = [f"{'/'.join(k)}: stored {stored.get(k)}, {expected_by} expects {shape}"
               for k, shape in expected.items() if stored.get(k) != shape]
   problems += [f"{'/'.join(k)}: stored, but {expected_by} has no such parameter"
@@ -301,13 +301,13 @@ def load_converted(path: str, abstract_params) -> dict:
     metadata = checkpointer.metadata(params_dir)
     tree = metadata.item_metadata if hasattr(metadata, "item_metadata") else metadata
     tree = dict(getattr(tree, "tree", tree))
-    stored = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree).items()}
+    stored = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree).items()}  # pyright: ignore[reportAttributeAccessIssue]
     missing_items = sorted(set(abstract_params) - {k[0] for k in stored})
     if missing_items:
       raise ConversionError(f"config.model.init_from={path} has no {missing_items} "
                             f"(it holds {sorted({k[0] for k in stored})}); convert with "
                             "--diffusers_dir to include the VAE and the text embedding")
-    expected = {k: tuple(v.shape) for k, v in
+    expected = {k: tuple(v.shape) for k, v in  # pyright: ignore[reportAttributeAccessIssue]
                 traverse_util.flatten_dict(dict(abstract_params)).items()}
     problems = [f"{'/'.join(k)}: stored {stored.get(k)}, the config expects {shape}"
                 for k, shape in expected.items() if stored.get(k) != shape]

@@ -31,7 +31,6 @@ from typing import Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import logging
 
 from semflow_jax import anchors, flow, images, metric_writer, metrics, parallel, state, storage
@@ -164,7 +163,7 @@ class Evaluator:
     finally:
       self.run.should_stop = lambda: False
     logging.info("eval at step %d: %s", step, json.dumps(
-        {k: v for k, v in result.items() if not k.startswith("per_class_iou")}))
+        {k: v for k, v in result.items() if not k.startswith("per_class_iou")}))  # pyright: ignore[reportAttributeAccessIssue]
     if workdir is not None and jax.process_index() == 0:
       self._write(result, shown, step, workdir, writer)
     return result

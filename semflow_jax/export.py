@@ -81,7 +81,7 @@ def conventions(config: ml_collections.ConfigDict, model: SemFlow, step: int, we
     names = list(classes.of(config.data).names)
   except (ValueError, OSError):  # a folder dataset whose classes.json is out of reach
     names = [f"class_{i}" for i in range(model.num_classes)]
-  to_255 = lambda c: [round((v + 1.0) * 127.5, 3) for v in c]  # noqa: E731
+  to_255 = lambda c: [round((v + 1.0) * 127.5, 3) for v in c]
   return {
       "source": {"workdir": workdir, "step": step, "weights": weights},
       "time": ("t = 0 is the image latent, t = 1 the mask's anchor latent; dz/dt = "
@@ -255,7 +255,7 @@ def main(argv):
     export(f.workdir, f.output, f.config, f.ema, f.overwrite)
   except (ExportError, ConversionError, FileNotFoundError, storage.StorageError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
+    raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import dataclasses
 import math
 
 import jax
+import jax.extend.core  # jax.extend is a submodule that `import jax` does not bind
 import numpy as np
 
 # Dense bf16 peak per chip (TFLOP/s), from Cloud TPU's published specifications. JAX device

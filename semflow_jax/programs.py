@@ -19,6 +19,7 @@ import functools
 from typing import Callable
 
 import jax
+import jax.core  # a submodule that `import jax` does not bind (Tracer)
 from absl import logging
 
 from semflow_jax import anchors, controls
@@ -82,7 +83,7 @@ class Program:
   @property
   def num_executables(self) -> int:
     """How many times this program has been compiled (ahead of time and by jit)."""
-    return len(self._executables) + self.jitted._cache_size()
+    return len(self._executables) + self.jitted._cache_size()  # pyright: ignore[reportAttributeAccessIssue]
 
 
 class Programs:

@@ -1,8 +1,8 @@
 """Training state: what a checkpoint holds, how it is created sharded, how params come back."""
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import flax
+from flax import struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -14,7 +14,7 @@ from semflow_jax import checkpoint, parallel, storage
 from semflow_jax.semflow import FROZEN, SemFlow
 
 
-@flax.struct.dataclass
+@struct.dataclass
 class TrainState:
   """What a checkpoint holds. Only `params` (the UNet) is trained: it alone has gradients, an
   optimiser state and an EMA; `frozen` (the SD VAE and the text embedding, {} in pixel space)
@@ -26,6 +26,9 @@ class TrainState:
   ema_params: Optional[Any]  # EMA of `params`; None when config.train.ema_decay == 0
   rng: jax.Array             # base key; step k uses fold_in(rng, k), so resume is exact
   skipped: jax.Array         # updates dropped for a non-finite loss or gradient (train.skip_nonfinite)
+
+  if TYPE_CHECKING:  # flax.struct.dataclass adds it at run time; declared for the type checker
+    def replace(self, **updates: Any) -> "TrainState": ...
 
   def model_params(self, ema: bool = True) -> dict:
     """The model's whole parameter dict (what SemFlow's methods take): the EMA of the trained

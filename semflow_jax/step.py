@@ -48,14 +48,12 @@ def train_batch_spec(model: SemFlow, config) -> dict:
   return spec
 
 
-def make_train_step(model: SemFlow, tx: optax.GradientTransformation, config, mesh=None):
-  """(state, global batch) -> (state, metrics). With train.grad_accum_steps = k the batch is
-  split into k micro-batches whose gradients are averaged inside the step (a scan), so peak
-  activation memory is that of one micro-batch. `mesh` (the one the state is laid out on) makes
-  the gradients' and the accumulator's layout that of the parameters, and keeps each
-  micro-batch spread over all devices."""
-  schedule = state_lib.learning_rate_schedule(config)
-  ema_decay = config.train.ema_decay
+def make_loss_and_grads(model: SemFlow, config, mesh=None):
+  """(params, frozen, batch, rng) -> (loss, gradients of `params`): the step's forward and
+  backward. With train.grad_accum_steps = k the batch is split into k micro-batches whose
+  gradients are averaged (a scan), so peak activation memory is that of one micro-batch.
+  `mesh` (the one the state is laid out on) makes the gradients' and the accumulator's layout
+  that of the parameters, and keeps each micro-batch spread over all devices."""
   k = config.train.get("grad_accum_steps", 1)
 
   def like_params(grads):
@@ -87,6 +85,36 @@ def make_train_step(model: SemFlow, tx: optax.GradientTransformation, config, me
     (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
     return loss / k, jax.tree.map(lambda g: g / k, grads)
 
+  return loss_and_grads
+
+
+def make_update(tx: optax.GradientTransformation, config):
+  """(state, grads) -> state: the optimiser's update of the trained parameters (`tx`, i.e.
+  state.make_optimizer: clipping and AdamW) and their EMA; the step counter is the caller's."""
+  ema_decay = config.train.ema_decay
+
+  def apply_update(state: state_lib.TrainState, grads) -> state_lib.TrainState:
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if ema is not None:
+      # The decay warms up as (1 + n) / (10 + n) towards train.ema_decay, so the random
+      # initialisation does not linger in the average of a short run.
+      n = state.step.astype(jnp.float32)
+      decay = jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
+      ema = jax.tree.map(lambda e, p: e + (1 - decay) * (p - e), ema, params)
+    return state.replace(params=params, opt_state=opt_state, ema_params=ema)
+
+  return apply_update
+
+
+def make_train_step(model: SemFlow, tx: optax.GradientTransformation, config, mesh=None):
+  """(state, global batch) -> (state, metrics): `make_loss_and_grads`, then `make_update`
+  where the loss and the gradient norm are finite."""
+  schedule = state_lib.learning_rate_schedule(config)
+  loss_and_grads = make_loss_and_grads(model, config, mesh)
+  apply_update = make_update(tx, config)
+
   def train_step(state: state_lib.TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
     loss, grads = loss_and_grads(state.params, state.frozen, batch, rng)
@@ -96,20 +124,8 @@ def make_train_step(model: SemFlow, tx: optax.GradientTransformation, config, me
     # values: a select reads both versions of every parameter and moment, so XLA cannot update
     # the donated buffers in place and copies the whole state every step.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-    def apply_update(state):
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
-      ema = state.ema_params
-      if ema is not None:
-        # The decay warms up as (1 + n) / (10 + n) towards train.ema_decay, so the random
-        # initialisation does not linger in the average of a short run.
-        n = state.step.astype(jnp.float32)
-        decay = jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
-        ema = jax.tree.map(lambda e, p: e + (1 - decay) * (p - e), ema, params)
-      return state.replace(params=params, opt_state=opt_state, ema_params=ema)
-
-    new_state = jax.lax.cond(finite, apply_update, lambda state: state, state)
+    new_state = jax.lax.cond(finite, lambda state: apply_update(state, grads), lambda state: state,
+                             state)
     new_state = new_state.replace(step=state.step + 1,
                                   skipped=state.skipped + (1 - finite.astype(jnp.int32)))
     metrics = {"loss": loss, "grad_norm": grad_norm,

@@ -23,7 +23,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
 
-import pytest  # noqa: E402
+import pytest
 
 from semflow_jax import runtime  # noqa: E402
 

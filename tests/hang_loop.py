@@ -62,7 +62,7 @@ def _run(workdir, tfds_dir, fault_step, num_steps, timeout, log_dir, cache):
       break
     for i, p in enumerate(procs):
       if ended[i] is None and p.poll() is not None:
-        ended[i] = time.time()
+        ended[i] = time.time()  # pyright: ignore[reportCallIssue]
     time.sleep(0.1)
   if None in ended:  # hung: every thread's Python stack into the log (PYTHONFAULTHANDLER)
     for p in procs:

@@ -97,7 +97,7 @@ def test_splash_kernels_compile_for_tpu_on_sd15_layers():
       (4096, 8, 40), (1024, 8, 80), (4096, 1, 512)}
   sharding = NamedSharding(mesh, P(("data", "fsdp")))
   for c in splash_layers:
-    shape = lambda n: jax.ShapeDtypeStruct((4, n, c["heads"], c["dim_head"]), jnp.bfloat16,
+    shape = lambda n: jax.ShapeDtypeStruct((4, n, c["heads"], c["dim_head"]), jnp.bfloat16,  # noqa: B023  (called within the iteration)
                                            sharding=sharding)
     loss = lambda q, k, v: L.splash_attention(q, k, v, mesh).astype(jnp.float32).sum()
     grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))

@@ -53,7 +53,7 @@ def test_coco_stuff_maps_raw_ids_to_171_contiguous_classes(built):
   for split, folder in (("train", "train2017"), ("validation", "val2017")):
     decoded = fx.examples(builder, split)
     assert set(decoded) == {f"{stem}.jpg" for stem, *_ in written[folder]}
-    for stem, image_path, _, raw in written[folder]:
+    for stem, _, _, raw in written[folder]:
       ex = decoded[f"{stem}.jpg"]
       expected = np.vectorize(fx.COCO_RAW_TO_EXPECTED.get)(raw)
       np.testing.assert_array_equal(ex["label"][..., 0], expected)
@@ -101,7 +101,7 @@ def test_cityscapes_maps_label_ids_to_train_ids(built):
     decoded = fx.examples(builder, split)
     folder = "train" if split == "train" else "val"
     assert len(decoded) == len(written[folder])
-    for key, image_path, _, raw in written[folder]:
+    for _, image_path, _, raw in written[folder]:
       ex = decoded[os.path.basename(image_path)]
       np.testing.assert_array_equal(ex["label"][..., 0], lookup[raw])
       np.testing.assert_array_equal(ex["image"], np.asarray(Image.open(image_path)))  # lossless
@@ -130,7 +130,7 @@ def test_celebamask_hq_paints_parts_in_the_standard_order(built):
     image = decoded[f"{index}.jpg"]["image"]
     assert image.shape == (fx.CELEBA_MASK_SIZE, fx.CELEBA_MASK_SIZE, 3)  # resized to the masks
     reference = np.asarray(Image.open(written[index][0]).convert("RGB").resize(
-        (fx.CELEBA_MASK_SIZE,) * 2, Image.BICUBIC), int)
+        (fx.CELEBA_MASK_SIZE,) * 2, Image.Resampling.BICUBIC), int)
     assert np.abs(image.astype(int) - reference).mean() < 3
 
 
@@ -313,7 +313,7 @@ def test_killed_build_is_invisible_and_a_rerun_on_two_workers_completes_it(tmp_p
                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True) for i in (1, 0)]
   outputs = [p.communicate(timeout=300) for p in runs]
-  for p, (out, err) in zip(runs, outputs):
+  for p, (_, err) in zip(runs, outputs):
     assert p.returncode == 0, err[-2000:]
   worker1, worker0 = (out for out, _ in outputs)
   assert "wrote its shards" in worker1 and "train 8, validation 3" in worker0

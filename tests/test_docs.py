@@ -68,3 +68,56 @@ def test_a_broken_readme_fails_naming_each_broken_line():
     assert any(p.startswith(f"README.md:{line}: ") and message in p for p in problems), (
         line, message, problems)
   assert len({p.split(":")[1] for p in problems}) == len(expected), problems
+
+
+def _design():
+  with open(os.path.join(REPO, "docs", "DESIGN.md")) as f:
+    return f.read()
+
+
+def test_the_design_doc_commands_configs_and_keys_parse():
+  problems = docs_check.check(_design(), "docs/DESIGN.md")
+  assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("name", ["README.md", "docs/DESIGN.md"])
+def test_every_module_function_key_and_flag_the_docs_name_exists(name):
+  with open(os.path.join(REPO, name)) as f:
+    problems = docs_check.check_names(f.read(), name)
+  assert not problems, "\n".join(problems)
+
+
+def test_the_readme_layout_names_every_module():
+  layout = _readme().split("## Layout", 1)[1].split("```", 2)[1]
+  modules = [name for folder in ("semflow_jax", os.path.join("semflow_jax", "data"))
+             for name in sorted(os.listdir(os.path.join(REPO, folder)))
+             if name.endswith(".py") and name != "__init__.py"]
+  missing = [m for m in modules if m not in layout]
+  assert not missing, f"README.md's layout does not name {missing}"
+
+
+def test_a_stale_statement_fails_naming_its_line():
+  design = _design()
+  breakages = {  # statements the docs once made, put back
+      "`config.model.init_from` (converted weights)": "`config.init_from` (converted weights)",
+      "`flow.network_evaluations(steps, method)`": "`flow.evaluations(steps, method)`",
+      "`Evaluator.compile`": "`Evaluator.precompile`",
+      "`--mode=eval` on a": "`--modes=eval` on a",
+      "`semflow_jax/models/sd_unet.py`": "`semflow_jax/models/sd_unet2.py`",
+  }
+  broken = design
+  for good, bad in breakages.items():
+    assert good in broken, good
+    broken = broken.replace(good, bad, 1)
+  problems = docs_check.check_names(broken, "docs/DESIGN.md")
+  expected = {
+      _line_of(broken, "`config.init_from`"): "no config has the key init_from",
+      _line_of(broken, "`flow.evaluations("): "semflow_jax.flow has no evaluations",
+      _line_of(broken, "`Evaluator.precompile`"): "class Evaluator has no attribute precompile",
+      _line_of(broken, "`--modes=eval`"): "no entry point or launcher has the flag --modes",
+      _line_of(broken, "sd_unet2.py"): "no file or folder semflow_jax/models/sd_unet2.py",
+  }
+  for line, message in expected.items():
+    assert any(p.startswith(f"docs/DESIGN.md:{line}: ") and message in p for p in problems), (
+        line, message, problems)
+  assert len(problems) == len(expected), problems

@@ -17,7 +17,6 @@ from PIL import Image
 
 from semflow_jax import anchors, evaluate, metrics, parallel, state as state_lib, train
 from semflow_jax.data import pipeline, synthetic
-from semflow_jax.evaluators import common
 from semflow_jax.programs import Programs
 from semflow_jax.semflow import SemFlow
 from tests import dataset_fixtures as fx
@@ -288,14 +287,15 @@ def test_native_resolution_miou_equals_cityscapesscripts(cityscapes_native, tmp_
   for labels, name, keep in zip(small, batch["file_name"], batch["mask"]):
     if not keep:
       continue
-    native = np.asarray(Image.fromarray(to_label_id[labels]).resize((2048, 1024), Image.NEAREST))
+    native = np.asarray(Image.fromarray(to_label_id[labels]).resize((2048, 1024),
+                                                                    Image.Resampling.NEAREST))
     path = str(tmp_path / name.decode().replace("leftImg8bit", "pred"))
     Image.fromarray(native).save(path)
     predictions.append(path)
     truths.append(gt_by_name[name.decode()])
   assert len(predictions) == 3 and len(set(np.unique(small))) > 3  # a real test case
   args = cs_eval.args
-  args.evalInstLevelScore, args.JSONOutput, args.quiet = False, False, True
+  args.evalInstLevelScore, args.JSONOutput, args.quiet = False, False, True  # pyright: ignore[reportAttributeAccessIssue]
   official = cs_eval.evaluateImgLists(predictions, truths, args)
   assert abs(result["miou_euler_1"] - official["averageScoreClasses"]) < 1e-9
   for name, iou in result["per_class_iou_euler_1"].items():

@@ -16,9 +16,9 @@ def test_int64_sums_through_16_bit_limbs_are_exact_with_negatives_and_large_valu
   processes = [rng.integers(-2**60, 2**60, size=(5, 3), dtype=np.int64) for _ in range(4)]
   processes[0][0, 0] = -1  # all 64 bits set
   limb_sums = sum(common.to_limbs(x).astype(np.uint64) for x in processes)
-  assert limb_sums.max() < 2**32  # what a uint32 collective can hold
+  assert limb_sums.max() < 2**32  # what a uint32 collective can hold  # pyright: ignore[reportAttributeAccessIssue]
   expected = [[sum(int(x[i, j]) for x in processes) for j in range(3)] for i in range(5)]
-  assert common.from_limbs(limb_sums.astype(np.uint32)).tolist() == expected
+  assert common.from_limbs(limb_sums.astype(np.uint32)).tolist() == expected  # pyright: ignore[reportAttributeAccessIssue]
 
 
 def test_float_sums_in_fixed_point_are_within_the_stated_bound_and_order_free():
@@ -33,7 +33,7 @@ def test_float_sums_in_fixed_point_are_within_the_stated_bound_and_order_free():
     return sum(np.rint(np.ldexp(x, scale)).astype(np.int64) for x in xs)
   total = fixed_sum(processes)
   assert np.array_equal(total, fixed_sum(processes[::-1]))  # integers: any order, same sum
-  got = np.ldexp(total.astype(np.float64), -scale)
+  got = np.ldexp(total.astype(np.float64), -scale)  # pyright: ignore[reportAttributeAccessIssue]
   exact = np.array([float(sum(fractions.Fraction(float(x[i])) for x in processes))
                     for i in range(50)])
   bound = count**2 * 2.0**-63 * 2.0**exponent  # the docstring's bound, beyond float64 rounding

@@ -26,7 +26,7 @@ def _checkpointed_run(workdir, config):
   tx = state_lib.make_optimizer(config)
   train_state = state_lib.create(model, tx, config, mesh)
   rng = np.random.default_rng(1)
-  noisy = lambda tree, scale: jax.tree.map(  # noqa: E731  (every weight non-trivial)
+  noisy = lambda tree, scale: jax.tree.map(
       lambda p: np.asarray(p) + scale * rng.normal(size=p.shape).astype(np.float32), tree)
   trained = {"unet": noisy(train_state.params["unet"], 0.05)}
   frozen = {**train_state.frozen, "context": noisy(train_state.frozen["context"], 1.0)}

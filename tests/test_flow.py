@@ -75,7 +75,7 @@ def test_straight_line_field_forward_then_backward_returns_the_start(method):
 def test_integrator_compiles_to_one_loop_whose_size_does_not_grow_with_steps():
   field = lambda x, t: -x * t
   for method in ("euler", "heun", "rk4"):
-    jaxprs = {n: jax.make_jaxpr(lambda x: flow.integrate(field, x, 0.0, 1.0, n, method))(
+    jaxprs = {n: jax.make_jaxpr(lambda x: flow.integrate(field, x, 0.0, 1.0, n, method))(  # noqa: B023  (called within the iteration)
         jnp.ones(3)).jaxpr for n in (2, 50)}
     # One loop primitive (fori_loop lowers to scan or while), not 50 unrolled steps.
     for jaxpr in jaxprs.values():
@@ -131,7 +131,7 @@ def test_network_evaluations_per_sampler():
     return -z
   for method, per_step in flow.EVALUATIONS_PER_STEP.items():
     calls.clear()
-    jax.make_jaxpr(lambda z: flow.integrate(counting, z, 0.0, 1.0, 3, method))(jnp.ones(2))
+    jax.make_jaxpr(lambda z: flow.integrate(counting, z, 0.0, 1.0, 3, method))(jnp.ones(2))  # noqa: B023  (called within the iteration)
     assert len(calls) == per_step  # traced once per evaluation inside the loop body
   with pytest.raises(ValueError, match="steps"):
     flow.network_evaluations(0, "euler")

@@ -90,7 +90,8 @@ def gcs(tmp_path_factory):
   log = open(server_dir / "server.log", "w+")
   read_log = str(server_dir / "reads.log")
   server = subprocess.Popen([sys.executable, "-m", "tests.gcs_server", f"--port={port}",
-                             f"--bucket={BUCKET}", f"--read_log={read_log}"], cwd=REPO, stdout=subprocess.PIPE,
+                             f"--bucket={BUCKET}", f"--read_log={read_log}"], cwd=REPO,
+                            stdout=subprocess.PIPE,
                             stderr=log, text=True)
   try:
     assert server.stdout.readline().strip() == "ready", open(log.name).read()[-2000:]

@@ -83,7 +83,7 @@ def test_setup_ships_tracked_files_to_every_worker_and_installs_once(tmp_path):
   script = _option(ssh, "command")
   jax_version = [l.split("==")[1] for l in open(os.path.join(REPO, "requirements.lock"))
                  if l.startswith("jax==")][0].strip()
-  assert f"'jax[tpu]=={jax_version}'" in script and "-r /tmp/semflow_jax_requirements.txt" in script
+  assert f"'jax[tpu]=={jax_version}'" in script and "-r requirements.lock" in script
 
   # The worker's side, run here: the install runs the first time and is skipped while the lock
   # is unchanged. python3.11 and pip are stand-ins that record their calls.

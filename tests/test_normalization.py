@@ -50,7 +50,7 @@ def test_values_and_gradients_match_flax_group_norm(shape, groups, film, silu):
     return ours_module.apply(p, x, film=(s, t) if film else None, silu=silu)
 
   expected, got = reference(params, x, s, t), ours(params, x, s, t)
-  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())  # pyright: ignore[reportCallIssue]
   argnums = (0, 1, 2, 3) if film else (0, 1)
   loss = lambda f: lambda *a: jnp.sum(f(*a) * g)
   expected_grads = jax.grad(loss(reference), argnums)(params, x, s, t)
@@ -65,10 +65,10 @@ def test_bfloat16_input_gives_bfloat16_output_and_gradient_close_to_float32():
   params = module.init(jax.random.PRNGKey(0), x)
   full = GroupNorm(4, epsilon=1e-5).apply(params, x, film=(s, t), silu=True)
   half = module.apply(params, x.astype(jnp.bfloat16), film=(s, t), silu=True)
-  assert half.dtype == jnp.bfloat16
-  np.testing.assert_allclose(half.astype(jnp.float32), full, atol=0.02 * np.abs(full).max())
+  assert half.dtype == jnp.bfloat16  # pyright: ignore[reportAttributeAccessIssue]
+  np.testing.assert_allclose(half.astype(jnp.float32), full, atol=0.02 * np.abs(full).max())  # pyright: ignore[reportAttributeAccessIssue, reportCallIssue]
   grad = jax.grad(lambda x: jnp.sum(module.apply(params, x, film=(s, t), silu=True)
-                                    .astype(jnp.float32) * g))(x.astype(jnp.bfloat16))
+                                    .astype(jnp.float32) * g))(x.astype(jnp.bfloat16))  # pyright: ignore[reportAttributeAccessIssue]
   grad_full = jax.grad(lambda x: jnp.sum(GroupNorm(4, epsilon=1e-5).apply(
       params, x, film=(s, t), silu=True) * g))(x)
   assert grad.dtype == jnp.bfloat16

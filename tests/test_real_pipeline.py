@@ -78,7 +78,7 @@ def test_full_frame_resize_is_bicubic_for_images_and_nearest_for_labels(fixtures
     np.testing.assert_array_equal(label[..., 0], CS_LOOKUP[raw[1::2, 1::2]])
     source = os.path.join(fixtures["cityscapes_semantic_manual"], "leftImg8bit", "train",
                           name.decode().split("_")[0], name.decode())
-    reference = np.asarray(Image.open(source).resize((32, 16), Image.BICUBIC), float)
+    reference = np.asarray(Image.open(source).resize((32, 16), Image.Resampling.BICUBIC), float)
     assert np.abs(image.astype(float) - reference).mean() < 1.5  # PIL's bicubic
 
 

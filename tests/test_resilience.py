@@ -218,7 +218,7 @@ def _wait(job, timeout=900):
   while None in ended and time.time() < deadline:
     for i, p in enumerate(procs):
       if ended[i] is None and p.poll() is not None:
-        ended[i] = time.time()
+        ended[i] = time.time()  # pyright: ignore[reportCallIssue]
     time.sleep(0.1)
   for p in procs:
     if p.poll() is None:
@@ -301,7 +301,7 @@ def test_sigterm_stops_two_processes_together_and_they_resume_on_another_topolog
   tx = state_lib.make_optimizer(config)
   target = state_lib.abstract(model, tx, config, mesh)
   manager = checkpoint.make_manager(workdir, 2)
-  restored, data = checkpoint.restore_latest(manager, target, model.checkpoint_record())
+  restored, data = checkpoint.restore_latest(manager, target, model.checkpoint_record())  # pyright: ignore[reportGeneralTypeIssues]
   stored = _stored_arrays(workdir, stopped)
   manager.close()
   assert data["position"] == stopped and int(restored.step) == stopped

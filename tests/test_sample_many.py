@@ -196,10 +196,10 @@ def test_outputs_are_checked_before_anything_is_loaded(tmp_path, tiny_config):
 def test_official_formats_invert_the_builders_tables():
   from cityscapesscripts.helpers import labels as cs_labels
   from semflow_jax.data import coco_stuff
-  folder, table = classes.official_format("cityscapes_semantic")
+  folder, table = classes.official_format("cityscapes_semantic")  # pyright: ignore[reportGeneralTypeIssues]
   assert folder == "labelIds"
   assert [int(table[c]) for c in range(19)] == [cs_labels.trainId2label[c].id for c in range(19)]
-  folder, table = classes.official_format("coco_stuff")
+  folder, table = classes.official_format("coco_stuff")  # pyright: ignore[reportGeneralTypeIssues]
   assert folder == "stuffthingmaps" and table[255] == 255
   assert [coco_stuff.RAW_TO_CLASS[int(table[c])] for c in range(171)] == list(range(171))
   assert int(table[11]) == 12 and int(table[170]) == 181  # stop sign, wood (COCO id - 1)
@@ -237,11 +237,11 @@ def test_a_cityscapes_split_scored_by_cityscapesscripts_equals_the_projects_miou
             for p in predictions]
   assert np.asarray(Image.open(predictions[0])).shape == (32, 64)  # native size
   args = cs_eval.args
-  args.evalInstLevelScore, args.JSONOutput, args.quiet = False, False, True
+  args.evalInstLevelScore, args.JSONOutput, args.quiet = False, False, True  # pyright: ignore[reportAttributeAccessIssue]
   official = cs_eval.evaluateImgLists(predictions, truths, args)
   assert abs(result["miou_euler_1"] - official["averageScoreClasses"]) < 1e-9
   # The class-id PNGs are the same predictions in train ids.
-  _, table = classes.official_format("cityscapes_semantic")
+  _, table = classes.official_format("cityscapes_semantic")  # pyright: ignore[reportGeneralTypeIssues]
   for p in predictions:
     ids = np.asarray(Image.open(p.replace("/labelIds/", "/labels/")))
     np.testing.assert_array_equal(table[ids], np.asarray(Image.open(p)))

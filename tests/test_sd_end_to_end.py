@@ -31,7 +31,7 @@ def test_converted_sd_folder_trains_segments_and_synthesises(tmp_path, tfds_dir)
   images = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
   x = torch.from_numpy(fx.nchw(images.astype(np.float32) / 127.5 - 1.0))
   with torch.no_grad():
-    z_ref = vae_ref.encode(x).latent_dist.mean * 0.18215
+    z_ref = vae_ref.encode(x).latent_dist.mean * 0.18215  # pyright: ignore[reportAttributeAccessIssue]
     t = torch.tensor([0.25, 0.75])
     context = torch.from_numpy(np.repeat(initial["context"], 2, axis=0))
     v_ref = unet_ref(z_ref, 1000 * t, context).sample.numpy()

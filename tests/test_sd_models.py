@@ -68,7 +68,7 @@ def test_unet_matches_diffusers(tmp_path, name):
   with torch.no_grad():
     expected = reference(x, t, context).sample.numpy()
   ours = module.apply({"params": params}, fx.nhwc(x), t.numpy(), context.numpy())
-  assert ours.shape == fx.nhwc(expected).shape
+  assert ours.shape == fx.nhwc(expected).shape  # pyright: ignore[reportAttributeAccessIssue]
   assert _relative_error(fx.nchw(ours), expected) < 1e-4
 
 
@@ -78,8 +78,8 @@ def test_vae_matches_diffusers(tmp_path, name):
   module, params = convert.load_diffusers_vae(str(tmp_path))
   images = torch.rand(2, 3, 16, 24, generator=torch.Generator().manual_seed(0)) * 2 - 1
   with torch.no_grad():
-    posterior = reference.encode(images).latent_dist
-    decoded = reference.decode(posterior.mean).sample.numpy()
+    posterior = reference.encode(images).latent_dist  # pyright: ignore[reportAttributeAccessIssue]
+    decoded = reference.decode(posterior.mean).sample.numpy()  # pyright: ignore[reportAttributeAccessIssue]
   mean, logvar = module.apply({"params": params}, fx.nhwc(images), method="encode")
   ours_decoded = module.apply({"params": params}, fx.nhwc(posterior.mean), method="decode")
   assert _relative_error(fx.nchw(mean), posterior.mean.numpy()) < 1e-4
@@ -90,7 +90,7 @@ def test_vae_matches_diffusers(tmp_path, name):
 def test_sd15_parameter_counts_match_diffusers_without_allocating():
   unet = sd_unet.SDUNet(sd_unet.SDUNetConfig.from_diffusers(sd15.UNET))
   vae = sd_vae.AutoencoderKL(sd_vae.SDVAEConfig.from_diffusers(sd15.VAE))
-  count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))  # noqa: E731
+  count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
   ours_unet = count(convert.unet_abstract_params(unet))
   ours_vae = count(convert.vae_abstract_params(vae))
   with torch.device("meta"):  # diffusers' own modules, shapes only
@@ -223,7 +223,7 @@ def test_remat_and_bfloat16_keep_the_function(tmp_path):
   params = jax.jit(plain.init)(jax.random.PRNGKey(0), x, t, context)["params"]
 
   def grads(module):  # jitted, as the train step runs it (op by op it compiles every op)
-    loss = lambda p: jnp.sum(module.apply({"params": p}, x, t, context) ** 2)  # noqa: E731
+    loss = lambda p: jnp.sum(module.apply({"params": p}, x, t, context) ** 2)
     return jax.jit(jax.grad(loss))(params)
 
   for remat in (True, "dots"):  # whole blocks; all but the projection matmuls' outputs

@@ -21,12 +21,12 @@ def test_velocity_preconditioning(tiny_config, skip):
   z = jax.random.normal(jax.random.PRNGKey(1), (2, *model.latent_shape))
   for t in (0.0, 0.3, 1.0):
     expected = (2 * t - 1) * z if skip else jnp.zeros_like(z)
-    np.testing.assert_allclose(model.velocity(params, z, t), expected, atol=1e-6)
+    np.testing.assert_allclose(model.velocity(params, z, t), expected, atol=1e-6)  # pyright: ignore[reportCallIssue]
   # Per-example times broadcast per example.
   v = model.velocity(params, z, jnp.array([0.0, 1.0]))
   if skip:
     np.testing.assert_allclose(v[0], -z[0], atol=1e-6)
-    np.testing.assert_allclose(v[1], z[1], atol=1e-6)
+    np.testing.assert_allclose(v[1], z[1], atol=1e-6)  # pyright: ignore[reportCallIssue]
 
 
 def test_one_step_segmentation_reads_the_unet_output_directly_with_the_skip(tiny_config):

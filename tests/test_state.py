@@ -2,7 +2,7 @@
 learning rate, sampling's restore of the parameters alone, and checkpoints of the state layout
 before the lean train step."""
 
-import flax
+from flax import struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,7 +71,7 @@ def test_logged_learning_rate_is_the_applied_one():
     updates, opt_state = tx.update(grads, opt_state, params)
     if step > 0:  # from the second step on Adam's ratio is no longer exactly 1
       continue
-    np.testing.assert_allclose(-np.asarray(updates["unet"]["w"]), logged, rtol=1e-6)
+    np.testing.assert_allclose(-np.asarray(updates["unet"]["w"]), logged, rtol=1e-6)  # pyright: ignore[reportCallIssue]
   assert float(state_lib.applied_learning_rate(schedule, opt_state)) == pytest.approx(
       float(schedule(6)))
 
@@ -108,7 +108,7 @@ def test_sampling_restores_only_the_parameters_it_uses(tmp_path, monkeypatch):
   assert sum(name.startswith("ema_params") for name in read) == len(jax.tree.leaves(expected))
 
 
-@flax.struct.dataclass
+@struct.dataclass
 class _StateBeforeLeanStep:
   """The TrainState of semflow_jax before the lean step (issue 17): the frozen VAE and text
   embedding inside params and the EMA, an optax.multi_transform optimiser over all of them."""
@@ -163,7 +163,7 @@ def test_lean_checkpoints_resume_and_hold_the_frozen_parts_once(tmp_path):
   checkpoint.save(manager, 3, state.replace(step=state.step + 3), {"position": 0},
                   model.checkpoint_record())
   state_lib.check_resumable(manager)  # no error
-  restored, _ = checkpoint.restore_latest(manager, state_lib.abstract(model, tx, config, mesh),
+  restored, _ = checkpoint.restore_latest(manager, state_lib.abstract(model, tx, config, mesh),  # pyright: ignore[reportGeneralTypeIssues]
                                           model.checkpoint_record())
   manager.close()
   assert int(restored.step) == 3 and restored.ema_params is None

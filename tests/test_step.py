@@ -4,7 +4,7 @@ optimiser), gradient accumulation (on the tiny pixel-space model) and the EMA ag
 independent computations, and the loss
 from cached image moments equal to the loss from the images."""
 
-import flax
+from flax import struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,7 +40,7 @@ def _batch(config, seed=0, n=None):
           "label": rng.integers(0, config.data.num_classes, (n, size, size, 1), dtype=np.uint8)}
 
 
-@flax.struct.dataclass
+@struct.dataclass
 class _StateBefore:
   """The train state before the lean step: the whole model in params and in the EMA."""
   step: jax.Array
@@ -136,7 +136,7 @@ def test_lean_step_matches_the_step_before_it_and_keeps_an_ema_of_the_unet_only(
   # d_n = min(decay, (1 + n) / (10 + n)).
   for n in range(2):
     d = min(0.9, (1 + n) / (10 + n))
-    expected = jax.tree.map(lambda e, p: e + (1 - d) * (p - e), emas[n], params[n + 1])
+    expected = jax.tree.map(lambda e, p: e + (1 - d) * (p - e), emas[n], params[n + 1])  # noqa: B023  (called within the iteration)
     _close(emas[n + 1], expected, rtol=1e-6)
 
 
@@ -160,7 +160,7 @@ def test_gradient_accumulation_equals_the_micro_batches_with_the_same_times_and_
   grad = jax.jit(jax.value_and_grad(
       lambda p, b, r: model.loss({**initial.frozen, **p}, b, r)))
   step_key = jax.random.fold_in(initial.rng, initial.step)
-  losses, grads = zip(*[grad(initial.params, jax.tree.map(lambda x: x[j::k], batch),
+  losses, grads = zip(*[grad(initial.params, jax.tree.map(lambda x: x[j::k], batch),  # noqa: B023  (called within the iteration)
                              jax.random.fold_in(step_key, j)) for j in range(k)])
   mean_grads = jax.tree.map(lambda *g: sum(g) / k, *grads)
   np.testing.assert_allclose(metrics["loss"], np.mean(losses), rtol=1e-5)

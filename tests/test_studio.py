@@ -157,7 +157,7 @@ def test_canvas_strokes_are_snapped_to_the_nearest_anchor(served, tmp_path):
   composite = canvas.flatten({"background": background, "layers": [stroke, ignore]}, palette)
   value = {"background": None, "layers": [],
            "composite": handle_file(write_png(tmp_path / "composite.png",
-                                              np.round(composite).astype(np.uint8)))}
+                                              np.round(composite).astype(np.uint8)))}  # pyright: ignore[reportCallIssue]
   labels_file, _ = served.client.predict(value, api_name="/labels")
   np.testing.assert_array_equal(read_png(labels_file), expected)
 
@@ -373,8 +373,9 @@ def test_command_line_serves_on_loopback_with_a_password_and_no_share_link(serve
     output = log.read()
     assert f"studio: serving on {url} (user 'studio'" in output, output[-3000:]
     assert "WITHOUT A PASSWORD" not in output and "gradio.live" not in output
-    with pytest.raises(Exception):
-      Client(url, verbose=False, analytics_enabled=False)  # no password: refused
+    # no password: refused (whatever gradio_client raises for it)
+    with pytest.raises(Exception):  # noqa: B017
+      Client(url, verbose=False, analytics_enabled=False)
     client = Client(url, auth=("studio", "s3cret"), verbose=False, analytics_enabled=False,
                     download_files=str(tmp_path))
     try:

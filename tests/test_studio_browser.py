@@ -113,7 +113,7 @@ def _stroke(page, row, col_start, col_end, shape):
   zoom = page.locator("#canvas").get_by_text(re.compile(r"^\d+%$")).first.inner_text()
   scale = int(zoom[:-1]) / 100
   cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-  to_screen = lambda r, c: (cx + (c + 0.5 - shape[1] / 2) * scale,  # noqa: E731
+  to_screen = lambda r, c: (cx + (c + 0.5 - shape[1] / 2) * scale,
                             cy + (r + 0.5 - shape[0] / 2) * scale)
   page.mouse.move(*to_screen(row, col_start))
   page.mouse.down()

@@ -100,7 +100,7 @@ class CelebamaskHq(records.RandomAccessBuilder):
 def _masks_by_index(mask_dir):
   """{image index: [(part index, path)] in painting order}."""
   masks = {}
-  for name, path in sorted(manual.files_with_suffix(mask_dir, ".png", recursive=True).items()):
+  for _name, path in sorted(manual.files_with_suffix(mask_dir, ".png", recursive=True).items()):
     match = _MASK_NAME.match(os.path.basename(path))
     if not match or match.group(2) not in PARTS:
       raise manual.DataError(f"{path}: not a CelebAMask-HQ part mask name (expected "
@@ -169,7 +169,7 @@ def _load_example(pair):
     encoded, _ = manual.read_rgb(image_path)  # already at the mask size: keep the bytes
   else:
     buffer = io.BytesIO()
-    image.convert("RGB").resize((label_hw[1], label_hw[0]), Image.BICUBIC).save(
+    image.convert("RGB").resize((label_hw[1], label_hw[0]), Image.Resampling.BICUBIC).save(
         buffer, format="JPEG", quality=95)
     encoded = buffer.getvalue()
   return manual.example(key, encoded, label, os.path.basename(image_path))

@@ -294,6 +294,8 @@ def _load_example(pair, table: np.ndarray, num_classes: int):
 class FolderConfig(tfds.core.BuilderConfig):
   """One folder (local or gs://) with its class table and validation fraction."""
 
+  fingerprint: Optional[str] = None  # of the folder's contents, set by `builder`
+
   def __init__(self, *, folder: str, classes: ClassTable,
                validation_fraction: float = DEFAULT_VALIDATION_FRACTION, **kwargs):
     folder = storage.resolve(folder)

@@ -19,17 +19,20 @@ goes into every checkpoint, and a resumed run computes the indices of the next u
 reads from there (nothing is read to skip). Nothing holds the split in memory; a process's first
 batch costs B reads, whatever the split's size.
 
-The work runs in one tf.data graph: computing indices, reading records (batched, through
-`tfds`' ArrayRecord data source), then, on tf.data's thread pool (C++ threads, no extra
-processes), parsing, decoding, cropping, resizing and flipping each example, then batching with
-a fixed prefetch (PREFETCH_BATCHES), so what a process reads ahead is bounded. Images are resized bicubic with antialiasing, labels
-nearest (`semflow_jax.resize.image` / `resize.labels` are the same operations in numpy, for
-callers outside the pipeline).
+The work is split in two. A Python reader thread (`_Feed`) computes the indices
+(`_train_index_batches`), reads those records in batches (`records.Records.__getitems__`) and
+enqueues them, in order, on a TF queue; a tf.data graph (`_train_dataset`) dequeues them and, on
+tf.data's thread pool (C++ threads, no extra processes, no Python inside them, so closing at exit
+cannot deadlock), parses, decodes, crops, resizes and flips each example (`_parser`,
+`_transform`), then batches with a fixed prefetch (PREFETCH_BATCHES), so what a process reads
+ahead is bounded. Images are resized bicubic with antialiasing, labels nearest
+(`semflow_jax.resize.image` / `resize.labels` are the same operations in numpy, for callers
+outside the pipeline).
 
 Adding a second per-example source (e.g. cached image latents keyed by the same example index):
-read it beside the record in `_read_records` (same indices), and transform its arrays in
-`_prepare` with the same `Augmentation` (the window scaled to that array's resolution, the same
-flip), so both always describe the same pixels.
+read it beside the record in `_feed` (same indices, one more queue component), and transform its
+arrays in `_transform` with the same `Augmentation` (the window scaled to that array's
+resolution, the same flip), so both always describe the same pixels.
 
 Evaluation reads a disjoint, contiguous part of the split per process and pads the last batch
 with masked examples so every example counts once on any number of processes; it never crops
@@ -223,7 +226,7 @@ def _window(shape, out_size, crop: str, crop_scale, seed):
   aspect = out_size[1] / out_size[0]
   h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
   side = tf.minimum(h, w / aspect)  # height of the largest window with the output's aspect
-  scale_seed, top_seed, left_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+  scale_seed, top_seed, left_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))  # pyright: ignore[reportAttributeAccessIssue]
   if crop == "random" and crop_scale[0] < crop_scale[1]:
     side *= tf.random.stateless_uniform([], scale_seed, crop_scale[0], crop_scale[1])
   elif crop == "random":
@@ -261,7 +264,7 @@ class Augmentation(NamedTuple):
 
 def augmentation(seed, stored_shape, preprocess: "Preprocess", flip: bool) -> Augmentation:
   """The crop window and flip of one example, a pure function of its stateless `seed`."""
-  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))  # pyright: ignore[reportAttributeAccessIssue]
   size = tuple(preprocess.image_size) if preprocess.image_size else None
   window = _window(stored_shape, size, preprocess.crop, preprocess.crop_scale, crop_seed)
   do_flip = (tf.random.stateless_uniform([], flip_seed) < 0.5) if flip else tf.constant(False)
@@ -425,8 +428,8 @@ class TrainIterator:
   @property
   def element_spec(self) -> dict:
     """{key: (per-process batch shape, numpy dtype)}, known before any data is read."""
-    return {k: (tuple(v.shape), v.dtype.as_numpy_dtype)
-            for k, v in self._dataset.element_spec.items()}
+    return {k: (tuple(v.shape), v.dtype.as_numpy_dtype)  # pyright: ignore[reportAttributeAccessIssue]
+            for k, v in self._dataset.element_spec.items()}  # pyright: ignore[reportAttributeAccessIssue]
 
   def __iter__(self):
     return self
@@ -529,7 +532,7 @@ def _padded_batches(ds: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
     if spec.dtype == tf.string:
       return tf.constant("", tf.string)
     return tf.constant(255 if key == NATIVE_LABEL_KEY else 0, spec.dtype)
-  values = {k: padding(k, v) for k, v in ds.element_spec.items()}
+  values = {k: padding(k, v) for k, v in ds.element_spec.items()}  # pyright: ignore[reportAttributeAccessIssue]
   return ds.padded_batch(batch_size, padding_values=values)
 
 
@@ -565,12 +568,12 @@ def eval_batches(builder, split: str, batch_size: int, num_examples: int = -1,
       if batch is None:  # this process ran out: a fully masked batch shaped like the template
         if template is None:
           template = _empty_batch(builder, source, keys, preprocess, native_labels)
-        batch = {k: np.zeros_like(v[:0]) for k, v in template.items()}
+        batch = {k: np.zeros_like(v[:0]) for k, v in template.items()}  # pyright: ignore[reportAttributeAccessIssue]
       template = template or batch
       real = len(batch[keys[0]])
       pad = batch_size - real
       batch = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) if pad else v
-               for k, v in batch.items()}
+               for k, v in batch.items()}  # pyright: ignore[reportAttributeAccessIssue]
       batch["mask"] = (np.arange(batch_size) < real).astype(np.float32)
       first = start + b * batch_size
       batch["index"] = np.where(batch["mask"] > 0, first + np.arange(batch_size), -1).astype(
@@ -581,7 +584,7 @@ def eval_batches(builder, split: str, batch_size: int, num_examples: int = -1,
 def _empty_batch(builder, source, keys, preprocess, native_labels=False):
   """A zero-length batch with the shapes evaluation batches have (for a process with none)."""
   with _examples(builder, source, 0, 1, keys, preprocess, native_labels) as one:
-    return {k: v[:0] for k, v in next(one).items()}
+    return {k: v[:0] for k, v in next(one).items()}  # pyright: ignore[reportAttributeAccessIssue]
 
 
 def load_arrays(builder, split: str, num_examples: int, keys=("image", "label"),

@@ -34,7 +34,7 @@ import json
 import os
 import threading
 import time
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import tensorflow_datasets as tfds
 from absl import logging
@@ -127,7 +127,7 @@ class Records:
     self.split = split
     self._files = [(os.fspath(f.filename), f.skip, f.take) for f in info.file_instructions]
     self._ends = list(itertools.accumulate(take for _, _, take in self._files))
-    self._readers = [None] * len(self._files)
+    self._readers: List[Any] = [None] * len(self._files)
     self._lock = threading.Lock()
     self.remote = storage.is_url(os.fspath(builder.data_path))
 
@@ -142,7 +142,7 @@ class Records:
 
   def _reader(self, f: int):
     if self._readers[f] is None:
-      from array_record.python import array_record_module
+      from array_record.python import array_record_module  # pyright: ignore[reportAttributeAccessIssue]
       with self._lock:
         if self._readers[f] is None:
           self._readers[f] = array_record_module.ArrayRecordReader(
@@ -218,7 +218,7 @@ def staging_dir(builder) -> epath.Path:
 
 def write_shard(builder, shard: Shard, items: Sequence, staging) -> dict:
   """Load `items` (the shard's), write them to the shard's file, then mark it done."""
-  from array_record.python import array_record_module
+  from array_record.python import array_record_module  # pyright: ignore[reportAttributeAccessIssue]
   path = _shard_path(builder, staging, shard)
   writer = array_record_module.ArrayRecordWriter(os.fspath(path), WRITER_OPTIONS)
   count = 0

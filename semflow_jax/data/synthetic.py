@@ -69,7 +69,7 @@ def sample_layout(rng: np.random.Generator, size: int) -> Layout:
   def paint(region, cls):
     if region.sum() >= 2:
       instances[region] = len(classes)
-      classes.append(cls)
+      classes.append(cls)  # pyright: ignore[reportAttributeAccessIssue]
 
   def ellipse(cx, cy, rx, ry):
     return ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1.0

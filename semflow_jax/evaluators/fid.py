@@ -82,7 +82,7 @@ class Metric(common.Metric):
     if self._reference is None:
       from semflow_jax import perceptual
       run = self.run
-      description = {"dataset": run.builder.info.full_name, "split": "validation",
+      description = {"dataset": run.builder.info.full_name, "split": "validation",  # pyright: ignore[reportAttributeAccessIssue]
                      "num_examples": run.num_examples, "image_size": list(run.model.image_size)}
       cache = run.config.eval.get("fid_reference") or (
           storage.join(workdir, "eval", "fid_reference.npz") if workdir else None)

@@ -201,7 +201,7 @@ def splash_attention(q, k, v, mesh: Optional[Mesh] = None, interpret: bool = Fal
     to_heads_first = lambda y: y.swapaxes(1, 2)  # the kernel takes (H, T, D) per example
     out = jax.vmap(kernel)(to_heads_first(q * jnp.asarray(dim ** -0.5, q.dtype)),
                            to_heads_first(k), to_heads_first(v))
-    return out.swapaxes(1, 2)
+    return out.swapaxes(1, 2)  # pyright: ignore[reportAttributeAccessIssue]
 
   if mesh is None:
     return per_device(q, k, v)
@@ -260,7 +260,7 @@ class SpatialSelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
-    y = group_norm(self.groups, self.eps, self.dtype, "group_norm")(x).reshape(b, h * w, c)
+    y = group_norm(self.groups, self.eps, self.dtype, "group_norm")(x).reshape(b, h * w, c)  # pyright: ignore[reportAttributeAccessIssue]
     y = attend(y, y, heads=1, dim_head=c, qkv_bias=True, dtype=self.dtype, impl=self.attention)
     return x + y.reshape(b, h, w, c)
 
@@ -328,7 +328,7 @@ class Transformer2D(nn.Module):
     inner = self.heads * self.dim_head
     y = group_norm(self.groups, 1e-6, self.dtype, "norm")(x)
     if self.use_linear_projection:
-      y = nn.Dense(inner, dtype=self.dtype, name="proj_in")(y.reshape(b, h * w, c))
+      y = nn.Dense(inner, dtype=self.dtype, name="proj_in")(y.reshape(b, h * w, c))  # pyright: ignore[reportAttributeAccessIssue]
     else:
       y = conv(inner, 1, self.dtype, "proj_in")(y).reshape(b, h * w, inner)
     for i in range(self.num_layers):

@@ -42,7 +42,7 @@ class SelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
-    y = GroupNorm(self.groups, dtype=self.dtype, name="norm")(x).reshape(b, h * w, c)
+    y = GroupNorm(self.groups, dtype=self.dtype, name="norm")(x).reshape(b, h * w, c)  # pyright: ignore[reportAttributeAccessIssue]
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype, name="attn",
         out_kernel_init=nn.initializers.zeros_init())(y, y)
