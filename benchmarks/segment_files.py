@@ -90,7 +90,7 @@ def _phases(workdir: str, image_path: str, output: str, started: float) -> dict:
 
   import jax
   import numpy as np
-  from semflow_jax import image_files, images, main, runtime, sample, storage  # what main.py imports
+  from semflow_jax import image_files, images, main, runtime, sample, storage  # noqa: F401  (what main.py imports)
   from configs import synthetic
   mark("imports (jax, flax, orbax, semflow_jax)")
   config = synthetic.get_config()

@@ -15,7 +15,8 @@ The output directory holds one complete version, `conversion-<time>-<id>/` with 
 Orbax checkpoint of {'unet', 'vae', 'context'}), `unet_config.json` and `vae_config.json`, and
 `conversion.json`, written last, naming it (checkpoint.save_converted: with --overwrite the old
 version stays in use until the new one is complete); `config.model.init_from` points at it.
-From gs:// only the files converted are fetched. 'context' is the empty-prompt CLIP embedding that SemFlow feeds to cross-attention.
+From gs:// only the files converted are fetched. 'context' is the empty-prompt CLIP embedding
+that SemFlow feeds to cross-attention.
 
 Keys are renamed mechanically (`down_blocks.0.resnets.1.conv1.weight` ->
 `down_blocks_0/resnets_1/conv1/kernel`), kernels transposed (OIHW -> HWIO, (out, in) -> (in,

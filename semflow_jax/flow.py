@@ -53,7 +53,8 @@ def flow_matching_loss(predicted_velocity, z0, z1, weights=None):
 
   Args:
     predicted_velocity: (B, ...) the model's velocity at z_t.
-    z0, z1: (B, ...) the path's ends (image and anchor latents).
+    z0: (B, ...) the path's start (the image latents).
+    z1: (B, ...) the path's end (the anchor latents).
     weights: optional (B,) per-example weights (the padding mask); None weighs all equally.
 
   Returns:

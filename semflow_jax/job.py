@@ -69,7 +69,7 @@ class _Watcher:
     self.stop_at = None           # the call at which every process answers True
     self._calls_lock = threading.Lock()
     self._counting = False
-    self.step = None              # the main thread's last step (note_step), for the lines
+    self.step: Optional[int] = None  # the main thread's last step (note_step), for the lines
     self.finishing = False        # the main thread is in finish_job
     self._thread = threading.Thread(target=self._run, daemon=True,
                                     name="semflow_jax job watcher")

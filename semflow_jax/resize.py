@@ -89,5 +89,5 @@ def region(mask: np.ndarray, size: Sequence[int]) -> np.ndarray:
   height, width = int(size[0]), int(size[1])
   if mask.shape == (height, width):
     return mask
-  box = Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.BOX)
+  box = Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.Resampling.BOX)
   return np.asarray(box) > 0

@@ -80,7 +80,7 @@ def _skip_absent_tpus() -> bool:
   """On a machine without TPUs or GPUs, JAX starts only its CPU backend (process-wide, before
   JAX's first use); returns whether it changed anything."""
   import jax
-  if (os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or
+  if (os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or  # pyright: ignore[reportAttributeAccessIssue]
       "JAX_FORCE_TPU_INIT" in os.environ or has_tpu_chips() or
       any(os.path.exists(p) for p in _GPU_DEVICE_FILES)):
     return False

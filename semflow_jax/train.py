@@ -267,7 +267,7 @@ class _TrainLog:
     """The means since the last log step, the rates and the FLOP utilisation, to TensorBoard
     and one log line."""
     t = self.t
-    _, fetched = self.check()
+    _, fetched = self.check()  # pyright: ignore[reportGeneralTypeIssues]
     logged = {k: float(np.mean([m[k] for m in fetched if m["finite"]] or [np.nan]))
               for k in ("loss", "grad_norm", "param_norm")}
     logged["learning_rate"] = float(fetched[-1]["learning_rate"])

@@ -159,7 +159,7 @@ def convert_state_dict(state_dict: Dict[str, np.ndarray], abstract_params,
 
   Raises ConversionError naming every missing, unexpected and mis-shaped key.
   """
-  expected = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract_params).items()}
+  expected = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract_params).items()}  # pyright: ignore[reportAttributeAccessIssue]
   converted, unexpected, mismatched, mismatched_paths = {}, [], [], set()
   for torch_key, array in state_dict.items():
     path = flax_path(torch_key, expected)

@@ -25,7 +25,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 import pytest
 
-from semflow_jax import runtime  # noqa: E402
+from semflow_jax import runtime
 
 # As an entry point does (importing semflow_jax changes nothing): the XLA:CPU flags, in this
 # process and the subprocesses the tests start with this environment.

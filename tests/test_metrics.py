@@ -93,7 +93,7 @@ def test_nearest_resize_uses_pixel_centres_exactly():
   # Integer factors (Cityscapes 2048x1024 from a model at 1024x512, ...): identical to PIL.
   for h, w in ((1024, 2048), (64, 128), (96, 64)):
     np.testing.assert_array_equal(resize.labels(x, (h, w)),
-                                  np.asarray(Image.fromarray(x).resize((w, h), Image.NEAREST)))
+                                  np.asarray(Image.fromarray(x).resize((w, h), Image.Resampling.NEAREST)))
   # Any size: the source pixel is the one containing the output pixel's centre, exactly.
   for size_in, size_out in ((32, 7), (512, 480), (64, 427), (5, 5)):
     expected = [int(fractions.Fraction(2 * i + 1, 2) * fractions.Fraction(size_in, size_out))
@@ -160,7 +160,7 @@ def test_miou_equals_cityscapes_official_pixel_level_evaluation_at_native_size(t
     truths.append(id_to_train[gt])
 
   args = cs_eval.args
-  args.evalInstLevelScore, args.JSONOutput, args.quiet = False, False, True
+  args.evalInstLevelScore, args.JSONOutput, args.quiet = False, False, True  # pyright: ignore[reportAttributeAccessIssue]
   official = cs_eval.evaluateImgLists(pred_files, gt_files, args)
   ours = _miou(preds_native, truths, 19)
   assert abs(ours["miou"] - official["averageScoreClasses"]) < 1e-9
@@ -186,7 +186,7 @@ def test_frechet_distance_matches_scipy_sqrtm_in_float64():
   mu1, sigma1 = a.mean(0), np.cov(a, rowvar=False)
   mu2, sigma2 = b.mean(0) + 0.5, np.cov(b, rowvar=False)
   # pytorch-fid's formula with scipy's general matrix square root.
-  covmean = scipy.linalg.sqrtm(sigma1 @ sigma2).real
+  covmean = scipy.linalg.sqrtm(sigma1 @ sigma2).real  # pyright: ignore[reportAttributeAccessIssue]
   expected = ((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2)
               - 2 * np.trace(covmean))
   ours = metrics.frechet_distance(mu1, sigma1, mu2, sigma2)
@@ -244,7 +244,7 @@ def test_plain_results_are_strict_json():
   result = metrics.plain({"a": np.float32(0.5), "b": np.nan, "c": [np.int64(3), float("inf")],
                           "d": (np.bool_(True), None), "e": {"f": np.float64(-np.inf)}})
   assert result == {"a": 0.5, "b": None, "c": [3, None], "d": [True, None], "e": {"f": None}}
-  assert type(result["a"]) is float and type(result["c"][0]) is int
+  assert type(result["a"]) is float and type(result["c"][0]) is int  # pyright: ignore[reportCallIssue]
   json.dumps(result, allow_nan=False)
 
 

@@ -72,8 +72,8 @@ def test_the_host_resizes_are_the_pipelines_resize(tiny_config):
   preprocess = pipeline.Preprocess(crop="full", image_size=(8, 12))
   out = pipeline._transform({"image": image, "label": label[..., None]},
                             np.zeros(2, np.int64), preprocess, flip=False)
-  np.testing.assert_array_equal(resize.image(image, (8, 12)), out["image"].numpy())
-  np.testing.assert_array_equal(resize.labels(label, (8, 12)), out["label"].numpy()[..., 0])
+  np.testing.assert_array_equal(resize.image(image, (8, 12)), out["image"].numpy())  # pyright: ignore[reportAttributeAccessIssue]
+  np.testing.assert_array_equal(resize.labels(label, (8, 12)), out["label"].numpy()[..., 0])  # pyright: ignore[reportAttributeAccessIssue]
   # Bicubic with antialiasing: a downscaled image is smooth, not a subsample; labels are.
   assert not np.isin(resize.image(image, (8, 12)), image[::2, ::2]).all()
   assert set(np.unique(resize.labels(label, (8, 12)))) <= set(np.unique(label))
@@ -146,7 +146,7 @@ def test_global_batches_reads_and_resume_on_1_2_and_4_processes(tmp_path):
   checkpointed state continues exactly."""
   from tests.conftest import free_port, run_together
   data_dir = str(tmp_path / "tfds")
-  commands, envs, outs, groups = [], [], [], {}
+  commands, envs, groups = [], [], {}
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
          "JAX_PLATFORMS": "cpu"}
   for processes in (1, 2, 4):
