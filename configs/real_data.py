@@ -30,6 +30,9 @@ def recipe(*, name: str, num_classes: int, image_size, crop: str, learning_rate:
   c.data.crop = crop                # 'random' (square crops) or 'full' (whole frame); see pipeline
   c.data.crop_scale = (1.0, 1.0)    # side of a random crop relative to the largest one
   c.data.flip = True
+  # Cached VAE moments of the training images (python -m semflow_jax.data.encode; a random crop
+  # is cached as the centre crop, semflow_jax/data/latents.py): a directory, local or gs://.
+  c.data.image_latents = config_dict.placeholder(str)
 
   # SD-1.5 UNet and VAE (configs/sd15.py), bf16 compute and remat; the small pixel-space
   # UNet's keys are there too, for the `:local` variant.

@@ -20,7 +20,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from semflow_jax import checkpoint, evaluate, flops, parallel, runtime, state as state_lib, storage
-from semflow_jax.data import pipeline
+from semflow_jax import step as step_lib
+from semflow_jax.data import latents as latents_lib, pipeline
 from semflow_jax.step import compile_train_step
 from semflow_jax.programs import Programs
 from semflow_jax.semflow import SemFlow
@@ -111,13 +112,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   builder = pipeline.get_builder(config.data)
   preprocess = pipeline.Preprocess.from_config(config.data)
+  image_latents = _image_latents(config, builder, model, state)
   if data_state is None:
     train_iter = pipeline.TrainIterator(builder, per_process_batch, config.seed, 0,
-                                        config.data.flip, preprocess=preprocess)
+                                        config.data.flip, preprocess=preprocess,
+                                        latents=image_latents)
   else:
     train_iter = pipeline.TrainIterator.from_state(builder, data_state, per_process_batch,
                                                    config.seed, config.data.flip,
-                                                   preprocess=preprocess)
+                                                   preprocess=preprocess, latents=image_latents)
 
   # Compile before any data is read: a sharding or shape error, or a program that does not fit,
   # shows now, not at step 1 (nor hours later, at the first evaluation).
@@ -263,6 +266,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if stopped_at is not None:
     return {"step": stopped_at, "preempted": True}
   return result
+
+
+def _image_latents(config, builder, model, state):
+  """The cached image moments of config.data.image_latents, checked against this run's VAE,
+  image size, crop, flips and dataset (data/latents.py), or None."""
+  if not step_lib.uses_image_latents(config):
+    return None
+  if not model.has_vae:
+    raise latents_lib.LatentsError(
+        f"config.data.image_latents={config.data.image_latents}: config.model.autoencoder is "
+        f"{config.model.autoencoder!r}; cached latents are the SD VAE's")
+  cached = latents_lib.open_latents(config.data.image_latents)
+  # Every process computes the fingerprint (a collective) and checks the same file.
+  cached.check(latents_lib.describe(config, builder, model,
+                                    latents_lib.fingerprint(state.frozen["vae"])))
+  logging.info("training from the image latents in %s", cached.path)
+  return cached
 
 
 def _evaluation_pending(t, step: int, workdir: str) -> bool:

@@ -124,12 +124,24 @@ class Records:
 
   def __init__(self, builder, split: str):
     info = builder.info.splits[split]
+    self._open([(os.fspath(f.filename), f.skip, f.take) for f in info.file_instructions], split,
+               storage.is_url(os.fspath(builder.data_path)))
+
+  @classmethod
+  def of_files(cls, files: Sequence[tuple], split: str) -> "Records":
+    """Records of ArrayRecord files [(path, number of records)], in order (cached latents)."""
+    records = cls.__new__(cls)
+    records._open([(os.fspath(path), 0, count) for path, count in files], split,
+                  any(storage.is_url(path) for path, _ in files))
+    return records
+
+  def _open(self, files, split, remote):
     self.split = split
-    self._files = [(os.fspath(f.filename), f.skip, f.take) for f in info.file_instructions]
+    self._files = files
     self._ends = list(itertools.accumulate(take for _, _, take in self._files))
     self._readers = [None] * len(self._files)
     self._lock = threading.Lock()
-    self.remote = storage.is_url(os.fspath(builder.data_path))
+    self.remote = remote
 
   def __len__(self) -> int:
     return self._ends[-1] if self._ends else 0
