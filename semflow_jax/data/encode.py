@@ -61,12 +61,12 @@ class _Encoder:
     if not self.model.has_vae:
       raise latents.LatentsError(f"config.model.autoencoder={config.model.autoencoder!r}: "
                                  "image latents are the SD VAE's (autoencoder='sd_vae')")
-    abstract = jax.eval_shape(self.model.init, jax.random.PRNGKey(0))
     init_from = config.model.get("init_from")
     if init_from:  # only the VAE is read
-      vae = checkpoint.load_converted(init_from, {"vae": abstract["vae"]})["vae"]
+      abstract = jax.eval_shape(self.model.init_vae, jax.random.PRNGKey(0))
+      vae = checkpoint.load_converted(init_from, {"vae": abstract})["vae"]
     else:  # a run from scratch draws its VAE as state.create does
-      vae = jax.jit(self.model.init)(jax.random.split(jax.random.PRNGKey(config.seed))[0])["vae"]
+      vae = jax.jit(self.model.init_vae)(jax.random.split(jax.random.PRNGKey(config.seed))[0])
     self.params = jax.device_put({"vae": vae}, NamedSharding(mesh, P()))
     self.fingerprint = latents.fingerprint(self.params["vae"])
     self.builder = pipeline.get_builder(config.data)

@@ -247,6 +247,7 @@ def start_or_resume(path: str, plan: dict, num_workers: int, log: Callable[[str]
   """{shard name: done record} of an encode of `plan` into `path` (an interrupted one of the
   same plan continues; one of another plan is started over, or refused with several workers)."""
   plan_file = storage.join(path, _PROGRESS, "plan.json")
+  plan = json.loads(json.dumps(plan))  # as read back (tuples become lists)
   if storage.exists(plan_file):
     if storage.read_json(plan_file) == plan:
       return _done(path)
