@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from configs import sd15
-from semflow_jax import train
 from semflow_jax.data import encode, latents, pipeline
 from semflow_jax.semflow import SemFlow
 from tests.conftest import REPO
@@ -142,6 +141,7 @@ def _one_error_line(cmd):
   assert proc.returncode == 2, proc.stderr[-3000:]
   errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert "train step compiled" not in proc.stderr  # refused before anything compiled
   return errors[0]
 
 
@@ -157,14 +157,15 @@ def test_latents_of_another_vae_or_image_size_are_refused_in_one_line(encoded, t
       f"--config.data.image_latents={path}", "--config.seed=1",
       "--config.train.tensorboard=False"])
   assert file in error and "another VAE" in error, error
-  assert not os.path.exists(tmp_path / "run" / "checkpoints")
+  assert not [n for n in os.listdir(tmp_path / "run" / "checkpoints") if n.isdigit()]
 
-  # Another image size (in-process: the same check, another field).
+  # Another image size: the check the run makes (train._image_latents), on another field.
+  larger = SemFlow.from_config(_config(tfds_dir, **{"data.image_size": 32}))
+  vae = jax.jit(larger.init_vae)(jax.random.split(jax.random.PRNGKey(config.seed))[0])
+  expected = latents.describe(_config(tfds_dir, **{"data.image_size": 32}),
+                              pipeline.get_builder(config.data), larger, latents.fingerprint(vae))
   with pytest.raises(latents.LatentsError) as raised:
-    train.train_and_evaluate(_config(tfds_dir, **{"data.image_size": 32,
-                                                  "data.image_latents": path,
-                                                  "train.tensorboard": False}),
-                             str(tmp_path / "run32"))
+    latents.open_latents(path).check(expected)
   message = str(raised.value)
   assert "\n" not in message and message.startswith(file), message
   assert "image_size is 16x16, this run's config.data.image_size is 32x32" in message
