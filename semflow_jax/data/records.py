@@ -32,6 +32,8 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
+import tempfile
 import threading
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
@@ -232,16 +234,28 @@ def write_shard(builder, shard: Shard, items: Sequence, staging) -> dict:
   """Load `items` (the shard's), write them to the shard's file, then mark it done."""
   from array_record.python import array_record_module
   path = _shard_path(builder, staging, shard)
-  writer = array_record_module.ArrayRecordWriter(os.fspath(path), WRITER_OPTIONS)
+  # ArrayRecord's writer opens local files only (its reader has a GCS client, its writer
+  # fails with "open() failed" on gs://): a bucket's shard is written locally, then uploaded.
+  remote = storage.is_url(os.fspath(path))
+  local_dir = tempfile.mkdtemp(prefix="semflow_shard_") if remote else None
+  local = os.path.join(local_dir, path.name) if remote else os.fspath(path)
   count = 0
   try:
-    for _, example in load_examples(builder, items):
-      writer.write(builder.info.features.serialize_example(example))
-      count += 1
+    writer = array_record_module.ArrayRecordWriter(local, WRITER_OPTIONS)
+    try:
+      for _, example in load_examples(builder, items):
+        writer.write(builder.info.features.serialize_example(example))
+        count += 1
+    finally:
+      writer.close()
+    num_bytes = os.path.getsize(local)
+    if remote:
+      epath.Path(local).copy(path, overwrite=True)
   finally:
-    writer.close()
+    if remote:
+      shutil.rmtree(local_dir, ignore_errors=True)
   done = {"split": shard.split, "index": shard.index, "num_shards": shard.num_shards,
-          "num_examples": count, "num_bytes": int(path.stat().length)}
+          "num_examples": count, "num_bytes": num_bytes}
   storage.write_json(os.fspath(epath.Path(staging) / _DONE_DIR / f"{shard.name}.json"), done)
   return done
 
