@@ -99,7 +99,7 @@ def shrink_for_local(c: ml_collections.ConfigDict, image_size) -> ml_collections
   return c
 
 
-VARIANTS = ("local", "spread")
+VARIANTS = ("local", "spread", "tiny")
 
 
 def variants(path: str, arg: str) -> set:
@@ -112,9 +112,18 @@ def variants(path: str, arg: str) -> set:
 
 
 def apply_variants(c: ml_collections.ConfigDict, chosen: set, local_size) -> ml_collections.ConfigDict:
-  """`local`: shrink_for_local; `spread`: the default config's palette and perturbation."""
+  """`local`: shrink_for_local; `tiny`: the same run on configs/sd15.py's tiny SD-shaped model
+  at 16x16 (latent space with a VAE in seconds: launch/rehearse.py); `spread`: the default
+  config's palette and perturbation."""
+  if "local" in chosen and "tiny" in chosen:
+    raise ValueError("the 'local' and 'tiny' variants exclude each other")
   if "local" in chosen:
     shrink_for_local(c, local_size)
+  if "tiny" in chosen:
+    shrink_for_local(c, (16, 16))
+    c.model = sd15.model_config(sd15.TINY_UNET, sd15.TINY_VAE, sd15.TINY_CONTEXT_TOKENS,
+                                dtype="float32", remat=False)
+    c.train.learning_rate = 1e-3
   if "spread" in chosen:
     use_spread_palette(c)
   return c
