@@ -245,21 +245,18 @@ class Rehearsal:
     print("   " + [l for l in out.splitlines() if "images written" in l][-1].split("] ")[-1])
 
   def listing(self):
+    """Every object, but only the first 3 of a directory holding more than 5."""
     from semflow_jax import storage
     files = storage.files_under(f"gs://{BUCKET}")
     print(f"== gs://{BUCKET}: {len(files)} objects")
-    shown = {}
-    for name, path in files:
-      top = "/".join(name.split("/")[:2])
-      shown.setdefault(top, []).append(name)
-    for top, names in shown.items():
-      if len(names) <= 6:
-        for n in names:
-          print(f"   {n}")
-      else:
-        for n in names[:3]:
-          print(f"   {n}")
-        print(f"   ... {len(names) - 3} more under {top}/")
+    by_dir = {}
+    for name, _ in files:
+      by_dir.setdefault(os.path.dirname(name), []).append(name)
+    for directory, names in by_dir.items():
+      for n in names if len(names) <= 5 else names[:3]:
+        print(f"   {n}")
+      if len(names) > 5:
+        print(f"   ... {len(names) - 3} more in {directory}/")
 
 
 def main():
