@@ -192,3 +192,21 @@ def test_training_from_cached_latents_end_to_end(encoded, tfds_dir, tmp_path):
   assert steps == [3, 6]
   metrics = json.loads((workdir / "eval" / "metrics_6.json").read_text())
   assert metrics["step"] == 6 and np.isfinite(metrics["miou_euler_1"])
+
+
+def test_the_vae_fingerprint_ignores_the_layout_and_sees_every_value():
+  """The same values replicated or split over 8 devices: one fingerprint; one value nudged by
+  one ulp, or two values swapped: another."""
+  rng = np.random.default_rng(0)
+  tree = {"conv": {"kernel": rng.standard_normal((16, 3)).astype(np.float32)},
+          "norm": {"scale": rng.standard_normal((8,)).astype(np.float32)}}
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("x",))
+  split = jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x")))
+  assert split["conv"]["kernel"].sharding.shard_shape((16, 3)) == (2, 3)
+  reference = latents.fingerprint(tree)
+  assert latents.fingerprint(split) == reference
+  nudged = jax.tree.map(np.copy, tree)
+  nudged["conv"]["kernel"][5, 1] = np.nextafter(nudged["conv"]["kernel"][5, 1], np.float32(9))
+  swapped = jax.tree.map(np.copy, tree)
+  swapped["norm"]["scale"][[2, 6]] = swapped["norm"]["scale"][[6, 2]]
+  assert len({reference, latents.fingerprint(nudged), latents.fingerprint(swapped)}) == 3

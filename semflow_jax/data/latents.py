@@ -79,8 +79,11 @@ def fingerprint(vae_params) -> str:
 
   flat = traverse_util.flatten_dict(dict(vae_params), sep="/")
   names = sorted(flat)
+  sharding = getattr(flat[names[0]], "sharding", None)
+  # Replicated results: readable on every process when the parameters span several (FSDP).
+  replicated = (jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+                if isinstance(sharding, jax.sharding.NamedSharding) else None)
 
-  @jax.jit
   def sums(leaves):
     out = []
     for x in leaves:
@@ -91,7 +94,7 @@ def fingerprint(vae_params) -> str:
                             jnp.sum(bits * weight, dtype=jnp.uint32)]))
     return out
 
-  values = jax.device_get(sums([flat[n] for n in names]))
+  values = jax.device_get(jax.jit(sums, out_shardings=replicated)([flat[n] for n in names]))
   digest = hashlib.sha256()
   for name, value in zip(names, values):
     digest.update(f"{name}:{tuple(flat[name].shape)}:{[int(v) for v in value]};".encode())
