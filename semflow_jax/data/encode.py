@@ -19,6 +19,7 @@ are missing. Latents of another VAE, image size or crop already at --output are 
 line.
 """
 
+import dataclasses
 from typing import Callable, Optional
 
 import numpy as np
@@ -74,8 +75,7 @@ class _Encoder:
     self.batch = -(-batch_size // len(devices)) * len(devices)
     self.source = pipeline.open_split(self.builder, "train")
     preprocess = pipeline.Preprocess.from_config(config.data)
-    self.preprocess = pipeline.dataclasses.replace(
-        preprocess, crop=latents.encoded_crop(preprocess.crop))
+    self.preprocess = dataclasses.replace(preprocess, crop=latents.encoded_crop(preprocess.crop))
     self._parse = pipeline._parser(self.builder, ("image",))
     self._sharding = NamedSharding(mesh, P("data"))
     model = self.model
