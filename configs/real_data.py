@@ -30,6 +30,9 @@ def recipe(*, name: str, num_classes: int, image_size, crop: str, learning_rate:
   c.data.crop = crop                # 'random' (square crops) or 'full' (whole frame); see pipeline
   c.data.crop_scale = (1.0, 1.0)    # side of a random crop relative to the largest one
   c.data.flip = True
+  # Cached VAE moments of the training images (python -m semflow_jax.data.encode; a random crop
+  # is cached as the centre crop, semflow_jax/data/latents.py): a directory, local or gs://.
+  c.data.image_latents = config_dict.placeholder(str)
 
   # SD-1.5 UNet and VAE (configs/sd15.py), bf16 compute and remat; the small pixel-space
   # UNet's keys are there too, for the `:local` variant.
@@ -96,7 +99,7 @@ def shrink_for_local(c: ml_collections.ConfigDict, image_size) -> ml_collections
   return c
 
 
-VARIANTS = ("local", "spread")
+VARIANTS = ("local", "spread", "tiny")
 
 
 def variants(path: str, arg: str) -> set:
@@ -109,9 +112,18 @@ def variants(path: str, arg: str) -> set:
 
 
 def apply_variants(c: ml_collections.ConfigDict, chosen: set, local_size) -> ml_collections.ConfigDict:
-  """`local`: shrink_for_local; `spread`: the default config's palette and perturbation."""
+  """`local`: shrink_for_local; `tiny`: the same run on configs/sd15.py's tiny SD-shaped model
+  at 16x16 (latent space with a VAE in seconds: launch/rehearse.py); `spread`: the default
+  config's palette and perturbation."""
+  if "local" in chosen and "tiny" in chosen:
+    raise ValueError("the 'local' and 'tiny' variants exclude each other")
   if "local" in chosen:
     shrink_for_local(c, local_size)
+  if "tiny" in chosen:
+    shrink_for_local(c, (16, 16))
+    c.model = sd15.model_config(sd15.TINY_UNET, sd15.TINY_VAE, sd15.TINY_CONTEXT_TOKENS,
+                                dtype="float32", remat=False)
+    c.train.learning_rate = 1e-3
   if "spread" in chosen:
     use_spread_palette(c)
   return c

@@ -27,6 +27,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.num_validation = 500
   c.data.seed = 0
   c.data.flip = True
+  # Cached VAE moments of the training images (python -m semflow_jax.data.encode writes them;
+  # SD-VAE models only): a directory, local or gs://; None: the images are encoded every step.
+  c.data.image_latents = config_dict.placeholder(str)
 
   c.model = ml_collections.ConfigDict()
   c.model.autoencoder = "identity"   # 'identity' (pixel space) or 'sd_vae' (see configs/sd15.py)

@@ -21,7 +21,8 @@ from absl import app, flags
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _fail(message: str) -> NoReturn:
+def fail(message: str) -> NoReturn:
+  """`error: <message>` on stderr, exit 2: a command line or input that cannot be used."""
   print(f"error: {message}", file=sys.stderr, flush=True)
   sys.exit(2)
 
@@ -111,15 +112,15 @@ def parse_flags(argv):
   if spec:
     problem = check_config_file(spec)
     if problem:
-      _fail(problem)
+      fail(problem)
   try:
     rest = flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:  # an override names no key
-    _fail(_override_error(argv, str(e)))
+    fail(_override_error(argv, str(e)))
   except flags.Error as e:
-    _fail(_flag_error(e))
+    fail(_flag_error(e))
   if len(rest) > 1:
-    _fail(f"unexpected arguments {rest[1:]} (flags are written --name=value; --help lists "
+    fail(f"unexpected arguments {rest[1:]} (flags are written --name=value; --help lists "
           "them)")
   return rest
 
@@ -140,4 +141,4 @@ def run_converter(convert: Callable[..., str], input_flags: Sequence[str]) -> No
       storage.check(getattr(f, name), f"--{name}")
     convert(f.output, *(getattr(f, name) for name in input_flags), f.overwrite)
   except (ConversionError, FileNotFoundError, storage.StorageError) as e:
-    _fail(str(e))
+    fail(str(e))

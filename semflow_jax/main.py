@@ -114,6 +114,8 @@ def _check_storage(config) -> None:
   storage.check(_WORKDIR.value, "--workdir", write=mode in ("train", "eval"))
   if mode in ("train", "eval"):
     storage.check(config.data.get("tfds_data_dir"), "config.data.tfds_data_dir")
+    if mode == "train":
+      storage.check(config.data.get("image_latents"), "config.data.image_latents")
     for key in ("fid_weights", "lpips_weights"):
       storage.check(config.eval.get(key), f"config.eval.{key}")
     reference = config.eval.get("fid_reference")
@@ -209,7 +211,7 @@ def main(argv):
 
   from semflow_jax import checkpoint, sample, sample_many
   from semflow_jax.image_files import InputError
-  from semflow_jax.data import manual
+  from semflow_jax.data import latents, manual
   try:
     if _ENSEMBLE.value and mode in ("train", "eval"):
       raise InputError(f"--ensemble is for segment, synthesize and edit, not "
@@ -246,6 +248,7 @@ def main(argv):
           resample_seed=_RESAMPLE_SEED.value)
   except (InputError, FileNotFoundError,  # bad input file, or no checkpoint yet
           manual.DataError,  # a dataset file (or a folder dataset's classes.json) is bad
+          latents.LatentsError,  # config.data.image_latents are not this run's
           checkpoint.IncompatibleCheckpointError, checkpoint.ConversionError,
           storage.StorageError) as e:
     job.fail_job(2, f"error: {e}")

@@ -155,9 +155,16 @@ class SemFlow:
     else:
       params["unet"] = self.unet.init(unet_rng, z, t)["params"]
     if self.has_vae:
-      image = jnp.zeros((1, *self.image_size, 3), jnp.float32)
-      params["vae"] = self.autoencoder.init(vae_rng, image)["params"]
+      params["vae"] = self._init_vae(vae_rng)
     return params
+
+  def _init_vae(self, rng):
+    image = jnp.zeros((1, *self.image_size, 3), jnp.float32)
+    return self.autoencoder.init(rng, image)["params"]
+
+  def init_vae(self, rng):
+    """`init(rng)['vae']` without initialising the UNet (data/encode.py: a run from scratch)."""
+    return self._init_vae(jax.random.split(rng)[1])
 
   # -- latents ---------------------------------------------------------------------------------
   def _vae(self, params, x, method):

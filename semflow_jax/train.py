@@ -20,8 +20,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from semflow_jax import checkpoint, evaluate, flops, job, metric_writer, parallel, runtime
-from semflow_jax import state as state_lib, storage
-from semflow_jax.data import pipeline
+from semflow_jax import state as state_lib, step as step_lib, storage
+from semflow_jax.data import latents as latents_lib, pipeline
 from semflow_jax.step import compile_train_step
 from semflow_jax.programs import Programs
 from semflow_jax.semflow import SemFlow
@@ -95,11 +95,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # Restore before writing anything: a workdir of another model is refused, never overwritten.
     state, data_state, abstract_state = _restore_or_create(manager, model, tx, config, mesh)
     start_step = int(state.step)
+    builder = pipeline.get_builder(config.data)
+    # Cached latents are checked against this run's VAE and data before anything is written.
+    image_latents = _image_latents(config, builder, model, state)
     if jax.process_index() == 0:
       storage.write_text(storage.join(workdir, "config.json"),
                          config.to_json_best_effort(indent=2))
-    builder = pipeline.get_builder(config.data)
-    train_iter = _train_iterator(builder, config, per_process_batch, data_state)
+    train_iter = _train_iterator(builder, config, per_process_batch, data_state, image_latents)
     train_step, step_flops, evaluator = _compile(model, tx, config, mesh, abstract_state,
                                                  builder, train_iter.element_spec)
     writer = metric_writer.for_run(workdir, config)
@@ -197,14 +199,16 @@ def _restore_or_create(manager, model: SemFlow, tx, config: ml_collections.Confi
 
 
 def _train_iterator(builder, config: ml_collections.ConfigDict, per_process_batch: int,
-                    data_state) -> pipeline.TrainIterator:
-  """The training input from its start, or where the checkpointed `data_state` left off."""
+                    data_state, image_latents) -> pipeline.TrainIterator:
+  """The training input from its start, or where the checkpointed `data_state` left off
+  (with the cached image moments `image_latents` in place of images, when not None)."""
   preprocess = pipeline.Preprocess.from_config(config.data)
   if data_state is None:
     return pipeline.TrainIterator(builder, per_process_batch, config.seed, 0, config.data.flip,
-                                  preprocess=preprocess)
+                                  preprocess=preprocess, latents=image_latents)
   return pipeline.TrainIterator.from_state(builder, data_state, per_process_batch, config.seed,
-                                           config.data.flip, preprocess=preprocess)
+                                           config.data.flip, preprocess=preprocess,
+                                           latents=image_latents)
 
 
 def _compile(model: SemFlow, tx, config: ml_collections.ConfigDict, mesh, abstract_state,
@@ -316,6 +320,23 @@ class _Profile:
     if self.tracing:
       jax.profiler.stop_trace()
       self.tracing = False
+
+
+def _image_latents(config, builder, model, state):
+  """The cached image moments of config.data.image_latents, checked against this run's VAE,
+  image size, crop, flips and dataset (data/latents.py), or None."""
+  if not step_lib.uses_image_latents(config):
+    return None
+  if not model.has_vae:
+    raise latents_lib.LatentsError(
+        f"config.data.image_latents={config.data.image_latents}: config.model.autoencoder is "
+        f"{config.model.autoencoder!r}; cached latents are the SD VAE's")
+  cached = latents_lib.open_latents(config.data.image_latents)
+  # Every process computes the fingerprint (a collective) and checks the same file.
+  cached.check(latents_lib.describe(config, builder, model,
+                                    latents_lib.fingerprint(state.frozen["vae"])))
+  logging.info("training from the image latents in %s", cached.path)
+  return cached
 
 
 def _evaluation_pending(t, step: int, workdir: str) -> bool:

@@ -82,9 +82,10 @@ def run_together(commands, envs, log_dir, timeout=500):
 # The files that take longest (`--durations` of a full run), first: pytest-xdist (--dist
 # loadfile) hands files to the workers in collection order, so the long ones start at once and
 # the short ones fill in around them instead of one long file running alone at the end.
-LONGEST_FIRST = ("test_resilience.py", "test_evaluate.py", "test_gcs.py", "test_step.py",
-                 "test_controls.py", "test_state.py", "test_sd_models.py", "test_plan.py",
-                 "test_end_to_end.py", "test_sharding.py", "test_studio.py")
+LONGEST_FIRST = ("test_rehearsal.py", "test_resilience.py", "test_latents.py", "test_evaluate.py",
+                 "test_gcs.py", "test_step.py", "test_controls.py", "test_state.py",
+                 "test_sd_models.py", "test_plan.py", "test_end_to_end.py", "test_sharding.py",
+                 "test_studio.py")
 
 
 def pytest_configure(config):

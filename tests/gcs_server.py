@@ -5,10 +5,13 @@
 With --read_log, the name of every object downloaded is appended to FILE, one line per
 download (the tests count what a reader fetched).
 
-Two fidelity fixes:
+Three fidelity fixes:
 - GCS sends `x-goog-generation` with every object download and tensorstore (which Orbax writes
   and reads array data with) refuses a download without it ("Malformed StorageGeneration"); the
   emulator leaves it out, so it is added here.
+- GCS answers a suffix range (`Range: bytes=-N`, the last N bytes), which ArrayRecord's reader
+  (google-cloud-cpp, `CLOUD_STORAGE_EMULATOR_ENDPOINT`) asks for to read a file's footer; the
+  emulator knows only `bytes=A-[B]` and sends the whole object, so a suffix is rewritten as that.
 - GCS serves many clients at once. The emulator's single-threaded HTTP server serves one
   connection at a time, so one client's keep-alive connection (tensorstore and gcsfs pool them)
   starves every other client; here each connection gets a thread, and requests still run one at
@@ -17,6 +20,7 @@ Two fidelity fixes:
 
 import argparse
 import http.server
+import re
 import sys
 import threading
 import time
@@ -29,6 +33,16 @@ _read_log = None  # a file object, with --read_log
 
 
 def _download_with_generation(request, response, storage, *args, **kwargs):
+  headers = request._request_handler.headers
+  suffix = re.fullmatch(r"\s*bytes=-([0-9]+)\s*", headers.get("range", "") or "")
+  if suffix:
+    try:
+      size = len(storage.get_file(request.params["bucket_name"], request.params["object_id"]))
+    except Exception:  # not found: the download below answers 404
+      size = None
+    if size is not None:
+      del headers["range"]
+      headers["range"] = f"bytes={max(0, size - int(suffix.group(1)))}-"
   _download(request, response, storage, *args, **kwargs)
   if _read_log is not None:
     _read_log.write(request.params["object_id"] + "\n")

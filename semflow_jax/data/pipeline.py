@@ -29,10 +29,10 @@ ahead is bounded. Images are resized bicubic with antialiasing, labels nearest
 (`semflow_jax.resize.image` / `resize.labels` are the same operations in numpy, for callers
 outside the pipeline).
 
-Adding a second per-example source (e.g. cached image latents keyed by the same example index):
-read it beside the record in `_feed` (same indices, one more queue component), and transform its
-arrays in `_transform` with the same `Augmentation` (the window scaled to that array's
-resolution, the same flip), so both always describe the same pixels.
+A second per-example source is read beside the record at the same indices (`_Feed`'s `extra`)
+and prepared with the same `Augmentation`: cached image latents (`data/latents.py`,
+config.data.image_latents) hold each image's VAE moments as stored and mirrored, encoded through
+the window the labels are then cropped with, and the example's flip picks one.
 
 Evaluation reads a disjoint, contiguous part of the split per process and pads the last batch
 with masked examples so every example counts once on any number of processes; it never crops
@@ -312,18 +312,22 @@ class _Feed:
   `close` (called before the graph's iterator goes, and at exit) ends both sides.
 
   `index_batches` yields (epochs, example indices) arrays; each becomes one read of the source.
+  `extra` sources (cached image latents) are read at the same indices, their records handed
+  over beside the source's.
   """
 
-  def __init__(self, source, index_batches: Iterator, capacity: int):
-    self.queue = tf.queue.FIFOQueue(capacity, [tf.int64, tf.int64, tf.string],
-                                    shapes=[[], [], []])
-    self._args = (self.queue, source, index_batches)
+  def __init__(self, source, index_batches: Iterator, capacity: int, extra=()):
+    sources = (source, *extra)
+    self.queue = tf.queue.FIFOQueue(capacity, [tf.int64, tf.int64] + [tf.string] * len(sources),
+                                    shapes=[[]] * (2 + len(sources)))
+    self._args = (self.queue, sources, index_batches)
     self._errors = []  # what stopped the thread, raised again to the consumer
     self._thread = None
     self._closer = weakref.finalize(self, _close_queue, self.queue)  # also runs at exit
 
   def dequeue(self, _=None):
-    """(epoch, example index, serialized example): the next record, in the feed's order."""
+    """(epoch, example index, serialized example[, extra records]): the next record, in the
+    feed's order."""
     return self.queue.dequeue()
 
   def start(self) -> None:
@@ -343,11 +347,12 @@ class _Feed:
       self._thread.join(timeout=10)
 
 
-def _feed(queue, source, index_batches, errors) -> None:
+def _feed(queue, sources, index_batches, errors) -> None:
   try:
     for epochs, indices in index_batches:
-      records = np.array(source.__getitems__(indices.tolist()), dtype=object)
-      queue.enqueue_many([epochs, indices, records])
+      records = [np.array(source.__getitems__(indices.tolist()), dtype=object)
+                 for source in sources]
+      queue.enqueue_many([epochs, indices, *records])
   except tf.errors.CancelledError:  # closed: the consumer is gone
     pass
   except Exception as e:  # noqa: BLE001  (handed to the consumer)
@@ -383,13 +388,23 @@ def _train_index_batches(seed: int, num_examples: int, batch_size: int, process_
 
 
 def _train_dataset(builder, feed: _Feed, batch_size: int, seed: int, flip: bool,
-                   preprocess: Preprocess, keys):
+                   preprocess: Preprocess, keys, latents=None):
   parse = _parser(builder, keys)
 
-  def prepare(epoch, index, record):
+  def prepare(epoch, index, record, *latent_record):
     # Seeds depend on the example and its epoch only: any process count, the same batches.
     example_seed = tf.stack([tf.cast(seed, tf.int64) * _SHUFFLE_SEED_STRIDE + epoch, index])
-    return _transform(parse(record), example_seed, preprocess, flip)
+    example = parse(record)
+    if latents is None:
+      return _transform(example, example_seed, preprocess, flip)
+    # The label's window and flip are drawn as for the image of an image run; the moments are
+    # the image's, encoded through the same window, mirrored or not (data/latents.py).
+    label = example[LABEL_KEY]
+    aug = augmentation(example_seed, tf.shape(label), preprocess, flip)
+    out = {k: v for k, v in example.items() if k != LABEL_KEY}
+    out[LABEL_KEY] = augment(label, aug, preprocess, nearest=True)
+    out[latents.KEY] = latents.moments(latent_record[0], aug.flip)
+    return out
 
   ds = tf.data.Dataset.range(np.iinfo(np.int64).max).map(feed.dequeue)  # in order
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)  # ordered: deterministic
@@ -404,13 +419,15 @@ class TrainIterator:
   `batch_size` is this process's share; the global batch is batch_size x process count.
   `preprocess` crops and resizes (default: stored size); `keys` picks the features returned.
   `source` (default `open_split(builder, 'train')`) is where records are read by index.
-  Reading starts at the first `next()`; `close()` stops it (also done when the iterator is
-  garbage collected and at interpreter exit).
+  `latents` (data/latents.py `Latents`, config.data.image_latents): 'image_moments' of the
+  images, read at the same indices, replace the images (the labels are cropped as they were
+  encoded: `Latents.preprocess`). Reading starts at the first `next()`; `close()` stops it
+  (also done when the iterator is garbage collected and at interpreter exit).
   """
 
   def __init__(self, builder, batch_size: int, seed: int, position: int = 0, flip: bool = True,
                *, preprocess: Optional[Preprocess] = None, keys=("image", "label"),
-               source=None):
+               source=None, latents=None):
     self.batch_size, self.seed, self.position = batch_size, seed, position
     processes = jax.process_count()
     self.global_batch_size = batch_size * processes
@@ -418,11 +435,19 @@ class TrainIterator:
     if len(source) < self.global_batch_size:
       raise ValueError(f"train split has {len(source)} examples, fewer than the global batch "
                        f"{self.global_batch_size}")
+    preprocess = preprocess or Preprocess()
+    extra = ()
+    if latents is not None:
+      if len(latents.source) != len(source):
+        raise ValueError(f"{latents.path}: {len(latents.source)} examples, the train split "
+                         f"{len(source)}")
+      keys = tuple(k for k in keys if k not in IMAGE_KEYS)
+      preprocess, extra = latents.preprocess(preprocess), (latents.source,)
     self._feed = _Feed(source, _train_index_batches(
         seed, len(source), batch_size, processes, jax.process_index(), position),
-        capacity=2 * batch_size)
+        capacity=2 * batch_size, extra=extra)
     self._dataset = _train_dataset(builder, self._feed, batch_size, seed, flip,
-                                   preprocess or Preprocess(), tuple(keys))
+                                   preprocess, tuple(keys), latents)
     self._batches = None  # started on the first next(): nothing is read before it is needed
 
   @property

@@ -32,6 +32,8 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
+import tempfile
 import threading
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
@@ -124,12 +126,24 @@ class Records:
 
   def __init__(self, builder, split: str):
     info = builder.info.splits[split]
+    self._open([(os.fspath(f.filename), f.skip, f.take) for f in info.file_instructions], split,
+               storage.is_url(os.fspath(builder.data_path)))
+
+  @classmethod
+  def of_files(cls, files: Sequence[tuple], split: str) -> "Records":
+    """Records of ArrayRecord files [(path, number of records)], in order (cached latents)."""
+    records = cls.__new__(cls)
+    records._open([(os.fspath(path), 0, count) for path, count in files], split,
+                  any(storage.is_url(path) for path, _ in files))
+    return records
+
+  def _open(self, files, split, remote):
     self.split = split
-    self._files = [(os.fspath(f.filename), f.skip, f.take) for f in info.file_instructions]
+    self._files = files
     self._ends = list(itertools.accumulate(take for _, _, take in self._files))
     self._readers: List[Any] = [None] * len(self._files)
     self._lock = threading.Lock()
-    self.remote = storage.is_url(os.fspath(builder.data_path))
+    self.remote = remote
 
   def __len__(self) -> int:
     return self._ends[-1] if self._ends else 0
@@ -220,16 +234,28 @@ def write_shard(builder, shard: Shard, items: Sequence, staging) -> dict:
   """Load `items` (the shard's), write them to the shard's file, then mark it done."""
   from array_record.python import array_record_module  # pyright: ignore[reportAttributeAccessIssue]
   path = _shard_path(builder, staging, shard)
-  writer = array_record_module.ArrayRecordWriter(os.fspath(path), WRITER_OPTIONS)
+  # ArrayRecord's writer opens local files only (its reader has a GCS client, its writer
+  # fails with "open() failed" on gs://): a bucket's shard is written locally, then uploaded.
+  remote = storage.is_url(os.fspath(path))
+  local_dir = tempfile.mkdtemp(prefix="semflow_shard_") if remote else None
+  local = os.path.join(local_dir, path.name) if local_dir else os.fspath(path)
   count = 0
   try:
-    for _, example in load_examples(builder, items):
-      writer.write(builder.info.features.serialize_example(example))
-      count += 1
+    writer = array_record_module.ArrayRecordWriter(local, WRITER_OPTIONS)
+    try:
+      for _, example in load_examples(builder, items):
+        writer.write(builder.info.features.serialize_example(example))
+        count += 1
+    finally:
+      writer.close()
+    num_bytes = os.path.getsize(local)
+    if remote:
+      epath.Path(local).copy(path, overwrite=True)
   finally:
-    writer.close()
+    if remote:
+      shutil.rmtree(local_dir, ignore_errors=True)
   done = {"split": shard.split, "index": shard.index, "num_shards": shard.num_shards,
-          "num_examples": count, "num_bytes": int(path.stat().length)}
+          "num_examples": count, "num_bytes": num_bytes}
   storage.write_json(os.fspath(epath.Path(staging) / _DONE_DIR / f"{shard.name}.json"), done)
   return done
 
