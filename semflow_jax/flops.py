@@ -181,7 +181,7 @@ def per_device(cost: dict, counts: Counts, devices: int) -> dict:
 def predicted_seconds(compiled, counts: Counts, devices: int, device) -> dict:
   """The predicted seconds per call of a compiled program on `device`'s chip, and where the
   figure comes from: {'predicted_seconds', 'estimate', 'compiler_seconds', 'kernel_seconds',
-  'ici_seconds', 'dcn_seconds', 'loops', 'uncosted_kernels'}.
+  'ici_seconds', 'dcn_seconds', 'loops', 'uncosted_kernels', 'seconds_by_kind'}.
 
   'estimate' is 'compiler' where libtpu's `optimal_seconds` is positive and the program has no
   loop, no uncosted kernel and no cross-slice collective (then it is the sum of the same
@@ -191,14 +191,17 @@ def predicted_seconds(compiled, counts: Counts, devices: int, device) -> dict:
   optimal = cost_analysis(compiled).get("optimal_seconds")
   none = {"predicted_seconds": None, "estimate": None, "compiler_seconds": None,
           "kernel_seconds": None, "ici_seconds": None, "dcn_seconds": None, "loops": None,
-          "uncosted_kernels": None}
+          "uncosted_kernels": None, "seconds_by_kind": None}
   if chip_kind(device) not in CLOCK_GHZ:
     return none
   cost = compiled_cost(compiled.as_text())
   parts = predict(cost, counts, devices, device)
+  clock = CLOCK_GHZ[chip_kind(device)] * 1e9
   result = {"compiler_seconds": parts["compiler"], "kernel_seconds": parts["kernels"],
             "ici_seconds": parts["ici"], "dcn_seconds": parts["dcn"], "loops": cost.loops,
-            "uncosted_kernels": cost.kernels}
+            "uncosted_kernels": cost.kernels,
+            # Where the compiled costs' compute time goes (the MFU's breakdown).
+            "seconds_by_kind": {k: v / clock for k, v in sorted(cost.cycles_by_kind.items())}}
   if (optimal is not None and float(optimal) > 0 and not cost.loops and not cost.kernels
       and not cost.dcn_bytes):
     return {**result, "predicted_seconds": float(optimal), "estimate": "compiler"}
@@ -227,6 +230,10 @@ class CompiledCost:
   ici_bytes: float = 0.0        # bytes out of collectives inside a slice (no cycle estimate)
   dcn_bytes: float = 0.0        # bytes sent between slices (no estimate either)
   uncosted: dict = dataclasses.field(default_factory=dict)  # other opcodes without an estimate
+  # `cycles` by what the instruction computes: 'mxu' (fusions with a convolution or a dot: the
+  # TPU compiler writes matmuls as convolutions), 'other' (elementwise, normalisation,
+  # reductions, copies).
+  cycles_by_kind: dict = dataclasses.field(default_factory=dict)
 
 
 _COMPUTATION = re.compile(r"^(ENTRY )?%?([\w.\-]+) \(.*\{\s*$")
@@ -297,28 +304,36 @@ def compiled_cost(hlo_text: str) -> CompiledCost:
   computations, entry = _computations(hlo_text)
   result = CompiledCost()
 
-  def walk(name: str) -> float:
-    cycles = 0.0
+  def kind_of(line: str, opcode: str) -> str:
+    called = re.search(r"calls=%?([\w.\-]+)", line)
+    body = "\n".join(computations.get(called.group(1), [])) if called else line
+    mxu = opcode in ("convolution", "dot") or " convolution(" in body or " dot(" in body
+    return "mxu" if mxu else "other"
+
+  def walk(name: str) -> dict:
+    """{kind: cycles} of one call of computation `name`."""
+    cycles: dict = {}
+    add = lambda parts, times=1: [cycles.__setitem__(k, cycles.get(k, 0.0) + v * times)
+                                  for k, v in parts.items()]
     for line in computations.get(name, []):
       line = re.sub(r"/\*.*?\*/", "", line)  # `/*index=5*/` in long tuples
       match = _OPCODE.search(line)
       opcode = match.group(1) if match else ""
       estimate = _CYCLES.search(line)
       if opcode == "while":
-        body = re.search(r"body=%?([\w.\-]+)", line).group(1)
-        trips = _trip_count(line, computations)
+        count = _trip_count(line, computations)
         result.loops += 1
-        result.uncounted_loops += trips is None
-        cycles += walk(body) * (trips or 1)
+        result.uncounted_loops += count is None
+        add(walk(re.search(r"body=%?([\w.\-]+)", line).group(1)), count or 1)
       elif opcode == "conditional":
         branches = re.search(r"branch_computations=\{([^}]*)\}", line)
         names = (re.findall(r"%?([\w.\-]+)", branches.group(1)) if branches else
                  re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", line))
-        cycles += max((walk(b) for b in names), default=0.0)
+        add(max((walk(b) for b in names), key=lambda c: sum(c.values()), default={}))
       elif opcode == "call":
-        cycles += walk(re.search(r"to_apply=%?([\w.\-]+)", line).group(1))
+        add(walk(re.search(r"to_apply=%?([\w.\-]+)", line).group(1)))
       elif estimate:
-        cycles += float(estimate.group(1))
+        add({kind_of(line, opcode): float(estimate.group(1))})
       elif opcode == "custom-call" and 'custom_call_target="tpu_custom_call"' in line:
         result.kernels += 1
       elif opcode == "send" and "_xla_megascale_transfer_type" in line:
@@ -331,7 +346,8 @@ def compiled_cost(hlo_text: str) -> CompiledCost:
         result.uncosted[opcode] = result.uncosted.get(opcode, 0) + 1
     return cycles
 
-  result.cycles = walk(entry)
+  result.cycles_by_kind = walk(entry)
+  result.cycles = sum(result.cycles_by_kind.values())
   return result
 
 

@@ -284,6 +284,15 @@ def format_report(report: dict) -> str:
         f"{r['compile_seconds']:.0f} | {_fmt(None if cpu is None else cpu / 60, '.1f')} | "
         f"{_fmt(None if rss is None else rss / GIB, '.1f')} |")
   for name, r in report["programs"].items():
+    if r.get("estimate") == "compiled costs":
+      kinds = ", ".join(f"{k} {v * 1e3:.3g} ms" for k, v in r["seconds_by_kind"].items())
+      lines.append(f"\n{name} predicted time (compiled costs, ms per call): compute "
+                   f"{r['compiler_seconds'] * 1e3:.4g} ({kinds}), Pallas kernels "
+                   f"{r['kernel_seconds'] * 1e3:.4g}, ICI collectives {r['ici_seconds'] * 1e3:.4g}"
+                   f", DCN {_fmt(r['dcn_seconds'] and r['dcn_seconds'] * 1e3, '.4g', 'unknown')}; libtpu's estimate "
+                   f"{r['optimal_seconds']:.4g} s; {r['loops']} loops, "
+                   f"{r['uncosted_kernels']} kernels without its estimate")
+  for name, r in report["programs"].items():
     if r["attention"]:
       kernels = "; ".join(f"{a['q_len']}x{a['kv_len']} tokens, {a['heads']}x{a['dim_head']}: "
                           f"{a['kernel']}" for a in r["attention"])
