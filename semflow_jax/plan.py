@@ -24,8 +24,11 @@ Per chip it prints the train state (or parameters), XLA's argument / output / te
 the peak (arguments + outputs - donated + temporaries + program code), the chip's HBM, whether
 the peak fits in HBM less --headroom, and the compiler's estimates (not measurements): FLOPs of
 one call per chip (XLA's count plus the loop iterations and Pallas kernels it does not see,
-semflow_jax/flops.py), the predicted seconds per call (from the compiler's `optimal_seconds`),
-examples/s per chip and MFU against the chip's bf16 peak; then the compile's own cost here
+semflow_jax/flops.py), the predicted seconds per call (libtpu's `optimal_seconds` where it is
+positive and the program has no loop or kernel it cannot see into, otherwise the compiled
+program's per-instruction cycle estimates with every loop iteration, plus the Pallas kernels and
+cross-slice collectives it has no estimate for: `flops.predicted_seconds`; the table's
+"estimate" column says which), examples/s per chip and MFU against the chip's bf16 peak; then the compile's own cost here
 (seconds, CPU seconds, the compiling process's peak RSS) and which attention kernel every
 attention layer uses. `--json=FILE` writes the same. `cpu-N` compiles for N fake CPU devices
 (XLA:CPU's buffer assignment: an estimate of an accelerator's; no time estimate), with the
@@ -162,7 +165,8 @@ def _analyse(trace_fn, devices: list, hbm_bytes: int, headroom: float, examples:
   m = compiled.memory_analysis()
   peak = peak_bytes(m)
   cost = flops_lib.per_device(flops_lib.cost_analysis(compiled), counts, len(devices))
-  predicted = cost["predicted_seconds"]
+  timing = flops_lib.predicted_seconds(compiled, counts, len(devices), devices[0])
+  predicted = timing["predicted_seconds"]
   peak_flops = flops_lib.peak_flops(devices[0])
   kinds = sorted({(c["q_len"], c["kv_len"], c["heads"], c["dim_head"], c["kernel"])
                   for c in calls})
@@ -172,7 +176,7 @@ def _analyse(trace_fn, devices: list, hbm_bytes: int, headroom: float, examples:
       "code_bytes": int(m.generated_code_size_in_bytes), "peak_bytes": peak,
       "fits": fits(peak, hbm_bytes, headroom),
       # The compiler's estimates (flops.py), not measurements:
-      **cost,
+      **cost, **timing,
       "examples_per_second_per_chip": examples / predicted if predicted else None,
       "mfu": cost["flops"] / predicted / peak_flops if predicted and peak_flops else None,
       "attention": [dict(zip(("q_len", "kv_len", "heads", "dim_head", "kernel"), k))
@@ -259,12 +263,14 @@ def format_report(report: dict) -> str:
            f"{f', {peak:g} TFLOP/s bf16 peak' if peak else ''}; mesh {report['mesh']}; "
            + ", ".join(f"{k}={v}" for k, v in report["layout"].items()),
            "",
-           "TFLOP/chip, s/call, examples/s/chip and MFU are the compiler's estimates "
-           "(cost_analysis: flops, optimal_seconds), not measurements.",
+           "TFLOP/chip, s/call, examples/s/chip and MFU are estimates from the compiled program, "
+           "not measurements (estimate: 'compiler' = libtpu's optimal_seconds; 'compiled costs' "
+           "= its per-instruction cycles x loop trips + kernels at the MXU's peak; flops.py).",
            "",
            "| program | batch/chip | state GiB | args GiB | temp GiB | peak GiB | HBM GiB | fits | "
-           "TFLOP/chip | s/call | examples/s/chip | MFU | compile s | CPU min | peak RSS GiB |",
-           "| --- " * 15 + "|"]
+           "TFLOP/chip | s/call | estimate | examples/s/chip | MFU | compile s | CPU min | "
+           "peak RSS GiB |",
+           "| --- " * 16 + "|"]
   for name, r in report["programs"].items():
     rss = r.get("peak_rss_bytes")
     cpu = r.get("cpu_seconds")
@@ -273,9 +279,19 @@ def format_report(report: dict) -> str:
         f"{gib(r['argument_bytes'])} | {gib(r['temp_bytes'])} | {gib(r['peak_bytes'])} | "
         f"{gib(report['hbm_bytes'])} | {'yes' if r['fits'] else 'NO'} | "
         f"{r['flops'] / 1e12:.3g} | {_fmt(r['predicted_seconds'], '.3g')} | "
+        f"{r.get('estimate') or '-'} | "
         f"{_fmt(r['examples_per_second_per_chip'], '.3g')} | {_fmt(r['mfu'], '.1%')} | "
         f"{r['compile_seconds']:.0f} | {_fmt(None if cpu is None else cpu / 60, '.1f')} | "
         f"{_fmt(None if rss is None else rss / GIB, '.1f')} |")
+  for name, r in report["programs"].items():
+    if r.get("estimate") == "compiled costs":
+      kinds = ", ".join(f"{k} {v * 1e3:.3g} ms" for k, v in r["seconds_by_kind"].items())
+      lines.append(f"\n{name} predicted time (compiled costs, ms per call): compute "
+                   f"{r['compiler_seconds'] * 1e3:.4g} ({kinds}), Pallas kernels "
+                   f"{r['kernel_seconds'] * 1e3:.4g}, ICI collectives {r['ici_seconds'] * 1e3:.4g}"
+                   f", DCN {_fmt(r['dcn_seconds'] and r['dcn_seconds'] * 1e3, '.4g', 'unknown')}; libtpu's estimate "
+                   f"{r['optimal_seconds']:.4g} s; {r['loops']} loops, "
+                   f"{r['uncosted_kernels']} kernels without its estimate")
   for name, r in report["programs"].items():
     if r["attention"]:
       kernels = "; ".join(f"{a['q_len']}x{a['kv_len']} tokens, {a['heads']}x{a['dim_head']}: "
