@@ -125,6 +125,26 @@ def parse_flags(argv):
   return rest
 
 
+def define_shard_flags(verb: str, job: str, committed: str) -> tuple:
+  """(--processes, --num_workers, --worker_index, --examples_per_shard) of a command that writes
+  ArrayRecord shards on several processes and machines (data.build: `verb` 'writing', `job`
+  'build', `committed` 'dataset'; data.encode: 'encoding', 'encode', 'latents')."""
+  return (
+      flags.DEFINE_integer("processes", 1, f"Local processes {verb} shards at once."),
+      flags.DEFINE_integer("num_workers", 1, f"Machines sharing the {job} (each runs this "
+                           "command with its --worker_index)."),
+      flags.DEFINE_integer("worker_index", 0, "This machine's index in [0, num_workers); "
+                           f"worker 0 commits the {committed}."),
+      flags.DEFINE_integer("examples_per_shard", 1000, "Examples per ArrayRecord file (at most)."),
+  )
+
+
+def define_output_flags(output_help: str, overwrite_help: str) -> None:
+  """The converters' --output (required when run) and --overwrite."""
+  flags.DEFINE_string("output", None, output_help)
+  flags.DEFINE_bool("overwrite", False, overwrite_help)
+
+
 def run_converter(convert: Callable[..., str], input_flags: Sequence[str]) -> None:
   """The converters' main(): `convert(--output, *input flags, --overwrite)` after checking every
   path (a bucket that cannot be used is reported now, not after minutes of converting); a bad

@@ -181,8 +181,8 @@ def _define_flags():
                       "without --diffusers_dir.")
   flags.DEFINE_string("text_embedding", None, "Empty-prompt embedding .npy instead of computing it "
                       "with diffusers_dir/text_encoder.")
-  flags.DEFINE_string("output", None, "Directory to write; config.model.init_from points here.")
-  flags.DEFINE_bool("overwrite", False, "Replace an existing output directory.")
+  cli.define_output_flags("Directory to write; config.model.init_from points here.",
+                          "Replace an existing output directory.")
 
 
 def main(argv):

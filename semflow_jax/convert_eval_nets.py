@@ -149,9 +149,9 @@ def _define_flags():
                       "(alexnet-owt-7be5be79.pth), the LPIPS trunk.")
   flags.DEFINE_string("lpips_heads", None, "lpips' v0.1 linear heads "
                       "(lpips/weights/v0.1/alex.pth).")
-  flags.DEFINE_string("output", None, "Directory to write (local or gs://); "
-                      "config.eval.fid_weights and config.eval.lpips_weights point here.")
-  flags.DEFINE_bool("overwrite", False, "Replace networks already converted in --output.")
+  cli.define_output_flags("Directory to write (local or gs://); config.eval.fid_weights and "
+                          "config.eval.lpips_weights point here.",
+                          "Replace networks already converted in --output.")
 
 
 def main(argv):

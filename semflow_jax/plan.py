@@ -28,9 +28,9 @@ semflow_jax/flops.py), the predicted seconds per call (libtpu's `optimal_seconds
 positive and the program has no loop or kernel it cannot see into, otherwise the compiled
 program's per-instruction cycle estimates with every loop iteration, plus the Pallas kernels and
 cross-slice collectives it has no estimate for: `flops.predicted_seconds`; the table's
-"estimate" column says which), examples/s per chip and MFU against the chip's bf16 peak; then the compile's own cost here
-(seconds, CPU seconds, the compiling process's peak RSS) and which attention kernel every
-attention layer uses. `--json=FILE` writes the same. `cpu-N` compiles for N fake CPU devices
+"estimate" column says which), examples/s per chip and MFU against the chip's bf16 peak; then the
+compile's own cost here (seconds, CPU seconds, the compiling process's peak RSS) and which
+attention kernel every attention layer uses. `--json=FILE` writes the same. `cpu-N` compiles for N fake CPU devices
 (XLA:CPU's buffer assignment: an estimate of an accelerator's; no time estimate), with the
 host's memory split over them as "HBM". Config overrides work as in semflow_jax.main.
 """
@@ -285,11 +285,12 @@ def format_report(report: dict) -> str:
         f"{_fmt(None if rss is None else rss / GIB, '.1f')} |")
   for name, r in report["programs"].items():
     if r.get("estimate") == "compiled costs":
+      dcn = r["dcn_seconds"]
       kinds = ", ".join(f"{k} {v * 1e3:.3g} ms" for k, v in r["seconds_by_kind"].items())
       lines.append(f"\n{name} predicted time (compiled costs, ms per call): compute "
                    f"{r['compiler_seconds'] * 1e3:.4g} ({kinds}), Pallas kernels "
                    f"{r['kernel_seconds'] * 1e3:.4g}, ICI collectives {r['ici_seconds'] * 1e3:.4g}"
-                   f", DCN {_fmt(r['dcn_seconds'] and r['dcn_seconds'] * 1e3, '.4g', 'unknown')}; libtpu's estimate "
+                   f", DCN {_fmt(dcn and dcn * 1e3, '.4g', 'unknown')}; libtpu's estimate "
                    f"{r['optimal_seconds']:.4g} s; {r['loops']} loops, "
                    f"{r['uncosted_kernels']} kernels without its estimate")
   for name, r in report["programs"].items():

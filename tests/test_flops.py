@@ -102,7 +102,7 @@ def test_compiled_cost_is_the_compilers_estimate_where_it_has_one():
   estimate says (within its copies and overheads), and then its estimate is the prediction."""
   pytest.importorskip("libtpu")
   for depth in (1, 6):
-    chain = lambda a: functools.reduce(lambda c, _: c @ a, range(depth), a)
+    chain = lambda a, depth=depth: functools.reduce(lambda c, _: c @ a, range(depth), a)
     timing, optimal = _predicted(chain, A)
     assert timing["estimate"] == "compiler" and timing["predicted_seconds"] == optimal > 0
     assert timing["compiler_seconds"] == pytest.approx(optimal, rel=0.3)

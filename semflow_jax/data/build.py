@@ -26,16 +26,13 @@ import sys
 
 from absl import app, flags
 
+from semflow_jax import cli
+
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "The unpacked download.", required=True)
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data directory, local or gs:// "
                                 "(default: tfds').")
-_PROCESSES = flags.DEFINE_integer("processes", 1, "Local processes writing shards at once.")
-_NUM_WORKERS = flags.DEFINE_integer("num_workers", 1, "Machines sharing the build (each runs "
-                                    "this command with its --worker_index).")
-_WORKER_INDEX = flags.DEFINE_integer("worker_index", 0, "This machine's index in [0, "
-                                     "num_workers); worker 0 commits the dataset.")
-_EXAMPLES_PER_SHARD = flags.DEFINE_integer("examples_per_shard", 1000,
-                                           "Examples per ArrayRecord file (at most).")
+_PROCESSES, _NUM_WORKERS, _WORKER_INDEX, _EXAMPLES_PER_SHARD = cli.define_shard_flags(
+    "writing", "build", "dataset")
 _VALIDATION_FRACTION = flags.DEFINE_float("validation_fraction", 0.1, "folder_dataset without "
                                           "train/ and validation/: the validation share.")
 

@@ -68,14 +68,7 @@ class CityscapesSemantic(records.RandomAccessBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
 
   def _info(self):
-    return self.dataset_info_from_configs(
-        features=manual.features("png"),
-        description=__doc__,
-        supervised_keys=("image", "label"),
-        homepage="https://www.cityscapes-dataset.com/",
-        metadata=tfds.core.MetadataDict(class_names=list(CLASS_NAMES)),
-        disable_shuffling=True,  # stored in split_items order
-    )
+    return manual.dataset_info(self, "png", "https://www.cityscapes-dataset.com/", CLASS_NAMES)
 
   def split_items(self, manual_dir):
     root = manual.require_manual_dir(manual_dir, self.MANUAL_DOWNLOAD_INSTRUCTIONS)

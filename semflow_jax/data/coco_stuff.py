@@ -83,14 +83,7 @@ class CocoStuff(records.RandomAccessBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
 
   def _info(self):
-    return self.dataset_info_from_configs(
-        features=manual.features("jpeg"),
-        description=__doc__,
-        supervised_keys=("image", "label"),
-        homepage="https://github.com/nightrome/cocostuff",
-        metadata=tfds.core.MetadataDict(class_names=list(CLASS_NAMES)),
-        disable_shuffling=True,  # stored in split_items order
-    )
+    return manual.dataset_info(self, "jpeg", "https://github.com/nightrome/cocostuff", CLASS_NAMES)
 
   def split_items(self, manual_dir):
     root = manual.require_manual_dir(manual_dir, self.MANUAL_DOWNLOAD_INSTRUCTIONS)

@@ -32,13 +32,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file
                                           "--config.key=value overrides).", lock_config=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Directory of the latents, local or gs:// "
                               "(default: beside the tfds dataset).")
-_PROCESSES = flags.DEFINE_integer("processes", 1, "Local processes encoding shards at once.")
-_NUM_WORKERS = flags.DEFINE_integer("num_workers", 1, "Machines sharing the encode (each runs "
-                                    "this command with its --worker_index).")
-_WORKER_INDEX = flags.DEFINE_integer("worker_index", 0, "This machine's index in [0, "
-                                     "num_workers); worker 0 commits the latents.")
-_EXAMPLES_PER_SHARD = flags.DEFINE_integer("examples_per_shard", 1000,
-                                           "Examples per ArrayRecord file (at most).")
+_PROCESSES, _NUM_WORKERS, _WORKER_INDEX, _EXAMPLES_PER_SHARD = cli.define_shard_flags(
+    "encoding", "encode", "latents")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Images per VAE call (x2 with flips); "
                                    "rounded up to a multiple of the local devices.")
 

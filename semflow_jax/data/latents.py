@@ -42,7 +42,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -300,20 +299,9 @@ def write_shard(path: str, shard: Shard, moments: Sequence[np.ndarray]) -> dict:
 
 def wait_for_shards(path: str, shards: List[Shard], wait_s: float,
                     log: Callable[[str], None]) -> Dict[str, dict]:
-  deadline, last_report = time.time() + wait_s, 0.0
-  while True:
-    done = _done(path)
-    missing = [s.name for s in shards if s.name not in done]
-    if not missing:
-      return done
-    if time.time() > deadline:
-      raise TimeoutError(f"{path}: shards {', '.join(missing[:5])} (of {len(missing)} missing) "
-                         f"were not written within {wait_s:.0f} s; run the workers that own "
-                         "them again, then worker 0")
-    if time.time() - last_report > 60:
-      log(f"{path}: waiting for {len(missing)} shards from the other workers")
-      last_report = time.time()
-    time.sleep(2)
+  """{shard name: done record} once every shard of the encode into `path` is done."""
+  from semflow_jax.data import records
+  return records.wait_for_shards(path, lambda: _done(path), shards, wait_s, log)
 
 
 def commit(path: str, description: dict, shards: List[Shard], done: Dict[str, dict]) -> dict:

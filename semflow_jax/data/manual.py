@@ -31,6 +31,21 @@ def features(image_encoding: str) -> tfds.features.FeaturesDict:
   })
 
 
+def dataset_info(builder, image_encoding: str, homepage: str, class_names) -> "tfds.core.DatasetInfo":
+  """A manual-download dataset's DatasetInfo: `features(image_encoding)`, (image, label) pairs,
+  the class names in its metadata, the module docstring as description, and examples kept in
+  the builder's `split_items` order."""
+  import sys
+  return builder.dataset_info_from_configs(
+      features=features(image_encoding),
+      description=sys.modules[type(builder).__module__].__doc__,
+      supervised_keys=("image", "label"),
+      homepage=homepage,
+      metadata=tfds.core.MetadataDict(class_names=list(class_names)),
+      disable_shuffling=True,  # stored in split_items order
+  )
+
+
 def require_manual_dir(path, instructions: str) -> str:
   """The manual download directory if it exists; otherwise an error with the instructions."""
   if not path:

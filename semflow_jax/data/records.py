@@ -319,7 +319,8 @@ def build(builder, manual_dir: Optional[str] = None, *, processes: int = 1,
   if worker_index != 0:
     log(f"{builder.name}: worker {worker_index} wrote its shards; worker 0 commits the dataset")
     return None
-  done = _wait_for_shards(builder, staging, shards, wait_s, log)
+  done = wait_for_shards(f"{builder.name} ({staging})", lambda: _done(staging), shards, wait_s,
+                         log)
   return commit(builder, staging, shards, done)
 
 
@@ -361,20 +362,22 @@ def _write_shards(builder, shards: List[Shard], items, staging, processes: int) 
     pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _wait_for_shards(builder, staging, shards, wait_s, log) -> Dict[str, dict]:
-  deadline = time.time() + wait_s
-  last_report = 0.0
+def wait_for_shards(name: str, read_done: Callable[[], Dict[str, dict]], shards, wait_s: float,
+                    log: Callable[[str], None]) -> Dict[str, dict]:
+  """{shard name: done record} once `read_done()` lists every one of `shards` (the other workers
+  write theirs); `name` is the output the messages name. A TimeoutError after `wait_s`."""
+  deadline, last_report = time.time() + wait_s, 0.0
   while True:
-    done = _done(staging)
+    done = read_done()
     missing = [s.name for s in shards if s.name not in done]
     if not missing:
       return done
     if time.time() > deadline:
-      raise TimeoutError(f"{builder.name}: shards {', '.join(missing[:5])} (of {len(missing)} "
-                         f"missing) were not written to {staging} within {wait_s:.0f} s; run "
-                         "the workers that own them again, then worker 0")
+      raise TimeoutError(f"{name}: shards {', '.join(missing[:5])} (of {len(missing)} missing) "
+                         f"were not written within {wait_s:.0f} s; run the workers that own "
+                         "them again, then worker 0")
     if time.time() - last_report > 60:
-      log(f"{builder.name}: waiting for {len(missing)} shards from the other workers")
+      log(f"{name}: waiting for {len(missing)} shards from the other workers")
       last_report = time.time()
     time.sleep(2)
 
