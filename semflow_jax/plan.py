@@ -30,9 +30,9 @@ program's per-instruction cycle estimates with every loop iteration, plus the Pa
 cross-slice collectives it has no estimate for: `flops.predicted_seconds`; the table's
 "estimate" column says which), examples/s per chip and MFU against the chip's bf16 peak; then the
 compile's own cost here (seconds, CPU seconds, the compiling process's peak RSS) and which
-attention kernel every attention layer uses. `--json=FILE` writes the same. `cpu-N` compiles for N fake CPU devices
-(XLA:CPU's buffer assignment: an estimate of an accelerator's; no time estimate), with the
-host's memory split over them as "HBM". Config overrides work as in semflow_jax.main.
+attention kernel every attention layer uses. `--json=FILE` writes the same. `cpu-N` compiles
+for N fake CPU devices (XLA:CPU's buffer assignment: an estimate of an accelerator's; no time
+estimate), with the host's memory split over them as "HBM". Config overrides work as in semflow_jax.main.
 """
 
 import dataclasses
