@@ -9,7 +9,7 @@ from tests.conftest import REPO
 
 def test_the_dress_rehearsal_runs_the_chain_end_to_end(tmp_path):
   """The short form (6 steps, no reference run): convert, build and encode into the bucket,
-  train on 4 processes from the cached latents, SIGTERM to one, resume on 2, the final
+  train on 2 processes from the cached latents, SIGTERM to one, resume on 1, the final
   evaluation and a folder segmentation read from the bucket, and the bucket listed."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # it sets each process's
   proc = subprocess.run(["bash", "launch/rehearse.sh", f"--dir={tmp_path}", "--short"],
@@ -21,8 +21,8 @@ def test_the_dress_rehearsal_runs_the_chain_end_to_end(tmp_path):
                 "segment"):
     assert f"== {stage}: " in out, stage
   assert "SIGTERM to process 1 after step 3 was logged" in out
-  assert "all 4 processes saved step" in out
-  assert "on 2 processes x 2 devices, trained to 6, evaluated" in out
+  assert "all 2 processes saved step" in out
+  assert "on 1 processes x 2 devices, trained to 6, evaluated" in out
   assert "segment: 8 of 8 images written" in out
   listing = out.split("== gs://semflow-rehearsal: ")[1]
   for name in ("sd15/conversion.json", "run/checkpoints/6/", "run/events.out.tfevents.",
