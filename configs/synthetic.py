@@ -115,6 +115,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.mesh.data = -1
   c.mesh.fsdp = 1                   # >1: params and optimiser state sharded over this axis
   c.mesh.fsdp_min_size = 2**14      # tensors with fewer elements stay replicated
+  c.mesh.shard_params = True        # False: params whole on every device, optimiser state,
+                                    # EMA and gradients sharded over fsdp (ZeRO)
   c.mesh.dcn_data = -1              # slices (data parallel across them); -1: all of them
 
   if arg == "tiny":

@@ -13,7 +13,11 @@ Batches are global arrays built from each process's local slice. The parameter l
 on shapes, so it applies to any pytree (params, Adam moments, EMA, gradients) unchanged: a tensor
 with at least `config.mesh.fsdp_min_size` elements is split over `fsdp` along its largest
 dimension divisible by the `fsdp` size; everything else is replicated (a warning names the large
-tensors that stay replicated because no dimension divides).
+tensors that stay replicated because no dimension divides). With `config.mesh.shard_params=False`
+the model's parameters themselves stay whole on every device (`param_shardings`) while the
+optimiser state, the EMA and the gradients keep the rule (ZeRO-style): the forward and backward
+are then plain data parallelism, with no per-layer all-gather, and the update gathers the new
+parameters once per step.
 """
 
 import jax
@@ -127,6 +131,19 @@ def state_shardings(tree, mesh: Mesh, config: ml_collections.ConfigDict):
           "divides %d: %s", fsdp_size, len(left), f"{elements:,}", fsdp_size,
           ", ".join(f"{name} {shape}" for name, shape in left))
   return shardings
+
+
+def shards_params(config: ml_collections.ConfigDict) -> bool:
+  """Are the model's parameters sharded over `fsdp` (FSDP), or whole on every device (ZeRO)?"""
+  return bool(config.mesh.get("shard_params", True))
+
+
+def param_shardings(tree, mesh: Mesh, config: ml_collections.ConfigDict):
+  """NamedShardings for the model's parameters (trained or frozen): `state_shardings`, or
+  replicated where `config.mesh.shard_params` is False."""
+  if shards_params(config):
+    return state_shardings(tree, mesh, config)
+  return jax.tree.map(lambda _: replicated(mesh), tree)
 
 
 def bytes_per_device(tree, shardings=None) -> int:

@@ -138,7 +138,8 @@ def fits(peak: int, hbm_bytes: int, headroom: float) -> bool:
 
 def _layout(config) -> dict:
   return {"mesh.dcn_data": config.mesh.get("dcn_data", -1), "mesh.data": config.mesh.data,
-          "mesh.fsdp": config.mesh.fsdp, "train.batch_size": config.train.batch_size,
+          "mesh.fsdp": config.mesh.fsdp,
+          "mesh.shard_params": parallel.shards_params(config), "train.batch_size": config.train.batch_size,
           "train.grad_accum_steps": config.train.get("grad_accum_steps", 1),
           "model.remat": config.model.get("remat", False),
           "model.remat_policy": config.model.get("remat_policy", "full"),

@@ -79,7 +79,7 @@ class Predictor:
     self.mesh = mesh if mesh is not None else parallel.make_mesh(config)
     # On the mesh, laid out as training lays them out (replicated unless FSDP-sized): a no-op
     # for restored parameters, and the same layout for any others.
-    self.params = jax.device_put(params, parallel.state_shardings(params, self.mesh, config))
+    self.params = jax.device_put(params, parallel.param_shardings(params, self.mesh, config))
     self.programs = programs or Programs(model)
     self._classes = classes
 

@@ -100,8 +100,13 @@ def abstract(model, tx, config, mesh) -> TrainState:
   """Shapes, dtypes and shardings (parallel.state_shardings) of the state, nothing allocated:
   the restore target, the step's input, and (`.model_params()`) the inference programs'."""
   shapes = jax.eval_shape(_init_fn(model, tx, config), jax.random.PRNGKey(0))
+  shardings = parallel.state_shardings(shapes, mesh, config)
+  # The parameters' own layout (whole on every device with mesh.shard_params=False); the
+  # optimiser state and the EMA keep the sharding rule either way.
+  shardings = shardings.replace(params=parallel.param_shardings(shapes.params, mesh, config),
+                                frozen=parallel.param_shardings(shapes.frozen, mesh, config))
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
-                      parallel.state_shardings(shapes, mesh, config))
+                      shardings)
 
 
 def shardings_of(tree):

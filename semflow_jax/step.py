@@ -4,8 +4,9 @@ It imports neither TensorFlow nor the input pipeline. One step: the loss and the
 the trained parameters (the UNet) only, summed over `train.grad_accum_steps` micro-batches in a
 `scan`; global-norm clipping and AdamW; the EMA of the trained parameters. The frozen VAE and
 text embedding (`state.frozen`) are inputs: not differentiated, no accumulator, no norm, no EMA.
-Gradients and the accumulator are laid out like the parameters (FSDP: reduce-scattered, never
-gathered whole), the UNet's activations batch-split over every device (SemFlow's `mesh`).
+Gradients and the accumulator are laid out like the optimiser state (sharded over `fsdp`:
+reduce-scattered, never gathered whole; the parameters too with FSDP, or whole on every device
+with config.mesh.shard_params=False), the UNet's activations batch-split over every device (SemFlow's `mesh`).
 
 A training batch is {key: global array} split over every device along its first dimension:
   'image'         uint8 (B, H, W, 3), or instead
@@ -53,10 +54,11 @@ def make_loss_and_grads(model: SemFlow, config, mesh=None):
   backward. With train.grad_accum_steps = k the batch is split into k micro-batches whose
   gradients are averaged (a scan), so peak activation memory is that of one micro-batch.
   `mesh` (the one the state is laid out on) makes the gradients' and the accumulator's layout
-  that of the parameters, and keeps each micro-batch spread over all devices."""
+  that of the optimiser state (sharded over `fsdp`, reduce-scattered, whether or not the
+  parameters are: mesh.shard_params), and keeps each micro-batch spread over all devices."""
   k = config.train.get("grad_accum_steps", 1)
 
-  def like_params(grads):
+  def like_optimizer_state(grads):
     if mesh is None:
       return grads
     return jax.lax.with_sharding_constraint(grads, parallel.state_shardings(grads, mesh, config))
@@ -67,7 +69,7 @@ def make_loss_and_grads(model: SemFlow, config, mesh=None):
 
     if k == 1:
       loss, grads = jax.value_and_grad(loss_fn)(params, batch, rng)
-      return loss, like_params(grads)
+      return loss, like_optimizer_state(grads)
     # Micro-batch j holds examples j, j + k, j + 2k, ...: every device already holds its share
     # of every micro-batch, so the split moves no data.
     micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1),
@@ -79,9 +81,9 @@ def make_loss_and_grads(model: SemFlow, config, mesh=None):
     def accumulate(carry, xs):
       j, micro_batch = xs
       loss, grads = jax.value_and_grad(loss_fn)(params, micro_batch, jax.random.fold_in(rng, j))
-      return like_params(jax.tree.map(jnp.add, carry, (loss, grads))), None
+      return like_optimizer_state(jax.tree.map(jnp.add, carry, (loss, grads))), None
 
-    zeros = (jnp.zeros((), jnp.float32), like_params(jax.tree.map(jnp.zeros_like, params)))
+    zeros = (jnp.zeros((), jnp.float32), like_optimizer_state(jax.tree.map(jnp.zeros_like, params)))
     (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
     return loss / k, jax.tree.map(lambda g: g / k, grads)
 

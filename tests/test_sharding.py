@@ -106,6 +106,26 @@ def test_data_parallel_and_fsdp_meshes_match_one_device(setup):
       assert sharded > 0.9 * total  # nearly all bytes are in large tensors
 
 
+def test_zero_layout_keeps_params_whole_shards_the_rest_and_matches_one_device(setup):
+  """mesh.shard_params=False: the same training as one device; the parameters whole on every
+  device, the Adam moments and the EMA split over `fsdp` by the rule."""
+  config, batches, initial, (reference, losses_1, _) = setup
+  config = config.copy_and_resolve_references()
+  config.mesh.data, config.mesh.fsdp, config.mesh.shard_params = 2, 4, False
+  state, losses, _ = _run(config, jax.devices(), batches, initial)
+  np.testing.assert_allclose(losses, losses_1, rtol=1e-5)
+  lr = config.train.learning_rate
+  _assert_same_params(state.params, jax.device_get(reference.params), lr)
+  _assert_same_params(state.ema_params, jax.device_get(reference.ema_params), lr)
+  for x in jax.tree.leaves(state.params):
+    assert x.sharding.is_fully_replicated, x.shape
+    assert x.addressable_shards[0].data.shape == x.shape
+  moments = [x for x in jax.tree.leaves((state.opt_state, state.ema_params)) if x.size >= 1024]
+  assert moments and all("fsdp" in x.sharding.spec for x in moments
+                         if any(d % 4 == 0 for d in x.shape))
+  assert sum("fsdp" in x.sharding.spec for x in moments) > len(moments) // 2
+
+
 def test_fsdp_rule_on_any_tree():
   rule = parallel.fsdp_spec
   assert rule((3, 3, 64, 128), 8, 1024) == jax.sharding.PartitionSpec(None, None, None, "fsdp")
