@@ -9,6 +9,7 @@ and an override naming no key as an AttributeError or KeyError: each becomes one
 """
 
 import ast
+import dataclasses
 import difflib
 import os
 import re
@@ -125,11 +126,30 @@ def parse_flags(argv):
   return rest
 
 
-def define_shard_flags(verb: str, job: str, committed: str) -> tuple:
-  """(--processes, --num_workers, --worker_index, --examples_per_shard) of a command that writes
-  ArrayRecord shards on several processes and machines (data.build: `verb` 'writing', `job`
-  'build', `committed` 'dataset'; data.encode: 'encoding', 'encode', 'latents')."""
-  return (
+@dataclasses.dataclass(frozen=True)
+class ShardFlags:
+  """--processes, --num_workers, --worker_index, --examples_per_shard (`define_shard_flags`)."""
+  processes: flags.FlagHolder
+  num_workers: flags.FlagHolder
+  worker_index: flags.FlagHolder
+  examples_per_shard: flags.FlagHolder
+
+  def options(self) -> dict:
+    """Their values as keyword arguments (records.build, encode.encode_latents take them);
+    app.UsageError where they do not make sense."""
+    if not 0 <= self.worker_index.value < self.num_workers.value:
+      raise app.UsageError(f"--worker_index={self.worker_index.value} is not in [0, "
+                           f"--num_workers={self.num_workers.value})")
+    if self.processes.value < 1 or self.examples_per_shard.value < 1:
+      raise app.UsageError("--processes and --examples_per_shard must be at least 1")
+    return {f.name: getattr(self, f.name).value for f in dataclasses.fields(self)}
+
+
+def define_shard_flags(verb: str, job: str, committed: str) -> ShardFlags:
+  """The flags of a command that writes ArrayRecord shards on several processes and machines
+  (data.build: `verb` 'writing', `job` 'build', `committed` 'dataset'; data.encode: 'encoding',
+  'encode', 'latents')."""
+  return ShardFlags(
       flags.DEFINE_integer("processes", 1, f"Local processes {verb} shards at once."),
       flags.DEFINE_integer("num_workers", 1, f"Machines sharing the {job} (each runs this "
                            "command with its --worker_index)."),

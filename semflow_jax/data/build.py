@@ -31,8 +31,7 @@ from semflow_jax import cli
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "The unpacked download.", required=True)
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data directory, local or gs:// "
                                 "(default: tfds').")
-_PROCESSES, _NUM_WORKERS, _WORKER_INDEX, _EXAMPLES_PER_SHARD = cli.define_shard_flags(
-    "writing", "build", "dataset")
+_SHARDS = cli.define_shard_flags("writing", "build", "dataset")
 _VALIDATION_FRACTION = flags.DEFINE_float("validation_fraction", 0.1, "folder_dataset without "
                                           "train/ and validation/: the validation share.")
 
@@ -42,11 +41,7 @@ NAMES = ("coco_stuff", "cityscapes_semantic", "celebamask_hq", "folder_dataset")
 def main(argv):
   if len(argv) != 2 or argv[1] not in NAMES:
     raise app.UsageError(f"expected one dataset name, one of {', '.join(NAMES)}")
-  if not 0 <= _WORKER_INDEX.value < _NUM_WORKERS.value:
-    raise app.UsageError(f"--worker_index={_WORKER_INDEX.value} is not in [0, --num_workers="
-                         f"{_NUM_WORKERS.value})")
-  if _PROCESSES.value < 1 or _EXAMPLES_PER_SHARD.value < 1:
-    raise app.UsageError("--processes and --examples_per_shard must be at least 1")
+  options = dict(_SHARDS.options(), log=print)
   from semflow_jax import runtime, storage
   runtime.configure_process()  # building needs no TPU: no TPU start-up without TPUs
   data_dir = _DATA_DIR.value and storage.resolve(_DATA_DIR.value)
@@ -63,9 +58,6 @@ def main(argv):
   import tensorflow_datasets as tfds
 
   from semflow_jax.data import folder, manual, records  # also registers the builders
-  options = dict(processes=_PROCESSES.value, num_workers=_NUM_WORKERS.value,
-                 worker_index=_WORKER_INDEX.value,
-                 examples_per_shard=_EXAMPLES_PER_SHARD.value, log=print)
   try:
     if argv[1] == folder.NAME:
       built = folder.prepare(folder.builder(_MANUAL_DIR.value, _VALIDATION_FRACTION.value,
@@ -80,8 +72,8 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   if built is None:
-    print(f"{argv[1]}: worker {_WORKER_INDEX.value} of {_NUM_WORKERS.value} wrote its shards; "
-          "worker 0 makes the dataset visible when all are written")
+    print(f"{argv[1]}: worker {options['worker_index']} of {options['num_workers']} wrote its "
+          "shards; worker 0 makes the dataset visible when all are written")
     return
   print(f"{argv[1]} built in {built.data_path}: "
         + ", ".join(f"{k} {v.num_examples}" for k, v in built.info.splits.items()))

@@ -35,7 +35,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
 
-from semflow_jax.data import manual, records
+from semflow_jax.data import manual
 
 PARTS = ("skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear", "r_ear",
          "mouth", "u_lip", "l_lip", "hair", "hat", "ear_r", "neck_l", "neck", "cloth")
@@ -49,26 +49,17 @@ PARTITION_FILE = "list_eval_partition.txt"
 _MASK_NAME = re.compile(r"^(\d{5})_(.+)\.png$")
 _PARTITION_SPLITS = {0: "train", 1: "validation", 2: "test"}
 
-# The download part of the module docstring, which tfds prints when the manual dir is missing.
-_INSTRUCTIONS = __doc__[__doc__.index("Download"):__doc__.index("Build:")]
 
-class CelebamaskHq(records.RandomAccessBuilder):
+class CelebamaskHq(manual.ManualDownloadBuilder):
   """CelebAMask-HQ: 30k CelebA-HQ faces with 19-class parsing maps."""
 
   name = "celebamask_hq"
   VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = {"1.0.0": "First release.",
                    "1.1.0": "ArrayRecord (random access), examples in image-index order."}
-  MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
 
-  def _info(self):
-    return manual.dataset_info(self, "jpeg", "https://github.com/switchablenorms/CelebAMask-HQ", CLASS_NAMES)
-
-  def split_items(self, manual_dir):
-    root = manual.require_manual_dir(manual_dir, self.MANUAL_DOWNLOAD_INSTRUCTIONS)
-    image_dir = manual.require_dir(os.path.join(root, IMAGE_DIR),
-                                   self.MANUAL_DOWNLOAD_INSTRUCTIONS)
-    mask_dir = manual.require_dir(os.path.join(root, MASK_DIR), self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+  def items_under(self, root):
+    image_dir, mask_dir = self.subdir(root, IMAGE_DIR), self.subdir(root, MASK_DIR)
     images = {}
     for key, path in manual.files_with_suffix(image_dir, ".jpg").items():
       if not key.isdigit():
@@ -88,6 +79,10 @@ class CelebamaskHq(records.RandomAccessBuilder):
 
   def load_example(self, item):
     return _load_example(item)
+
+  def _info(self):
+    return manual.dataset_info(self, "jpeg", "https://github.com/switchablenorms/CelebAMask-HQ",
+                               CLASS_NAMES)
 
 
 def _masks_by_index(mask_dir):

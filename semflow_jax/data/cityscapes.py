@@ -25,11 +25,9 @@ id and maps to ignore. Images are stored as the original PNG bytes, full size.
 Splits: train (2,975 images), validation (val, 500).
 """
 
-import os
-
 import tensorflow_datasets as tfds
 
-from semflow_jax.data import manual, records
+from semflow_jax.data import manual
 
 # (name, label id, train id) of the official label table (cityscapesscripts.helpers.labels);
 # train id 255 or -1 means ignored in training and evaluation.
@@ -56,47 +54,21 @@ SPLITS = {"train": "train", "validation": "val"}
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"
 
-# The download part of the module docstring, which tfds prints when the manual dir is missing.
-_INSTRUCTIONS = __doc__[__doc__.index("Download"):__doc__.index("Build:")]
 
-class CityscapesSemantic(records.RandomAccessBuilder):
+class CityscapesSemantic(manual.ManualDownloadBuilder):
   """Cityscapes gtFine semantic labels (19 train ids) with the leftImg8bit images."""
 
   VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = {"1.0.0": "First release.",
                    "1.1.0": "ArrayRecord (random access), examples in <city>/<frame> order."}
-  MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
+
+  def items_under(self, root):
+    # Keys are <city>/<city>_<sequence>_<frame>, the part both file names share.
+    return self.paired_folders(root, SPLITS, ("leftImg8bit", IMAGE_SUFFIX),
+                               ("gtFine", LABEL_SUFFIX), recursive=True)
+
+  def load_example(self, item):
+    return manual.load_pair(item, _TABLE)
 
   def _info(self):
     return manual.dataset_info(self, "png", "https://www.cityscapes-dataset.com/", CLASS_NAMES)
-
-  def split_items(self, manual_dir):
-    root = manual.require_manual_dir(manual_dir, self.MANUAL_DOWNLOAD_INSTRUCTIONS)
-    items = {}
-    for split, folder in SPLITS.items():
-      image_dir = manual.require_dir(os.path.join(root, "leftImg8bit", folder),
-                                     self.MANUAL_DOWNLOAD_INSTRUCTIONS)
-      label_dir = manual.require_dir(os.path.join(root, "gtFine", folder),
-                                     self.MANUAL_DOWNLOAD_INSTRUCTIONS)
-      # Keys are <city>/<city>_<sequence>_<frame>, the part both file names share.
-      images = _by_city(image_dir, IMAGE_SUFFIX)
-      labels = _by_city(label_dir, LABEL_SUFFIX)
-      items[split] = manual.pair_up(images, labels)
-    return items
-
-  def load_example(self, item):
-    return _load_example(item)
-
-
-def _by_city(directory, suffix):
-  found = manual.files_with_suffix(directory, suffix, recursive=True)
-  return {os.path.relpath(path, directory)[:-len(suffix)]: path for path in found.values()}
-
-
-def _load_example(pair):
-  key, image_path, label_path = pair
-  image, image_hw = manual.read_rgb(image_path)
-  raw = manual.read_label(label_path)
-  manual.check_same_size(image_path, image_hw, label_path, raw.shape)
-  return manual.example(key, image, manual.remap(raw, _TABLE, label_path),
-                        os.path.basename(image_path))

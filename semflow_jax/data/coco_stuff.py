@@ -26,11 +26,9 @@ ignore; any other value is an error. Images are stored as the original JPEG byte
 Splits: train (train2017), validation (val2017).
 """
 
-import os
-
 import tensorflow_datasets as tfds
 
-from semflow_jax.data import manual, records
+from semflow_jax.data import manual
 
 # COCO category names by raw label value (category id - 1); None marks the 11 ids COCO
 # reserves but never annotates (street sign, hat, shoe, eye glasses, plate, mirror, window,
@@ -71,39 +69,19 @@ _TABLE = manual.lookup_table(RAW_TO_CLASS)
 LABEL_DIR = "stuffthingmaps_trainval2017"
 SPLITS = {"train": "train2017", "validation": "val2017"}
 
-# The download part of the module docstring, which tfds prints when the manual dir is missing.
-_INSTRUCTIONS = __doc__[__doc__.index("Download"):__doc__.index("Build:")]
 
-class CocoStuff(records.RandomAccessBuilder):
+class CocoStuff(manual.ManualDownloadBuilder):
   """COCO-Stuff-164k: COCO 2017 images with 171-class stuff+thing label maps."""
 
   VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = {"1.0.0": "First release.",
                    "1.1.0": "ArrayRecord (random access), examples in file-name order."}
-  MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
+
+  def items_under(self, root):
+    return self.paired_folders(root, SPLITS, ("", ".jpg"), (LABEL_DIR, ".png"))
+
+  def load_example(self, item):
+    return manual.load_pair(item, _TABLE)
 
   def _info(self):
     return manual.dataset_info(self, "jpeg", "https://github.com/nightrome/cocostuff", CLASS_NAMES)
-
-  def split_items(self, manual_dir):
-    root = manual.require_manual_dir(manual_dir, self.MANUAL_DOWNLOAD_INSTRUCTIONS)
-    items = {}
-    for split, folder in SPLITS.items():
-      image_dir = manual.require_dir(os.path.join(root, folder), self.MANUAL_DOWNLOAD_INSTRUCTIONS)
-      label_dir = manual.require_dir(os.path.join(root, LABEL_DIR, folder),
-                                     self.MANUAL_DOWNLOAD_INSTRUCTIONS)
-      items[split] = manual.pair_up(manual.files_with_suffix(image_dir, ".jpg"),
-                                    manual.files_with_suffix(label_dir, ".png"))
-    return items
-
-  def load_example(self, item):
-    return _load_example(item)
-
-
-def _load_example(pair):
-  key, image_path, label_path = pair
-  image, image_hw = manual.read_rgb(image_path)
-  raw = manual.read_label(label_path)
-  manual.check_same_size(image_path, image_hw, label_path, raw.shape)
-  return manual.example(key, image, manual.remap(raw, _TABLE, label_path),
-                        os.path.basename(image_path))

@@ -32,8 +32,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file
                                           "--config.key=value overrides).", lock_config=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Directory of the latents, local or gs:// "
                               "(default: beside the tfds dataset).")
-_PROCESSES, _NUM_WORKERS, _WORKER_INDEX, _EXAMPLES_PER_SHARD = cli.define_shard_flags(
-    "encoding", "encode", "latents")
+_SHARDS = cli.define_shard_flags("encoding", "encode", "latents")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Images per VAE call (x2 with flips); "
                                    "rounded up to a multiple of the local devices.")
 
@@ -177,11 +176,9 @@ def encode_latents(config, output: Optional[str] = None, *, processes: int = 1,
 
 def main(argv):
   del argv
-  if not 0 <= _WORKER_INDEX.value < _NUM_WORKERS.value:
-    raise app.UsageError(f"--worker_index={_WORKER_INDEX.value} is not in [0, --num_workers="
-                         f"{_NUM_WORKERS.value})")
-  if min(_PROCESSES.value, _EXAMPLES_PER_SHARD.value, _BATCH_SIZE.value) < 1:
-    raise app.UsageError("--processes, --examples_per_shard and --batch_size must be at least 1")
+  shards = _SHARDS.options()
+  if _BATCH_SIZE.value < 1:
+    raise app.UsageError("--batch_size must be at least 1")
   config = _CONFIG.value
   from semflow_jax import checkpoint, runtime, storage
   runtime.configure_process()  # no TPU start-up without TPUs; the XLA:CPU flags
@@ -195,10 +192,8 @@ def main(argv):
   tf.config.set_visible_devices([], "GPU")
   from semflow_jax.data import latents, manual
   try:
-    output = encode_latents(
-        config, _OUTPUT.value, processes=_PROCESSES.value, num_workers=_NUM_WORKERS.value,
-        worker_index=_WORKER_INDEX.value, examples_per_shard=_EXAMPLES_PER_SHARD.value,
-        batch_size=_BATCH_SIZE.value, log=lambda message: print(message, flush=True))
+    output = encode_latents(config, _OUTPUT.value, **shards, batch_size=_BATCH_SIZE.value,
+                            log=lambda message: print(message, flush=True))
   except (latents.LatentsError, manual.DataError, FileNotFoundError, storage.StorageError,
           checkpoint.ConversionError) as e:
     cli.fail(str(e))

@@ -1,4 +1,5 @@
-"""Shared pieces of the builders that read manual downloads: features, file checks, label maps.
+"""Shared pieces of the builders that read manual downloads: their base class, features, file
+checks, label maps.
 
 Every problem with the downloaded files raises `DataError` with a message that starts with the
 offending path, so a build over hundreds of thousands of files says which one to look at.
@@ -6,14 +7,18 @@ A build that raises it removes what it had written (`records.build`): no half-wr
 is left behind.
 """
 
+import abc
 import concurrent.futures
 import io
 import os
-from typing import Callable, Dict, Iterator, Sequence
+import sys
+from typing import Callable, Dict, Iterator, Sequence, Tuple
 
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, UnidentifiedImageError
+
+from semflow_jax.data import records
 
 IGNORE = 255
 
@@ -35,7 +40,6 @@ def dataset_info(builder, image_encoding: str, homepage: str, class_names) -> "t
   """A manual-download dataset's DatasetInfo: `features(image_encoding)`, (image, label) pairs,
   the class names in its metadata, the module docstring as description, and examples kept in
   the builder's `split_items` order."""
-  import sys
   return builder.dataset_info_from_configs(
       features=features(image_encoding),
       description=sys.modules[type(builder).__module__].__doc__,
@@ -44,6 +48,48 @@ def dataset_info(builder, image_encoding: str, homepage: str, class_names) -> "t
       metadata=tfds.core.MetadataDict(class_names=list(class_names)),
       disable_shuffling=True,  # stored in split_items order
   )
+
+
+class ManualDownloadBuilder(records.RandomAccessBuilder):
+  """A builder of a manual download, one module of this package per dataset.
+
+  The part of the module's docstring from "Download" to "Build:" is the dataset's
+  MANUAL_DOWNLOAD_INSTRUCTIONS: tfds prints it when the manual dir is missing, and so do the
+  errors of `split_items` and `subdir`. A subclass lists its examples in the unpacked download
+  with `items_under(root)`.
+  """
+
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    if "MANUAL_DOWNLOAD_INSTRUCTIONS" not in cls.__dict__:
+      doc = sys.modules[cls.__module__].__doc__ or ""
+      cls.MANUAL_DOWNLOAD_INSTRUCTIONS = doc[doc.index("Download"):doc.index("Build:")]
+
+  def split_items(self, manual_dir):
+    return self.items_under(require_manual_dir(manual_dir, self.MANUAL_DOWNLOAD_INSTRUCTIONS))
+
+  @abc.abstractmethod
+  def items_under(self, root: str) -> Dict[str, Sequence]:
+    """{split: items} of the download unpacked at `root`."""
+
+  def subdir(self, root: str, *parts: str) -> str:
+    """root/parts..., which must be a directory (the error repeats the download instructions)."""
+    return require_dir(os.path.join(root, *parts), self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+
+  def paired_folders(self, root: str, folders: Dict[str, str], images: Tuple[str, str],
+                     labels: Tuple[str, str], recursive: bool = False) -> Dict[str, list]:
+    """{split: pair_up(images, label maps)} of a download whose images and label maps lie in
+    parallel folders: for each split's folder in `folders`, `root/<images[0]>/<folder>` holds
+    the images `<key><images[1]>` and `root/<labels[0]>/<folder>` their label maps
+    `<key><labels[1]>` (`recursive`: in subfolders too, the key then the path below the
+    folder)."""
+    list_files = files_below if recursive else files_with_suffix
+    items = {}
+    for split, folder in folders.items():
+      image_dir = self.subdir(root, images[0], folder)
+      label_dir = self.subdir(root, labels[0], folder)
+      items[split] = pair_up(list_files(image_dir, images[1]), list_files(label_dir, labels[1]))
+    return items
 
 
 def require_manual_dir(path, instructions: str) -> str:
@@ -144,6 +190,12 @@ def files_with_suffix(directory: str, suffix: str, recursive: bool = False) -> D
   return found
 
 
+def files_below(directory: str, suffix: str) -> Dict[str, str]:
+  """{path below `directory` without `suffix`: path} of the files in it and its subdirectories."""
+  found = files_with_suffix(directory, suffix, recursive=True)
+  return {os.path.relpath(path, directory)[:-len(suffix)]: path for path in found.values()}
+
+
 def ordered_map(fn: Callable, items: Sequence, chunk: int = 64) -> Iterator:
   """fn over items in order, decoding files on a few threads (PIL releases the GIL).
 
@@ -157,3 +209,13 @@ def ordered_map(fn: Callable, items: Sequence, chunk: int = 64) -> Iterator:
 
 def example(key: str, image, label: np.ndarray, file_name: str) -> tuple:
   return key, {"image": image, "label": label[..., None], "file_name": file_name}
+
+
+def load_pair(pair: tuple, table: np.ndarray) -> tuple:
+  """The example of (key, image path, label path): the image's bytes (`read_rgb`) and its label
+  map's raw values through `table` (`lookup_table`)."""
+  key, image_path, label_path = pair
+  image, image_hw = read_rgb(image_path)
+  raw = read_label(label_path)
+  check_same_size(image_path, image_hw, label_path, raw.shape)
+  return example(key, image, remap(raw, table, label_path), os.path.basename(image_path))

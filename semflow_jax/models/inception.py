@@ -143,13 +143,28 @@ def _max_pool_valid(x):
   return nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
 
 
-class FIDInceptionA(nn.Module):
-  pool_features: int
+class _Block(nn.Module):
+  """An Inception block: `branches` of BasicConv2d layers (at the network's precision) side by
+  side, their outputs concatenated along channels. A block with fields of its own declares them
+  `kw_only=True`: they follow `precision`, which has a default."""
   precision: Precision = jax.lax.Precision.HIGHEST
 
   @nn.compact
   def __call__(self, x):
-    conv = functools.partial(BasicConv2d, precision=self.precision)
+    return jnp.concatenate(self.branches(x), axis=-1)
+
+  def branches(self, x) -> list:
+    raise NotImplementedError
+
+  def conv(self, features: int, kernel: _Pad, **kwargs) -> BasicConv2d:
+    return BasicConv2d(features, kernel, precision=self.precision, **kwargs)
+
+
+class FIDInceptionA(_Block, kw_only=True):
+  pool_features: int
+
+  def branches(self, x):
+    conv = self.conv
     b1 = conv(64, 1, name="branch1x1")(x)
     b5 = conv(48, 1, name="branch5x5_1")(x)
     b5 = conv(64, 5, padding=2, name="branch5x5_2")(b5)
@@ -157,30 +172,24 @@ class FIDInceptionA(nn.Module):
     b3 = conv(96, 3, padding=1, name="branch3x3dbl_2")(b3)
     b3 = conv(96, 3, padding=1, name="branch3x3dbl_3")(b3)
     bp = conv(self.pool_features, 1, name="branch_pool")(_avg_pool_same(x))
-    return jnp.concatenate([b1, b5, b3, bp], axis=-1)
+    return [b1, b5, b3, bp]
 
 
-class InceptionB(nn.Module):
-  precision: Precision = jax.lax.Precision.HIGHEST
-
-  @nn.compact
-  def __call__(self, x):
-    conv = functools.partial(BasicConv2d, precision=self.precision)
+class InceptionB(_Block):
+  def branches(self, x):
+    conv = self.conv
     b3 = conv(384, 3, stride=2, name="branch3x3")(x)
     bd = conv(64, 1, name="branch3x3dbl_1")(x)
     bd = conv(96, 3, padding=1, name="branch3x3dbl_2")(bd)
     bd = conv(96, 3, stride=2, name="branch3x3dbl_3")(bd)
-    return jnp.concatenate([b3, bd, _max_pool_valid(x)], axis=-1)
+    return [b3, bd, _max_pool_valid(x)]
 
 
-class FIDInceptionC(nn.Module):
+class FIDInceptionC(_Block, kw_only=True):
   channels_7x7: int
-  precision: Precision = jax.lax.Precision.HIGHEST
 
-  @nn.compact
-  def __call__(self, x):
-    conv = functools.partial(BasicConv2d, precision=self.precision)
-    c7 = self.channels_7x7
+  def branches(self, x):
+    conv, c7 = self.conv, self.channels_7x7
     b1 = conv(192, 1, name="branch1x1")(x)
     b7 = conv(c7, 1, name="branch7x7_1")(x)
     b7 = conv(c7, (1, 7), padding=(0, 3), name="branch7x7_2")(b7)
@@ -191,33 +200,28 @@ class FIDInceptionC(nn.Module):
     bd = conv(c7, (7, 1), padding=(3, 0), name="branch7x7dbl_4")(bd)
     bd = conv(192, (1, 7), padding=(0, 3), name="branch7x7dbl_5")(bd)
     bp = conv(192, 1, name="branch_pool")(_avg_pool_same(x))
-    return jnp.concatenate([b1, b7, bd, bp], axis=-1)
+    return [b1, b7, bd, bp]
 
 
-class InceptionD(nn.Module):
-  precision: Precision = jax.lax.Precision.HIGHEST
-
-  @nn.compact
-  def __call__(self, x):
-    conv = functools.partial(BasicConv2d, precision=self.precision)
+class InceptionD(_Block):
+  def branches(self, x):
+    conv = self.conv
     b3 = conv(192, 1, name="branch3x3_1")(x)
     b3 = conv(320, 3, stride=2, name="branch3x3_2")(b3)
     b7 = conv(192, 1, name="branch7x7x3_1")(x)
     b7 = conv(192, (1, 7), padding=(0, 3), name="branch7x7x3_2")(b7)
     b7 = conv(192, (7, 1), padding=(3, 0), name="branch7x7x3_3")(b7)
     b7 = conv(192, 3, stride=2, name="branch7x7x3_4")(b7)
-    return jnp.concatenate([b3, b7, _max_pool_valid(x)], axis=-1)
+    return [b3, b7, _max_pool_valid(x)]
 
 
-class FIDInceptionE(nn.Module):
+class FIDInceptionE(_Block, kw_only=True):
   """`max_pool=False`: FIDInceptionE_1 (Mixed_7b); True: FIDInceptionE_2 (Mixed_7c), whose pool
   branch max-pools (a quirk of the TensorFlow graph that FID is defined by)."""
   max_pool: bool
-  precision: Precision = jax.lax.Precision.HIGHEST
 
-  @nn.compact
-  def __call__(self, x):
-    conv = functools.partial(BasicConv2d, precision=self.precision)
+  def branches(self, x):
+    conv = self.conv
     b1 = conv(320, 1, name="branch1x1")(x)
     b3 = conv(384, 1, name="branch3x3_1")(x)
     b3 = jnp.concatenate([conv(384, (1, 3), padding=(0, 1), name="branch3x3_2a")(b3),
@@ -231,7 +235,7 @@ class FIDInceptionE(nn.Module):
     else:
       pooled = _avg_pool_same(x)
     bp = conv(192, 1, name="branch_pool")(pooled)
-    return jnp.concatenate([b1, b3, bd, bp], axis=-1)
+    return [b1, b3, bd, bp]
 
 
 # -- the network -----------------------------------------------------------------------------------
@@ -253,15 +257,15 @@ class InceptionV3(nn.Module):
     x = conv(80, 1, name="Conv2d_3b_1x1")(x)
     x = conv(192, 3, name="Conv2d_4a_3x3")(x)
     x = _max_pool_valid(x)
-    x = FIDInceptionA(32, p, name="Mixed_5b")(x)
-    x = FIDInceptionA(64, p, name="Mixed_5c")(x)
-    x = FIDInceptionA(64, p, name="Mixed_5d")(x)
-    x = InceptionB(p, name="Mixed_6a")(x)
+    x = FIDInceptionA(pool_features=32, precision=p, name="Mixed_5b")(x)
+    x = FIDInceptionA(pool_features=64, precision=p, name="Mixed_5c")(x)
+    x = FIDInceptionA(pool_features=64, precision=p, name="Mixed_5d")(x)
+    x = InceptionB(precision=p, name="Mixed_6a")(x)
     for name, c7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)):
-      x = FIDInceptionC(c7, p, name=name)(x)
-    x = InceptionD(p, name="Mixed_7a")(x)
-    x = FIDInceptionE(False, p, name="Mixed_7b")(x)
-    x = FIDInceptionE(True, p, name="Mixed_7c")(x)
+      x = FIDInceptionC(channels_7x7=c7, precision=p, name=name)(x)
+    x = InceptionD(precision=p, name="Mixed_7a")(x)
+    x = FIDInceptionE(max_pool=False, precision=p, name="Mixed_7b")(x)
+    x = FIDInceptionE(max_pool=True, precision=p, name="Mixed_7c")(x)
     return jnp.mean(x, axis=(1, 2))  # adaptive average pool to 1x1: pool3
 
 

@@ -237,12 +237,17 @@ def attend(x, context, heads: int, dim_head: int, qkv_bias: bool, dtype: Dtype,
   return nn.Dense(x.shape[-1], dtype=dtype, name="to_out_0")(out.reshape(*x.shape[:2], inner))
 
 
-class Attention(nn.Module):
-  """Attention of tokens (B, T, C) over themselves or over `context` (B, S, D)."""
+class _MultiHead(nn.Module):
+  """The fields of the modules made of attention layers: `heads` x `dim_head` channels, the
+  compute dtype and the kernel choice."""
   heads: int
   dim_head: int
   dtype: Dtype = jnp.float32
   attention: AttentionImpl = AttentionImpl()
+
+
+class Attention(_MultiHead):
+  """Attention of tokens (B, T, C) over themselves or over `context` (B, S, D)."""
 
   @nn.compact
   def __call__(self, x, context=None):
@@ -293,22 +298,17 @@ class FeedForward(nn.Module):
     return nn.Dense(x.shape[-1], dtype=self.dtype, name="net_2")(h)
 
 
-class BasicTransformerBlock(nn.Module):
+class BasicTransformerBlock(_MultiHead):
   """Self-attention, cross-attention to `context`, feed-forward; each pre-LayerNorm, residual."""
-  heads: int
-  dim_head: int
-  dtype: Dtype = jnp.float32
-  attention: AttentionImpl = AttentionImpl()
 
   @nn.compact
   def __call__(self, x, context):
     def norm(name):
       return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, use_fast_variance=False, name=name)
 
-    x = x + Attention(self.heads, self.dim_head, dtype=self.dtype, attention=self.attention,
-                      name="attn1")(norm("norm1")(x))
-    x = x + Attention(self.heads, self.dim_head, dtype=self.dtype, attention=self.attention,
-                      name="attn2")(norm("norm2")(x), context)
+    attn = functools.partial(Attention, self.heads, self.dim_head, self.dtype, self.attention)
+    x = x + attn(name="attn1")(norm("norm1")(x))
+    x = x + attn(name="attn2")(norm("norm2")(x), context)
     return x + FeedForward(dtype=self.dtype, name="ff")(norm("norm3")(x))
 
 

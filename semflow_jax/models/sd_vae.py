@@ -95,42 +95,48 @@ class _ResnetStack(nn.Module):
     return h
 
 
-class Encoder(nn.Module):
+class _Coder(nn.Module):
+  """What diffusers' Encoder and Decoder share: their fields and the layers they both have."""
   config: SDVAEConfig
   dtype: Any = jnp.float32
   attention: L.AttentionImpl = L.AttentionImpl()
 
+  def mid_block(self, h):
+    cfg = self.config
+    return _MidBlock(cfg.block_out_channels[-1], cfg.norm_num_groups, cfg.mid_block_add_attention,
+                     self.dtype, attention=self.attention, name="mid_block")(h)
+
+  def stacks(self, h, resample: str, channels, num_layers: int):
+    """`<resample>_blocks_i` of `channels[i]`, each resampling but the last."""
+    for i, c in enumerate(channels):
+      h = _ResnetStack(c, num_layers, self.config.norm_num_groups,
+                       resample if i < len(channels) - 1 else None, self.dtype,
+                       name=f"{resample}_blocks_{i}")(h)
+    return h
+
+  def output(self, h, channels: int):
+    """`conv_norm_out` (GroupNorm + SiLU), then `conv_out` to `channels`."""
+    h = L.group_norm(self.config.norm_num_groups, 1e-6, self.dtype, "conv_norm_out")(h, silu=True)
+    return L.conv(channels, 3, self.dtype, "conv_out")(h)
+
+
+class Encoder(_Coder):
   @nn.compact
   def __call__(self, x):
     cfg, dt = self.config, self.dtype
-    n = len(cfg.block_out_channels)
     h = L.conv(cfg.block_out_channels[0], 3, dt, "conv_in")(x.astype(dt))
-    for i, channels in enumerate(cfg.block_out_channels):
-      h = _ResnetStack(channels, cfg.layers_per_block, cfg.norm_num_groups,
-                       "down" if i < n - 1 else None, dt, name=f"down_blocks_{i}")(h)
-    h = _MidBlock(cfg.block_out_channels[-1], cfg.norm_num_groups, cfg.mid_block_add_attention, dt,
-                  attention=self.attention, name="mid_block")(h)
-    h = L.group_norm(cfg.norm_num_groups, 1e-6, dt, "conv_norm_out")(h, silu=True)
-    return L.conv(2 * cfg.latent_channels, 3, dt, "conv_out")(h)
+    h = self.stacks(h, "down", cfg.block_out_channels, cfg.layers_per_block)
+    return self.output(self.mid_block(h), 2 * cfg.latent_channels)
 
 
-class Decoder(nn.Module):
-  config: SDVAEConfig
-  dtype: Any = jnp.float32
-  attention: L.AttentionImpl = L.AttentionImpl()
-
+class Decoder(_Coder):
   @nn.compact
   def __call__(self, z):
     cfg, dt = self.config, self.dtype
-    n = len(cfg.block_out_channels)
     h = L.conv(cfg.block_out_channels[-1], 3, dt, "conv_in")(z.astype(dt))
-    h = _MidBlock(cfg.block_out_channels[-1], cfg.norm_num_groups, cfg.mid_block_add_attention, dt,
-                  attention=self.attention, name="mid_block")(h)
-    for i, channels in enumerate(cfg.block_out_channels[::-1]):
-      h = _ResnetStack(channels, cfg.layers_per_block + 1, cfg.norm_num_groups,
-                       "up" if i < n - 1 else None, dt, name=f"up_blocks_{i}")(h)
-    h = L.group_norm(cfg.norm_num_groups, 1e-6, dt, "conv_norm_out")(h, silu=True)
-    return L.conv(cfg.out_channels, 3, dt, "conv_out")(h)
+    h = self.stacks(self.mid_block(h), "up", cfg.block_out_channels[::-1],
+                    cfg.layers_per_block + 1)
+    return self.output(h, cfg.out_channels)
 
 
 class AutoencoderKL(nn.Module):
