@@ -77,9 +77,9 @@ class Predictor:
                programs: Optional[Programs] = None, mesh=None, classes=None):
     self.config, self.model = config, model
     self.mesh = mesh if mesh is not None else parallel.make_mesh(config)
-    # On the mesh, laid out as training lays them out (replicated unless FSDP-sized): a no-op
+    # On the mesh, laid out as training lays them out (state.model_param_shardings): a no-op
     # for restored parameters, and the same layout for any others.
-    self.params = jax.device_put(params, parallel.param_shardings(params, self.mesh, config))
+    self.params = jax.device_put(params, state.model_param_shardings(params, self.mesh, config))
     self.programs = programs or Programs(model)
     self._classes = classes
 

@@ -189,7 +189,7 @@ class SemFlow:
     pixels = jnp.stack([anchors.to_unit_range(images),
                         self.perturbed_anchors(labels, rng_z1).astype(jnp.float32)], axis=1)
     mean, logvar = self._vae(params, pixels.reshape(-1, *pixels.shape[2:]), "encode")
-    mean, logvar = (x.reshape(-1, 2, *x.shape[1:]) for x in (mean, logvar))
+    mean, logvar = _pairs(mean), _pairs(logvar)
     return (self._posterior_latent(mean[:, 0], logvar[:, 0], rng_z0),
             self._scale(mean[:, 1]))
 
@@ -320,6 +320,11 @@ class SemFlow:
     z0 = flow.integrate(functools.partial(self.velocity, params),
                         self.encode_labels(params, labels, rng), 1.0, 0.0, steps, method)
     return jnp.clip(self.decode(params, z0), -1.0, 1.0)
+
+
+def _pairs(x):
+  """(2B, ...) rows 2j, 2j + 1 -> (B, 2, ...)."""
+  return x.reshape(-1, 2, *x.shape[1:])
 
 
 def _plain(value):

@@ -46,6 +46,17 @@ def split_params(params: dict) -> tuple:
 SCHEDULES = ("cosine", "linear", "constant")
 
 
+def _whole(tree, mesh: Mesh):
+  return jax.tree.map(lambda _: parallel.replicated(mesh), tree)
+
+
+def model_param_shardings(params: dict, mesh: Mesh, config: ml_collections.ConfigDict) -> dict:
+  """The layout of SemFlow's whole parameter dict, as training lays it out (`abstract`): the
+  trained parameters by `parallel.param_shardings`, the frozen parts whole on every device."""
+  trained, frozen = split_params(params)
+  return {**parallel.param_shardings(trained, mesh, config), **_whole(frozen, mesh)}
+
+
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   """Linear warmup from 0 over train.warmup_steps to train.learning_rate, then
   train.schedule: 'cosine' (to 0 at num_steps), 'linear' (to 0 at num_steps; the official
@@ -101,10 +112,12 @@ def abstract(model, tx, config, mesh) -> TrainState:
   the restore target, the step's input, and (`.model_params()`) the inference programs'."""
   shapes = jax.eval_shape(_init_fn(model, tx, config), jax.random.PRNGKey(0))
   shardings = parallel.state_shardings(shapes, mesh, config)
-  # The parameters' own layout (whole on every device with mesh.shard_params=False); the
-  # optimiser state and the EMA keep the sharding rule either way.
+  # The trained parameters' own layout (whole on every device with mesh.shard_params=False);
+  # the optimiser state and the EMA keep the sharding rule either way. The frozen VAE and text
+  # embedding are always whole (0.3 GiB): sharded, every step would all-gather them per layer,
+  # and XLA partitions the VAE's 512^2 convolutions over their sharded kernels instead.
   shardings = shardings.replace(params=parallel.param_shardings(shapes.params, mesh, config),
-                                frozen=parallel.param_shardings(shapes.frozen, mesh, config))
+                                frozen=_whole(shapes.frozen, mesh))
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
                       shardings)
 
