@@ -298,10 +298,14 @@ def _shape_bytes(line: str, first: bool = False, index=None) -> int:
   return sum(_BYTES[t] * math.prod(int(d) for d in dims.split(",") if d) for t, dims in shapes)
 
 
-def compiled_cost(hlo_text: str) -> CompiledCost:
+def compiled_cost(hlo_text: str, classify=None) -> CompiledCost:
   """The compiler's per-instruction cycle estimates of a compiled TPU program
   (`compiled.as_text()`), summed with every loop iteration and the most expensive branch of a
-  conditional, and what it left without an estimate."""
+  conditional, and what it left without an estimate.
+
+  `classify(line, kind)` -> key of `cycles_by_kind` for an instruction's HLO line and its kind
+  ('mxu' / 'other'); default: the kind (benchmarks/compile_step.py splits by model part).
+  """
   computations, entry = _computations(hlo_text)
   result = CompiledCost()
 
@@ -334,7 +338,8 @@ def compiled_cost(hlo_text: str) -> CompiledCost:
       elif opcode == "call":
         add(walk(re.search(r"to_apply=%?([\w.\-]+)", line).group(1)))
       elif estimate:
-        add({kind_of(line, opcode): float(estimate.group(1))})
+        kind = kind_of(line, opcode)
+        add({classify(line, kind) if classify else kind: float(estimate.group(1))})
       elif opcode == "custom-call" and 'custom_call_target="tpu_custom_call"' in line:
         result.kernels += 1
       elif opcode == "send" and "_xla_megascale_transfer_type" in line:
