@@ -8,8 +8,9 @@ The reference recipe (docs/DESIGN.md), from Stable Diffusion 1.5 weights:
 On the slice the layout was planned for (16 chips: a v5e-16 or a v4-32; FSDP over all chips,
 remat, splash attention; `python -m semflow_jax.plan --config=configs/celebamask_hq.py
 --topology=v5e-16 --programs=train_step` compiles it for that slice and prints its memory
-per chip; benchmarks/RESULTS.md lists the planner rows measured), with the tfds dataset built
-into a bucket beforehand:
+per chip; measured for v5e-16 in benchmarks/RESULTS.md: 5.4 GiB per chip, a predicted 1.03 s
+per step from the compiler's per-instruction costs), with the tfds dataset built into a bucket
+beforehand:
 
   launch/tpu.sh train --name=semflow --zone=us-west4-a --spot --accelerator=v5litepod-16 -- \
       --config=configs/celebamask_hq.py \

@@ -38,10 +38,10 @@ def recipe(*, name: str, num_classes: int, image_size, crop: str, learning_rate:
   # UNet's keys are there too, for the `:local` variant.
   c.model = sd15.model_config()
 
-  # The layout planned for 16 chips (v5e-16, v4-32): parameters and Adam moments sharded over
-  # all chips (FSDP), every UNet block rematerialised, splash attention on TPU. Not yet
-  # confirmed by a planner compile (`python -m semflow_jax.plan --topology=v5e-16`);
-  # benchmarks/RESULTS.md says which rows are measured.
+  # The layout planned for 16 chips (v5e-16, v4-32): the UNet's parameters and Adam moments
+  # sharded over all chips (FSDP), every UNet block rematerialised, splash attention on TPU.
+  # Compiled for v5e-16 for celebamask_hq only (benchmarks/RESULTS.md says which rows are
+  # measured; `python -m semflow_jax.plan --topology=...` compiles the others).
   c.mesh.data = 1
   c.mesh.fsdp = -1
 
