@@ -73,22 +73,20 @@ def test_remat_adds_at_most_one_forward_and_zero_layout_changes_no_operation(con
   assert _convolutions(_lower_step(config)) == remat
 
 
-@pytest.mark.parametrize("name", ["segment", "synthesize"])
-def test_sampler_holds_one_unet_whatever_the_step_count(config, name):
+def test_samplers_hold_one_unet_whatever_the_step_count(config):
   mesh = parallel.make_mesh(config)
   model = SemFlow.from_config(config, mesh)
   params = state_lib.abstract(model, state_lib.make_optimizer(config), config,
                               mesh).model_params()
   programs = Programs(model)
   h, w = model.image_size
-  if name == "segment":
-    inputs = jax.ShapeDtypeStruct((8, h, w, 3), np.uint8)
-  else:
-    inputs = jax.ShapeDtypeStruct((8, h, w, 1), np.uint8)
-  counts = []
-  for steps in (1, 25):
-    program = getattr(programs, name)(steps=steps, method="euler")
-    lowered = program.lower(params, inputs) if name == "segment" else program.lower(
-        params, inputs, jax.random.PRNGKey(0))
-    counts.append(_convolutions(lowered))
-  assert counts[0] > 0 and counts[1] == counts[0]
+  images = jax.ShapeDtypeStruct((8, h, w, 3), np.uint8)
+  labels = jax.ShapeDtypeStruct((8, h, w, 1), np.uint8)
+  for name in ("segment", "synthesize"):
+    counts = []
+    for steps in (1, 25):
+      program = getattr(programs, name)(steps=steps, method="euler")
+      lowered = (program.lower(params, images) if name == "segment" else
+                 program.lower(params, labels, jax.random.PRNGKey(0)))
+      counts.append(_convolutions(lowered))
+    assert counts[0] > 0 and counts[1] == counts[0], (name, counts)
