@@ -138,12 +138,15 @@ def shards_params(config: ml_collections.ConfigDict) -> bool:
   return bool(config.mesh.get("shard_params", True))
 
 
-def param_shardings(tree, mesh: Mesh, config: ml_collections.ConfigDict):
-  """NamedShardings for the model's parameters (trained or frozen): `state_shardings`, or
-  replicated where `config.mesh.shard_params` is False."""
-  if shards_params(config):
-    return state_shardings(tree, mesh, config)
+def whole(tree, mesh: Mesh):
+  """NamedShardings that keep every leaf of `tree` whole on every device."""
   return jax.tree.map(lambda _: replicated(mesh), tree)
+
+
+def param_shardings(tree, mesh: Mesh, config: ml_collections.ConfigDict):
+  """NamedShardings for the trained parameters: `state_shardings`, or whole on every device
+  where `config.mesh.shard_params` is False."""
+  return state_shardings(tree, mesh, config) if shards_params(config) else whole(tree, mesh)
 
 
 def bytes_per_device(tree, shardings=None) -> int:

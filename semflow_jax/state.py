@@ -46,15 +46,11 @@ def split_params(params: dict) -> tuple:
 SCHEDULES = ("cosine", "linear", "constant")
 
 
-def _whole(tree, mesh: Mesh):
-  return jax.tree.map(lambda _: parallel.replicated(mesh), tree)
-
-
 def model_param_shardings(params: dict, mesh: Mesh, config: ml_collections.ConfigDict) -> dict:
   """The layout of SemFlow's whole parameter dict, as training lays it out (`abstract`): the
   trained parameters by `parallel.param_shardings`, the frozen parts whole on every device."""
   trained, frozen = split_params(params)
-  return {**parallel.param_shardings(trained, mesh, config), **_whole(frozen, mesh)}
+  return {**parallel.param_shardings(trained, mesh, config), **parallel.whole(frozen, mesh)}
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -117,7 +113,7 @@ def abstract(model, tx, config, mesh) -> TrainState:
   # embedding are always whole (0.3 GiB): sharded, every step would all-gather them per layer,
   # and XLA partitions the VAE's 512^2 convolutions over their sharded kernels instead.
   shardings = shardings.replace(params=parallel.param_shardings(shapes.params, mesh, config),
-                                frozen=_whole(shapes.frozen, mesh))
+                                frozen=parallel.whole(shapes.frozen, mesh))
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
                       shardings)
 
