@@ -43,7 +43,10 @@ _COUNT = _PREFIX + "stop/count/"    # + process index: its stop-point calls when
 PEER_TIMEOUT_S = 30.0   # silence after which a peer counts as gone
 _BEAT_INTERVAL_S = 1.0
 _COUNT_INTERVAL_S = 0.05  # how often the stop protocol looks for the other processes' counts
-_LEAVE_WAIT_S = 10.0    # how long the coordinator (process 0) waits for the others to leave
+# The longest the coordinator (process 0) waits for the others to leave: this, or three peer
+# timeouts where that is longer.
+_LEAVE_WAIT_S = 10.0
+_LEFT_GRACE_S = 1.0     # then the moment it gives the last one from its word to its exit
 
 
 _exiting = threading.Lock()  # held by whichever thread ends the process: one line, one exit
@@ -291,14 +294,27 @@ def _leave(code: int, tell_others: bool = True) -> None:
     try:
       client.key_value_set(f"{_LEFT}{_job.index}", str(code), allow_overwrite=True)
       if _job.index == 0:
-        deadline = time.monotonic() + _LEAVE_WAIT_S
+        # Wait for every process that is still alive (its beat moves) to say it is leaving: a
+        # peer that is still in its last steps when the service goes away aborts with a native
+        # stack dump instead of its own exit code (a loaded host can be many seconds behind).
+        now = time.monotonic()
+        beats = {p: (None, now) for p in range(_job.count)}
+        deadline = now + max(_LEAVE_WAIT_S, 3 * _job.timeout_s)  # against hangs only
         while time.monotonic() < deadline:
           entries = dict(client.key_value_dir_get(_PREFIX))
+          now = time.monotonic()
           done = {int(k[len(_LEFT):]) for k in entries if k.startswith(_LEFT)}
           failure = _parse_failure(entries.get(_FAILED))
           if failure:
             done.add(failure[0])  # a process that failed may be gone without a word (kill -9)
+          for p, (value, since) in beats.items():
+            current = entries.get(f"{_BEAT}{p}")
+            if current != value:
+              beats[p] = (current, now)
+            elif now - since > _job.timeout_s:
+              done.add(p)  # silent for the peer timeout: gone
           if done >= set(range(_job.count)):
+            time.sleep(_LEFT_GRACE_S)  # the last to leave is between its word and its exit
             break
           time.sleep(0.2)
     except Exception:

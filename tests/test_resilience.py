@@ -366,6 +366,21 @@ def test_a_process_that_fails_ends_the_job_naming_it(tfds_dir, tmp_path):
       assert code1 == -signal.SIGKILL and "stopped responding" in errors[0]
 
 
+def test_the_coordinator_exits_after_the_other_processes_of_a_failed_job(tfds_dir, tmp_path):
+  """Both processes of an evaluation without a checkpoint fail, each with its own line and exit
+  code. Process 0 hosts the coordination service: it exits only after process 1 has said it is
+  leaving and had a moment to exit (once, in the suite under load, process 0 left as soon as
+  process 1's word was stored, before the reply reached process 1, whose runtime then aborted
+  with a native stack dump)."""
+  ran, _ = _processes(str(tmp_path / "run"), tfds_dir, tmp_path, ["", ""], "--mode=eval",
+                      devices=2, timeout=300)
+  for code, out, _ in ran:
+    errors = _errors(out)
+    assert code == 2 and len(errors) == 1 and "no checkpoint in" in errors[0], out[-3000:]
+    assert "Check failure" not in out and "Fatal Python error" not in out
+  assert ran[0][2] > ran[1][2], (ran[0][2], ran[1][2])  # seen ending in a later poll
+
+
 def test_non_finite_loss_stops_at_its_step_or_is_skipped(tfds_dir, tmp_path):
   # warmup_steps=2: the learning rate is 0 at step 1 and 1e30 at step 2, so the update of step 2
   # blows the parameters up and the loss of step 3 is the first non-finite one.
