@@ -351,6 +351,23 @@ def test_the_readme_studio_command_starts_warms_up_and_segments(served, photo, t
     log.close()
 
 
+def test_a_port_in_use_is_one_line_before_anything_loads(tmp_path):
+  """A second studio on a port that is taken stops at once with a line naming --port (before,
+  Gradio's OSError traceback came after the model had loaded and compiled)."""
+  import socket
+  with socket.socket() as taken:
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "semflow_jax.studio", f"--workdir={tmp_path / 'no_run'}",
+         f"--port={port}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+  assert f"--port={port}: cannot listen on 127.0.0.1:{port}" in errors[0], errors
+  assert "Traceback" not in proc.stderr
+
+
 def test_command_line_serves_on_loopback_with_a_password_and_no_share_link(served, tmp_path):
   password = tmp_path / "password"
   password.write_text("s3cret\n")

@@ -53,6 +53,24 @@ def read_password(path: str) -> str:
   return password
 
 
+def check_port(host: str, port: int) -> None:
+  """Raise ValueError (one line) when `host:port` cannot be served: before the model loads and
+  its programs compile, not after (a second studio on the default port, say)."""
+  import socket
+  try:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+  except OSError as e:
+    raise ValueError(f"--host={host}: cannot resolve it ({e})") from None
+  family, kind, proto, _, address = infos[0]
+  with socket.socket(family, kind, proto) as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+    try:
+      s.bind(address)
+    except OSError as e:
+      raise ValueError(f"--port={port}: cannot listen on {host}:{port} ({e.strerror}; another "
+                       "studio or server uses it?): pass another --port") from None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -61,6 +79,7 @@ def main(argv):
   runtime.configure_process(_CONFIG.value, None)
   try:
     auth = ("studio", read_password(_PASSWORD_FILE.value)) if _PASSWORD_FILE.value else None
+    check_port(_HOST.value, _PORT.value)
   except ValueError as e:  # before JAX and Gradio load
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
