@@ -112,11 +112,9 @@ class _Watcher:
       self._agree_on_stop(entries)
       left = {int(k[len(_LEFT):]) for k in entries if k.startswith(_LEFT)}
       done = {int(k[len(_DONE):]): v for k, v in entries.items() if k.startswith(_DONE)}
+      _follow_beats(beats, entries, now)
       for peer, (value, since) in beats.items():
-        current = entries.get(f"{_BEAT}{peer}")
-        if current != value:
-          beats[peer] = (current, now)
-        elif peer not in left and now - since > self.timeout_s:
+        if peer not in left and now - since > self.timeout_s:
           what = ("never joined" if value is None else
                   f"stopped responding {now - since:.0f} s ago (killed, out of memory, or its "
                   "host is gone)")
@@ -280,6 +278,14 @@ def _publish(client, process: int, code: int, message: str) -> None:
     pass
 
 
+def _follow_beats(beats: dict, entries: dict, now: float) -> None:
+  """{process: (its last beat, when that last changed)}, brought up to date from `entries`."""
+  for p, (value, _) in beats.items():
+    current = entries.get(f"{_BEAT}{p}")
+    if current != value:
+      beats[p] = (current, now)
+
+
 def _leave(code: int, tell_others: bool = True) -> None:
   """Exit now. Process 0 hosts the coordination service, so it first gives the others a moment
   to read what happened before the service goes away."""
@@ -307,12 +313,8 @@ def _leave(code: int, tell_others: bool = True) -> None:
           failure = _parse_failure(entries.get(_FAILED))
           if failure:
             done.add(failure[0])  # a process that failed may be gone without a word (kill -9)
-          for p, (value, since) in beats.items():
-            current = entries.get(f"{_BEAT}{p}")
-            if current != value:
-              beats[p] = (current, now)
-            elif now - since > _job.timeout_s:
-              done.add(p)  # silent for the peer timeout: gone
+          _follow_beats(beats, entries, now)
+          done |= {p for p, (_, since) in beats.items() if now - since > _job.timeout_s}  # gone
           if done >= set(range(_job.count)):
             time.sleep(_LEFT_GRACE_S)  # the last to leave is between its word and its exit
             break
