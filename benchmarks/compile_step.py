@@ -15,6 +15,7 @@ report (OUT.hlo.txt, OUT.json). Run it alone: an SD-1.5 step needs up to ~19 GiB
 """
 
 import json
+import os
 import re
 import resource
 import sys
@@ -23,6 +24,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+# The recipes import `configs` from the repository root (run as `python benchmarks/...`).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from semflow_jax import cli, flops, parallel, plan, runtime, state as state_lib, step as step_lib
 from semflow_jax.semflow import SemFlow
 
